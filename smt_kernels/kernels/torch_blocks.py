@@ -1,0 +1,78 @@
+"""Pure-torch equivalents of the Triton launch functions (same signatures, same results).
+
+Used on CPU and wherever Triton is not wanted. Exact up to the reduction order of the library matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _block_index(blocks: torch.Tensor, block_size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element indices (len(blocks)·b,) of the given block numbers, clamped to ``limit``, and their mask."""
+    idx = (blocks.reshape(-1, 1) * block_size + torch.arange(block_size, device=blocks.device)).reshape(-1)
+    valid = idx < limit
+    return idx.clamp(max=max(limit - 1, 0)), valid
+
+
+def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy the block-columns ``col_blocks`` (u,) of x (M, K) into a new contiguous (M, u·b) tensor."""
+    idx, valid = _block_index(col_blocks, block_size, x.shape[1])
+    out = x.index_select(1, idx)
+    if not bool(valid.all()):
+        out[:, ~valid] = 0
+    return out
+
+
+def extract_blocks(weight: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Read the blocks at block_indices (n, 2) out of weight (N, K) as (n, b, b); zero past the edges."""
+    n = block_indices.shape[0]
+    b = block_size
+    rows, row_ok = _block_index(block_indices[:, 0], b, weight.shape[0])
+    cols, col_ok = _block_index(block_indices[:, 1], b, weight.shape[1])
+    rows, row_ok = rows.view(n, b, 1), row_ok.view(n, b, 1)
+    cols, col_ok = cols.view(n, 1, b), col_ok.view(n, 1, b)
+    out = weight[rows, cols]
+    return out.masked_fill_(~(row_ok & col_ok), 0)
+
+
+def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indices: torch.Tensor) -> None:
+    """Write block_weight (n, b, b) into weight (N, K) in place at block_indices (n, 2); edges clipped."""
+    n, b, _ = block_weight.shape
+    if n == 0:
+        return
+    rows, row_ok = _block_index(block_indices[:, 0], b, weight.shape[0])
+    cols, col_ok = _block_index(block_indices[:, 1], b, weight.shape[1])
+    keep = (row_ok.view(n, b, 1) & col_ok.view(n, 1, b))
+    r = rows.view(n, b, 1).expand(n, b, b)[keep]
+    c = cols.view(n, 1, b).expand(n, b, b)[keep]
+    weight[r, c] = block_weight[keep].to(weight.dtype)
+
+
+def block_weight_grad(
+    grad_out: torch.Tensor,
+    x_cols: torch.Tensor,
+    block_indices: torch.Tensor,
+    col_slot: torch.Tensor,
+    block_size: int,
+    out_dtype: torch.dtype,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """dB_k = dY[:, rows_k]ᵀ · X[:, cols_k] for each block: (n, b, b), zero past the edges.
+
+    grad_out (M, N); x_cols (M, u·b) from ``gather_column_blocks``; block_indices (n, 2); col_slot (n,).
+    Accumulates in fp32.
+    """
+    del deterministic  # a single batched matmul is already deterministic
+    M = grad_out.shape[0]
+    n = block_indices.shape[0]
+    b = block_size
+    if n == 0 or M == 0:
+        return torch.zeros((n, b, b), device=grad_out.device, dtype=out_dtype)
+    rows, row_ok = _block_index(block_indices[:, 0], b, grad_out.shape[1])
+    dy = grad_out.index_select(1, rows).float()
+    dy.masked_fill_(~row_ok, 0)
+    xb = x_cols.view(M, -1, b).index_select(1, col_slot).float()
+    # (n, b, M) @ (n, M, b) -> (n, b, b)
+    grad = torch.bmm(dy.view(M, n, b).permute(1, 2, 0), xb.permute(1, 0, 2))
+    return grad.to(out_dtype)

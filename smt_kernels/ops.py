@@ -1,0 +1,143 @@
+"""The autograd operator of a linear layer whose only trainable part is a list of b×b weight blocks.
+
+The frozen dense weight holds the current blocks in place: before each forward the blocks are written
+into it (a copy of n·b² elements), so forward and input gradient are single library GEMMs on it, and
+backward computes only the block gradients from the saved input block-columns.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from smt_kernels.kernels import torch_blocks, triton_blocks
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKEND_ENV = "SMT_KERNELS_BACKEND"
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The kernel module for tensors on ``device``: Triton on CUDA (or under TRITON_INTERPRET), else torch.
+
+    ``SMT_KERNELS_BACKEND=triton|torch`` forces one.
+    """
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if choice not in ("", "triton", "torch"):
+        raise ValueError(f"{BACKEND_ENV} must be 'triton' or 'torch', got {choice!r}")
+    if choice == "torch":
+        return torch_blocks
+    if choice == "triton" or device.type == "cuda" or triton_blocks.interpreting():
+        if device.type != "cuda" and not triton_blocks.interpreting():
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 to run on the CPU"
+            )
+        return triton_blocks
+    return torch_blocks
+
+
+class _SparseBlockLinearFunction(torch.autograd.Function):
+    """y = x · Wᵀ + bias, where ``weight`` already holds ``block_weight`` at ``block_indices``.
+
+    Gradients: x and block_weight only; weight and bias are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size):
+        y = F.linear(x2d, weight, bias)
+        kernels = backend_for(x2d.device)
+        x_cols = None
+        if ctx.needs_input_grad[2] and block_weight.shape[0] > 0:
+            # only the block-columns some block reads, as a contiguous copy: never a view pinning all of x
+            x_cols = kernels.gather_column_blocks(x2d, col_blocks, block_size)
+        # block_weight is saved (it costs nothing) so that an in-place update before backward is caught
+        ctx.save_for_backward(x_cols, block_weight, block_indices, col_slot)
+        # the frozen weight is held without a version check: later forwards rewrite the same block values
+        # into it in place (gradient accumulation runs several forwards before their backwards)
+        ctx.weight = weight
+        ctx.block_size = block_size
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
+        grad_x = grad_blocks = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(ctx.weight.to(grad_out.dtype))
+        if ctx.needs_input_grad[2]:
+            if x_cols is None:
+                grad_blocks = torch.zeros_like(block_weight)
+            else:
+                kernels = backend_for(grad_out.device)
+                grad_blocks = kernels.block_weight_grad(
+                    grad_out, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype
+                )
+        return grad_x, None, grad_blocks, None, None, None, None, None
+
+
+def _check_inputs(x, weight, block_weight, bias, block_indices, block_size):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input last dimension must be in_features={weight.shape[1]}, got input of shape {tuple(x.shape)}"
+        )
+    for name, t in (("input", x), ("weight", weight), ("block_weight", block_weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not supported; use one of float32, float16, bfloat16")
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
+    n = block_indices.shape[0]
+    if block_weight.shape != (n, block_size, block_size):
+        raise ValueError(
+            f"block_weight must have shape ({n}, {block_size}, {block_size}), got {tuple(block_weight.shape)}"
+        )
+
+
+def sparse_block_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_weight: torch.Tensor,
+    block_indices: torch.Tensor,
+    col_blocks: torch.Tensor,
+    col_slot: torch.Tensor,
+    block_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear layer with trainable blocks: writes ``block_weight`` into ``weight`` in place, then y = x·Wᵀ + b.
+
+    Args:
+        x: (..., K) input, any strides, fp32/fp16/bf16.
+        weight: (N, K) frozen dense weight; its blocks are overwritten with ``block_weight``.
+        block_weight: (n, b, b) trainable blocks; entries past the weight's edge are ignored.
+        block_indices: int64 (n, 2) (row_block, col_block) of each block, on x's device, contiguous.
+        col_blocks: int64 (u,) sorted distinct block-columns; col_slot: int64 (n,) each block's slot in it.
+        bias: optional (N,), frozen.
+    Returns:
+        (..., N) output. Gradients flow to x and block_weight only.
+    Under ``torch.autocast`` the product runs in the autocast dtype; the blocks are written in their own dtype.
+    """
+    _check_inputs(x, weight, block_weight, bias, block_indices, block_size)
+    with torch.no_grad():
+        backend_for(weight.device).scatter_blocks(weight, block_weight.detach(), block_indices)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, block_weight = x.to(dtype), block_weight.to(dtype)
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif x.dtype != weight.dtype:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)"
+        )
+    else:
+        block_weight = block_weight.to(weight.dtype)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    with torch.autocast(device_type, enabled=False):
+        y = _SparseBlockLinearFunction.apply(
+            x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size
+        )
+    return y.reshape(*lead, weight.shape[0])
