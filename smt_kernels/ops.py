@@ -20,16 +20,17 @@ BACKEND_ENV = "SMT_KERNELS_BACKEND"
 
 
 def backend_for(device: torch.device) -> ModuleType:
-    """The kernel module for tensors on ``device``: Triton on CUDA (or under TRITON_INTERPRET), else torch.
+    """The kernel module for tensors on ``device``: Triton on CUDA, pure torch elsewhere.
 
-    ``SMT_KERNELS_BACKEND=triton|torch`` forces one.
+    ``SMT_KERNELS_BACKEND=triton|torch`` forces one; Triton on CPU tensors needs ``TRITON_INTERPRET=1``
+    (set before smt_kernels is imported).
     """
     choice = os.environ.get(BACKEND_ENV, "").strip().lower()
     if choice not in ("", "triton", "torch"):
         raise ValueError(f"{BACKEND_ENV} must be 'triton' or 'torch', got {choice!r}")
     if choice == "torch":
         return torch_blocks
-    if choice == "triton" or device.type == "cuda" or triton_blocks.interpreting():
+    if choice == "triton" or device.type == "cuda":
         if device.type != "cuda" and not triton_blocks.interpreting():
             raise RuntimeError(
                 f"{BACKEND_ENV}=triton needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 to run on the CPU"
