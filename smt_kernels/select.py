@@ -1,0 +1,575 @@
+"""Block selection: score every b×b block of the target projection weights and keep the top ones.
+
+Gradient scores (as in the SMT paper) run warm-up batches forward and backward with only the target weights
+requiring grad; a post-accumulate-grad hook on each target weight folds its gradient into what the score needs
+and frees ``.grad`` at once, so no optimizer state and no gradient of any other parameter ever exists.
+The activation score runs forward only (no gradients at all).
+
+Notation, per target weight W (N × K) and warm-up batches t = 1..T:
+    G = Σ_t ∂L_t/∂W  (gradients summed over the batches, not averaged; the ranking is the same).
+    A block B is the (clipped) set of elements [r·b, min((r+1)·b, N)) × [c·b, min((c+1)·b, K)); |B| its size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from smt_kernels.layout import check_block_size, num_blocks_along
+from smt_kernels.module import SparseBlockLinear
+
+GRADIENT_SCORES = ("abs_mean", "mean_abs", "l1", "l2")
+SCORES = (*GRADIENT_SCORES, "activation")
+STRATEGIES = ("global", "per_matrix")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
+
+
+class Selection(dict):
+    """``{module_name: [(row_block, col_block), ...]}``, a plain dict (``json.dumps`` works on it) plus metadata.
+
+    Attributes:
+        block_size: b of the blocks.
+        score, strategy, targets, num_batches: how the selection was made (informational).
+        scores: ``{module_name: float64 (R, C) tensor}`` of every target's block scores (not serialised), or {}.
+    """
+
+    def __init__(self, blocks: Mapping[str, Sequence[Sequence[int]]] = (), block_size: int = 256,
+                 score: str | None = None, strategy: str | None = None, targets: Sequence[str] | None = None,
+                 num_batches: int | None = None, scores: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__({str(k): [(int(r), int(c)) for r, c in v] for k, v in dict(blocks).items()})
+        self.block_size = check_block_size(block_size)
+        self.score = score
+        self.strategy = strategy
+        self.targets = tuple(targets) if targets is not None else None
+        self.num_batches = num_batches
+        self.scores = scores or {}
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(v) for v in self.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The selection with its block size and provenance, for ``json.dump``."""
+        return {
+            "block_size": self.block_size, "score": self.score, "strategy": self.strategy,
+            "targets": list(self.targets) if self.targets is not None else None, "num_batches": self.num_batches,
+            "blocks": {k: [list(p) for p in v] for k, v in self.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Selection:
+        if "blocks" not in data or "block_size" not in data:
+            raise ValueError(f"a selection JSON needs 'blocks' and 'block_size', got keys {sorted(data)}")
+        return cls(data["blocks"], data["block_size"], data.get("score"), data.get("strategy"),
+                   data.get("targets"), data.get("num_batches"))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Selection:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def find_target_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, nn.Module]:
+    """``{name: module}`` of the nn.Linear modules whose last name component (or full name) is in ``targets``.
+
+    Modules already patched into ``SparseBlockLinear`` match too (so summaries work on patched models).
+    Raises ValueError listing the projection names the model has if nothing matches.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("targets is empty; name at least one projection, e.g. ('q_proj', 'k_proj', 'v_proj')")
+    found = {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | SparseBlockLinear) and (name.rsplit(".", 1)[-1] in targets or name in targets)
+    }
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"no nn.Linear module of {type(model).__name__} matches targets {list(targets)}; "
+            f"its linear modules are named {leaves}"
+        )
+    return found
+
+
+def _block_sum(t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Sum of t (N, K) over each b×b block: (ceil(N/b), ceil(K/b)); zero padding past the edges."""
+    n, k = t.shape
+    r, c = num_blocks_along(n, block_size), num_blocks_along(k, block_size)
+    t = F.pad(t, (0, c * block_size - k, 0, r * block_size - n))
+    return t.view(r, block_size, c, block_size).sum(dim=(1, 3))
+
+
+def block_element_counts(out_features: int, in_features: int, block_size: int) -> torch.Tensor:
+    """int64 (R, C): how many weight elements each (clipped) block covers."""
+    rows = torch.full((num_blocks_along(out_features, block_size),), block_size, dtype=torch.int64)
+    cols = torch.full((num_blocks_along(in_features, block_size),), block_size, dtype=torch.int64)
+    rows[-1] = out_features - (rows.numel() - 1) * block_size
+    cols[-1] = in_features - (cols.numel() - 1) * block_size
+    return rows[:, None] * cols[None, :]
+
+
+def score_gradient(grad_sum: torch.Tensor, score: str, block_size: int) -> torch.Tensor:
+    """Block scores (R, C) float64 on the CPU of a summed gradient G (N, K), for one of ``GRADIENT_SCORES``.
+
+    abs_mean = |Σ_B G| / |B|;  mean_abs = Σ_B |G| / |B|;  l1 = Σ_B |G|;  l2 = sqrt(Σ_B G²).
+    """
+    g = grad_sum.double()
+    if score == "abs_mean":
+        stat = _block_sum(g, block_size)
+    elif score in ("mean_abs", "l1"):
+        stat = _block_sum(g.abs(), block_size)
+    elif score == "l2":
+        stat = _block_sum(g.square(), block_size)
+    else:
+        raise ValueError(f"score must be one of {GRADIENT_SCORES}, got {score!r}")
+    return _finish_score(stat.cpu(), score, *grad_sum.shape, block_size)
+
+
+def _finish_score(stat: torch.Tensor, score: str, n: int, k: int, block_size: int) -> torch.Tensor:
+    if score == "abs_mean":
+        return stat.abs() / block_element_counts(n, k, block_size)
+    if score == "mean_abs":
+        return stat / block_element_counts(n, k, block_size)
+    if score == "l2":
+        return stat.sqrt()
+    return stat
+
+
+class _GradientAccumulator:
+    """What one target keeps between batches: a block sum (abs_mean) or the running dense gradient sum."""
+
+    def __init__(self, weight: torch.Tensor, score: str, block_size: int, device: torch.device | None) -> None:
+        self.shape = tuple(weight.shape)
+        self.score = score
+        self.block_size = block_size
+        self.steps = 0
+        if score == "abs_mean":
+            # Σ_B G = Σ_t Σ_B g_t: the block sums decompose over steps, so (R, C) numbers are all we keep
+            r, c = (num_blocks_along(s, block_size) for s in self.shape)
+            self.acc = torch.zeros(r, c, dtype=torch.float64, device=weight.device)
+        else:
+            # |·|, L1 and L2 of the summed gradient do not decompose: keep G itself (fp32, optionally on the CPU)
+            self.acc = torch.zeros(self.shape, dtype=torch.float32, device=device or weight.device)
+
+    def fold(self, grad: torch.Tensor) -> None:
+        if self.score == "abs_mean":
+            self.acc += _block_sum(grad.double(), self.block_size)
+        else:
+            self.acc += grad.to(self.acc.device, torch.float32)
+        self.steps += 1
+
+    def scores(self) -> torch.Tensor:
+        if self.score == "abs_mean":
+            return _finish_score(self.acc.cpu(), "abs_mean", *self.shape, self.block_size)
+        return score_gradient(self.acc, self.score, self.block_size)
+
+
+class _ActivationAccumulator:
+    """Σ over real tokens of x_j² for every input feature j of one target (forward hook)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.sq = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
+        self.mask: torch.Tensor | None = None  # (batch, seq) attention mask of the batch being run
+
+    def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        x = args[0].detach()
+        m = self.mask
+        if m is not None and x.dim() == 3 and tuple(m.shape) == tuple(x.shape[:2]):
+            x = x * m.to(x.device, x.dtype)[..., None]  # padding tokens do not count
+        self.sq += x.reshape(-1, x.shape[-1]).double().square().sum(0)
+
+    def scores(self, weight: torch.Tensor, block_size: int) -> torch.Tensor:
+        """mean over each block of |W_ij| · ‖x_j‖₂ (Wanda's importance), float64 (R, C) on the CPU."""
+        imp = weight.detach().double().abs() * self.sq.sqrt()[None, :]
+        stat = _block_sum(imp, block_size).cpu()
+        return stat / block_element_counts(*weight.shape, block_size)
+
+
+def _move(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _loss_of(output: Any, i: int) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None and isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0] if output[0].dim() == 0 else None
+    if loss is None:
+        raise ValueError(f"batch {i} produced no loss: gradient scores need batches with 'labels'")
+    if loss.dim() != 0:
+        raise ValueError(f"batch {i} produced a loss of shape {tuple(loss.shape)}; expected a scalar")
+    return loss
+
+
+def _num_blocks_to_take(
+    ratio: float | None, num_blocks: int | None, elements: int, available: int, block_size: int, what: str
+) -> int:
+    if num_blocks is not None:
+        if num_blocks > available:
+            raise ValueError(f"num_blocks={num_blocks} but {what} has only {available} blocks of {block_size}")
+        return num_blocks
+    assert ratio is not None
+    return min(available, max(1, round(ratio * elements / block_size**2)))
+
+
+def select_blocks(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]] | Mapping[str, Any],
+    num_blocks: int | None = None,
+    ratio: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    score: str = "abs_mean",
+    strategy: str = "global",
+    block_size: int = 256,
+    num_batches: int | None = None,
+    accumulate_device: torch.device | str | None = None,
+    training: bool = False,
+    progress: bool = True,
+) -> Selection:
+    """Score every b×b block of the target weights on warm-up batches and keep the best ones.
+
+    Args:
+        model: a causal LM (any nn.Module) whose ``model(**batch)`` returns ``.loss`` (gradient scores) or runs
+            (``score="activation"``). Its parameters' ``requires_grad``, ``.grad`` and train/eval modes are
+            restored afterwards.
+        batches: iterable of dicts such as {input_ids, attention_mask, labels} (B, T) tensors, or one such dict;
+            tensors are moved to the device of the model's first parameter.
+        num_blocks: blocks to keep, in total (``strategy="global"``) or per matrix (``"per_matrix"``).
+        ratio: instead of ``num_blocks``, the fraction of target weight elements to train (global: of all
+            targets together; per_matrix: of each matrix): round(ratio · elements / b²) blocks, at least 1.
+        targets: projection names (last component of the module name), e.g. q_proj, k_proj, v_proj, o_proj,
+            gate_proj, up_proj, down_proj; a full module name also works.
+        score: "abs_mean" | "mean_abs" | "l1" | "l2" of the summed gradient G per block (see module docstring and
+            docs/patching.md), or "activation": mean over the block of |W_ij|·‖x_j‖₂ from forward hooks.
+        strategy: "global" top-k over all targets together, or "per_matrix" top-k in each target.
+        block_size: b, a power of two in [16, 256].
+        num_batches: use at most this many batches (for endless loaders).
+        accumulate_device: where the running gradient sum lives for mean_abs/l1/l2 (e.g. "cpu" to keep GPU
+            memory at an SMT step's); abs_mean keeps only (R, C) block sums and ignores it.
+        training: run the warm-up in train mode (dropout, gradient checkpointing) instead of eval mode.
+        progress: show a tqdm bar.
+    Returns:
+        ``Selection``: {module_name: sorted [(row_block, col_block), ...]} for modules with at least one block,
+        in model order. Ties in score go to the earlier module, then the lower (row, col): deterministic.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_block_size(block_size)
+    if (num_blocks is None) == (ratio is None):
+        raise ValueError(f"give exactly one of num_blocks or ratio (got num_blocks={num_blocks}, ratio={ratio})")
+    if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
+                                   or num_blocks < 1):
+        raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+
+    found = find_target_linears(model, targets)
+    patched = [n for n, m in found.items() if isinstance(m, SparseBlockLinear)]
+    if patched:
+        raise ValueError(f"select_blocks needs an unpatched model; {patched[0]} is already a SparseBlockLinear "
+                         "(merge it first)")
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    if num_batches is not None:
+        total = num_batches
+        batches = islice(batches, num_batches)
+    else:
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+
+    if score == "activation":
+        raw, used = _activation_scores(model, found, batches, block_size, total, training, progress)
+    else:
+        raw, used = _gradient_scores(model, found, batches, score, block_size, accumulate_device, total,
+                                     training, progress)
+    if used == 0:
+        raise ValueError("batches is empty: selection needs at least one warm-up batch")
+    for name, s in raw.items():
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"non-finite {score} scores in {name} (loss or activations overflowed?); "
+                             "try fp32 or fewer/smaller batches")
+
+    blocks = _top_k(found, raw, num_blocks, ratio, strategy, block_size)
+    return Selection(blocks, block_size, score=score, strategy=strategy, targets=tuple(targets),
+                     num_batches=used, scores=raw)
+
+
+def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, list[tuple[int, int]]]:
+    names = list(found)
+    out: dict[str, list[tuple[int, int]]] = {}
+    if strategy == "global":
+        flat = torch.cat([raw[n].reshape(-1) for n in names])
+        elements = sum(found[n].weight.numel() for n in names)
+        k = _num_blocks_to_take(ratio, num_blocks, elements, flat.numel(), block_size, "all targets together")
+        # stable sort: equal scores keep model order, then row-major block order
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        offsets = torch.tensor([0] + [raw[n].numel() for n in names]).cumsum(0)
+        for n_i, name in enumerate(names):
+            lo, hi = int(offsets[n_i]), int(offsets[n_i + 1])
+            mine = order[(order >= lo) & (order < hi)] - lo
+            if mine.numel():
+                out[name] = _to_pairs(mine, raw[name].shape[1])
+    else:
+        for name in names:
+            s = raw[name].reshape(-1)
+            k = _num_blocks_to_take(ratio, num_blocks, found[name].weight.numel(), s.numel(), block_size, name)
+            out[name] = _to_pairs(torch.sort(s, descending=True, stable=True).indices[:k], raw[name].shape[1])
+    return out
+
+
+def _to_pairs(flat_idx: torch.Tensor, cols: int) -> list[tuple[int, int]]:
+    return sorted((int(i) // cols, int(i) % cols) for i in flat_idx.tolist())
+
+
+class _ModelState:
+    """Saves and restores requires_grad, .grad and train/eval flags of a model around a warm-up."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> _ModelState:
+        self.flags = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p, flag, grad in self.flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _batches_bar(batches, total, progress, desc):
+    return tqdm(batches, total=total, disable=not progress, desc=desc, unit="batch")
+
+
+def _gradient_scores(model, found, batches, score, block_size, accumulate_device, total, training, progress):
+    device = next(model.parameters()).device
+    acc: dict[str, _GradientAccumulator] = {}
+    handles = []
+    used = 0
+    with _ModelState(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        seen: dict[int, str] = {}
+        for name, m in found.items():
+            w = m.weight
+            if id(w) in seen:
+                raise ValueError(f"{name} and {seen[id(w)]} share one weight tensor; select one of them only")
+            seen[id(w)] = name
+            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"{name}.weight has dtype {w.dtype}; gradient scores need a float weight")
+            a = acc[name] = _GradientAccumulator(w, score, block_size, accumulate_device)
+            w.requires_grad_(True)
+
+            def fold(param: torch.Tensor, a: _GradientAccumulator = a) -> None:
+                a.fold(param.grad)
+                param.grad = None  # at most one dense target gradient is alive at a time
+
+            handles.append(w.register_post_accumulate_grad_hook(fold))
+        model.train(training)
+        try:
+            with torch.enable_grad():
+                for i, batch in enumerate(_batches_bar(batches, total, progress, f"SMT selection ({score})")):
+                    loss = _loss_of(model(**_move(batch, device)), i)
+                    loss.backward()
+                    used += 1
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [n for n, a in acc.items() if a.steps == 0 and used]
+    if missing:
+        raise ValueError(f"no gradient reached {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+                         "is the loss connected to these modules?")
+    return {n: a.scores() for n, a in acc.items()}, used
+
+
+def _activation_scores(model, found, batches, block_size, total, training, progress):
+    device = next(model.parameters()).device
+    acc = {name: _ActivationAccumulator(m) for name, m in found.items()}
+    handles = [m.register_forward_hook(acc[name].hook) for name, m in found.items()]
+    used = 0
+    with _ModelState(model):
+        model.train(training)
+        try:
+            with torch.no_grad():
+                for batch in _batches_bar(batches, total, progress, "SMT selection (activation)"):
+                    batch = _move(batch, device)
+                    mask = batch.get("attention_mask")
+                    for a in acc.values():
+                        a.mask = mask
+                    model(**batch)
+                    used += 1
+        finally:
+            for h in handles:
+                h.remove()
+            for a in acc.values():
+                a.mask = None
+    return {n: acc[n].scores(m.weight, block_size) for n, m in found.items()}, used
+
+
+# ---------------------------------------------------------------------------------------------------------- summary
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModuleChoice:
+    """One target module: its shape, block grid and how many blocks were chosen."""
+
+    name: str
+    layer: int | None
+    kind: str
+    out_features: int
+    in_features: int
+    grid: tuple[int, int]
+    num_blocks: int
+    trainable: int
+
+
+@dataclass
+class SelectionSummary:
+    """What a selection trains, per module and per layer. ``print(summary)`` or ``summary.plot("map.png")``."""
+
+    block_size: int
+    modules: list[ModuleChoice]
+    model_params: int
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(m.kind for m in self.modules))
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(m.num_blocks for m in self.modules)
+
+    @property
+    def trainable(self) -> int:
+        return sum(m.trainable for m in self.modules)
+
+    @property
+    def target_params(self) -> int:
+        return sum(m.out_features * m.in_features for m in self.modules)
+
+    def per_layer(self) -> dict[int | None, dict[str, int]]:
+        """{layer index (None for modules outside numbered layers): {kind: blocks}}."""
+        table: dict[int | None, dict[str, int]] = {}
+        for m in self.modules:
+            row = table.setdefault(m.layer, dict.fromkeys(self.kinds, 0))
+            row[m.kind] += m.num_blocks
+        return table
+
+    def per_kind(self) -> dict[str, int]:
+        return {k: sum(m.num_blocks for m in self.modules if m.kind == k) for k in self.kinds}
+
+    def __str__(self) -> str:
+        kinds = self.kinds
+        w = max([6, *(len(k) for k in kinds)])
+        lines = [f"SMT selection: {self.num_blocks} blocks of {self.block_size}×{self.block_size}, "
+                 f"{self.trainable:,} trainable weights = {100 * self.trainable / max(self.target_params, 1):.3f}% "
+                 f"of the target weights, {100 * self.trainable / max(self.model_params, 1):.4f}% of all "
+                 f"{self.model_params:,} parameters"]
+        lines.append("layer  " + " ".join(f"{k:>{w}}" for k in kinds) + f" {'total':>{w}}")
+        for layer, row in self.per_layer().items():
+            label = "-" if layer is None else str(layer)
+            lines.append(f"{label:<6} " + " ".join(f"{row[k]:>{w}}" for k in kinds) + f" {sum(row.values()):>{w}}")
+        per_kind = self.per_kind()
+        lines.append("all    " + " ".join(f"{per_kind[k]:>{w}}" for k in kinds) + f" {self.num_blocks:>{w}}")
+        return "\n".join(lines)
+
+    def heatmap(self) -> tuple[torch.Tensor, list[int | None], list[str]]:
+        """(layers × kinds) int64 block counts, with the row (layer) and column (kind) labels."""
+        table = self.per_layer()
+        layers = list(table)
+        return torch.tensor([[table[lay][k] for k in self.kinds] for lay in layers]), layers, self.kinds
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Save a heat map of chosen blocks per layer (rows) and projection (columns) as a PNG; returns the path."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        counts, layers, kinds = self.heatmap()
+        fig = Figure(figsize=(1.6 + 1.1 * len(kinds), 1.4 + 0.28 * len(layers)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        im = ax.imshow(counts.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(kinds)), kinds)
+        ax.set_yticks(range(len(layers)), ["-" if lay is None else str(lay) for lay in layers])
+        ax.set_xlabel("projection")
+        ax.set_ylabel("layer")
+        if len(layers) * len(kinds) <= 400:
+            top = max(int(counts.max()) if counts.numel() else 0, 1)
+            for i in range(len(layers)):
+                for j in range(len(kinds)):
+                    v = int(counts[i, j])  # dark text on the bright end of viridis, light on the dark end
+                    ax.text(j, i, v, ha="center", va="center", fontsize=7, color="k" if v > 0.6 * top else "w")
+        fig.colorbar(im, ax=ax, label=f"blocks of {self.block_size}×{self.block_size}")
+        ax.set_title(title or f"{self.num_blocks} blocks, {100 * self.trainable / max(self.target_params, 1):.2f}% "
+                              "of target weights", fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        return path
+
+
+def summarize_selection(
+    model: nn.Module,
+    selection: Mapping[str, Sequence[Sequence[int]]],
+    block_size: int | None = None,
+    targets: Sequence[str] | None = None,
+) -> SelectionSummary:
+    """Summary of ``selection`` on ``model`` (patched or not).
+
+    The target modules (the denominator of "trainable % of the target weights") are ``targets``, else the
+    selection's own ``targets``, else every linear whose projection name appears in the selection.
+    """
+    block_size = check_block_size(block_size or getattr(selection, "block_size", None) or 256)
+    modules = dict(model.named_modules())
+    unknown = [n for n in selection if n not in modules]
+    if unknown:
+        raise ValueError(f"selection names modules the model does not have: {unknown[:5]}")
+    targets = targets or getattr(selection, "targets", None) or sorted({n.rsplit(".", 1)[-1] for n in selection})
+    found = find_target_linears(model, targets)
+    for n in selection:
+        found.setdefault(n, modules[n])
+    choices = []
+    for name, m in found.items():
+        if not isinstance(m, nn.Linear | SparseBlockLinear):
+            raise ValueError(f"{name} is a {type(m).__name__}, not an nn.Linear")
+        blocks = torch.tensor([list(p) for p in selection.get(name, [])], dtype=torch.int64).reshape(-1, 2)
+        counts = block_element_counts(m.out_features, m.in_features, block_size)
+        if blocks.numel() and ((blocks < 0).any() or (blocks[:, 0] >= counts.shape[0]).any()
+                               or (blocks[:, 1] >= counts.shape[1]).any()):
+            raise ValueError(f"{name}: blocks out of range for a {m.out_features}×{m.in_features} weight "
+                             f"with block_size {block_size}")
+        hit = _LAYER.search(f".{name}.")
+        choices.append(ModuleChoice(
+            name=name, layer=int(hit.group(1)) if hit else None, kind=name.rsplit(".", 1)[-1],
+            out_features=m.out_features, in_features=m.in_features, grid=tuple(counts.shape),
+            num_blocks=int(blocks.shape[0]),
+            trainable=int(counts[blocks[:, 0], blocks[:, 1]].sum()) if blocks.numel() else 0,
+        ))
+    order = {n: i for i, n in enumerate(modules)}
+    choices.sort(key=lambda c: order[c.name])
+    model_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("block_weight"))
+    return SelectionSummary(block_size=block_size, modules=choices, model_params=model_params)
