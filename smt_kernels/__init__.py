@@ -3,6 +3,21 @@
 from smt_kernels.layout import BlockLayout
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import sparse_block_linear
+from smt_kernels.patch import load_blocks, merge, patch, save_blocks, trainable_parameters
+from smt_kernels.select import Selection, SelectionSummary, select_blocks, summarize_selection
 
-__all__ = ["BlockLayout", "SparseBlockLinear", "sparse_block_linear"]
+__all__ = [
+    "BlockLayout",
+    "Selection",
+    "SelectionSummary",
+    "SparseBlockLinear",
+    "load_blocks",
+    "merge",
+    "patch",
+    "save_blocks",
+    "select_blocks",
+    "sparse_block_linear",
+    "summarize_selection",
+    "trainable_parameters",
+]
 __version__ = "0.1.0"
