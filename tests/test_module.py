@@ -131,7 +131,7 @@ def test_non_contiguous_input_and_grad(backend):
     layer.block_weight.grad = None
     xg = torch.randn(9, 60, device=device)
     layer(xg).sum().backward()
-    _, _, db_ref = reference_grads(lin.weight, lin.bias, blocks, 16, xg, torch.ones(9, 48))
+    _, _, db_ref = reference_grads(lin.weight, lin.bias, blocks, 16, xg, torch.ones(9, 48, device=device))
     assert_close_rel(layer.block_weight.grad, db_ref, torch.float32, "block gradient")
 
 
@@ -224,7 +224,7 @@ def test_autocast(backend):
     torch.testing.assert_close(y, y_lin, rtol=0, atol=0)
     y.float().sum().backward()
     assert layer.block_weight.grad.dtype == torch.float32
-    _, _, db_ref = reference_grads(lin.weight, lin.bias, blocks, 16, x, torch.ones(10, 48))
+    _, _, db_ref = reference_grads(lin.weight, lin.bias, blocks, 16, x, torch.ones(10, 48, device=device))
     assert_close_rel(layer.block_weight.grad, db_ref, torch.bfloat16, "block gradient under autocast")
 
 

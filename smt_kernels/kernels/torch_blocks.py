@@ -26,6 +26,7 @@ def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: 
 
 def extract_blocks(weight: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
     """Read the blocks at block_indices (n, 2) out of weight (N, K) as (n, b, b); zero past the edges."""
+    block_indices = block_indices.to(weight.device)
     n = block_indices.shape[0]
     b = block_size
     rows, row_ok = _block_index(block_indices[:, 0], b, weight.shape[0])

@@ -158,10 +158,9 @@ def _block_weight_grad_kernel(
         tl.store(out_ptrs, acc)
 
 
-def _grad_tiles(block_size: int) -> tuple[int, int, int, int]:
-    """(TILE_R, TILE_C, TILE_M, num_warps) for the block-gradient kernel."""
+def _default_grad_config(block_size: int) -> dict:
     tile = min(block_size, 128)
-    return tile, tile, 64, 8 if tile == 128 else 4
+    return {"TILE_R": tile, "TILE_C": tile, "TILE_M": 64, "num_warps": 8 if tile == 128 else 4, "num_stages": 3}
 
 
 def block_weight_grad(
@@ -172,6 +171,8 @@ def block_weight_grad(
     block_size: int,
     out_dtype: torch.dtype,
     deterministic: bool = False,
+    config: dict | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Gradient of every block: dB_k = dY[:, rows_k]ᵀ · X[:, cols_k], reduced over all M tokens.
 
@@ -182,23 +183,24 @@ def block_weight_grad(
         col_slot: int64 (n,), the slot of each block's column in ``x_cols``.
         out_dtype: dtype of the returned gradient.
         deterministic: reduce token splits without atomics (one split per tile).
+        config, splits: override the tile configuration / number of token splits (for tuning).
     Returns:
         (n, b, b) gradient; rows past N and columns past K of clipped edge blocks are zero.
     """
     M, N = grad_out.shape
     n = block_indices.shape[0]
     b = block_size
-    tile_r, tile_c, tile_m, num_warps = _grad_tiles(b)
-    tiles = n * (b // tile_r) * (b // tile_c)
     if n == 0 or M == 0:
         return torch.zeros((n, b, b), device=grad_out.device, dtype=out_dtype)
+    cfg = {**_default_grad_config(b), **(config or {})}
+    tiles = n * (b // cfg["TILE_R"]) * (b // cfg["TILE_C"])
     if deterministic:
         splits = 1
-    else:
+    elif splits is None:
         # split the token reduction until the grid covers the GPU; keep >= 4 token tiles per program
-        max_splits = max(1, M // (4 * tile_m))
+        max_splits = max(1, M // (4 * cfg["TILE_M"]))
         splits = max(1, min(max_splits, triton.cdiv(_program_budget(grad_out.device), tiles)))
-    tokens_per_split = triton.cdiv(triton.cdiv(M, splits), tile_m) * tile_m
+    tokens_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["TILE_M"]) * cfg["TILE_M"]
     splits = triton.cdiv(M, tokens_per_split)
     use_atomic = splits > 1
     acc = (torch.zeros if use_atomic else torch.empty)((n, b, b), device=grad_out.device, dtype=torch.float32)
@@ -209,8 +211,7 @@ def block_weight_grad(
         M, N, tokens_per_split,
         grad_out.stride(0), grad_out.stride(1), x_cols.stride(0), x_cols.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2),
-        BLOCK_SIZE=b, TILE_R=tile_r, TILE_C=tile_c, TILE_M=tile_m,
-        USE_ATOMIC=use_atomic, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
-        num_warps=num_warps, num_stages=3,
+        BLOCK_SIZE=b, USE_ATOMIC=use_atomic, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
+        **cfg,
     )
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
