@@ -1,0 +1,1 @@
+"""Benchmarks of smt_kernels (run as python -m benchmarks.<name>)."""
