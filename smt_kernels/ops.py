@@ -40,25 +40,29 @@ def backend_for(device: torch.device) -> ModuleType:
 
 
 class _SparseBlockLinearFunction(torch.autograd.Function):
-    """y = x · Wᵀ + bias, where ``weight`` already holds ``block_weight`` at ``block_indices``.
+    """Writes ``block_weight`` into ``weight`` in place, then y = x · Wᵀ + bias in ``compute_dtype``.
 
     Gradients: x and block_weight only; weight and bias are frozen.
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size):
-        y = F.linear(x2d, weight, bias)
+    def forward(ctx, x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, compute_dtype):
         kernels = backend_for(x2d.device)
-        x_cols = None
-        if ctx.needs_input_grad[2] and block_weight.shape[0] > 0:
-            # only the block-columns some block reads, as a contiguous copy: never a view pinning all of x
-            x_cols = kernels.gather_column_blocks(x2d, col_blocks, block_size)
+        gather = ctx.needs_input_grad[2] and block_weight.shape[0] > 0
+        # one launch: the blocks into the frozen weight (in its own dtype) and, when block gradients are
+        # wanted, only the input block-columns some block reads, as a contiguous copy (never a view of x)
+        x_cols = kernels.scatter_blocks_and_gather_columns(
+            weight, block_weight.detach(), block_indices, x2d if gather else None, col_blocks, block_size
+        )
+        w = weight.to(compute_dtype)
+        y = F.linear(x2d, w, None if bias is None else bias.to(compute_dtype))
         # block_weight is saved (it costs nothing) so that an in-place update before backward is caught
         ctx.save_for_backward(x_cols, block_weight, block_indices, col_slot)
-        # the frozen weight is held without a version check: later forwards rewrite the same block values
-        # into it in place (gradient accumulation runs several forwards before their backwards)
-        ctx.weight = weight
+        # the weight is held without a version check: later forwards rewrite the same block values into it
+        # in place (gradient accumulation runs several forwards before their backwards)
+        ctx.weight = w
         ctx.block_size = block_size
+        ctx.kernels = kernels
         return y
 
     @staticmethod
@@ -66,16 +70,15 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
         x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
         grad_x = grad_blocks = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(ctx.weight.to(grad_out.dtype))
+            grad_x = grad_out.matmul(ctx.weight)
         if ctx.needs_input_grad[2]:
             if x_cols is None:
                 grad_blocks = torch.zeros_like(block_weight)
             else:
-                kernels = backend_for(grad_out.device)
-                grad_blocks = kernels.block_weight_grad(
+                grad_blocks = ctx.kernels.block_weight_grad(
                     grad_out, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype
                 )
-        return grad_x, None, grad_blocks, None, None, None, None, None
+        return grad_x, None, grad_blocks, None, None, None, None, None, None
 
 
 def _check_inputs(x, weight, block_weight, bias, block_indices, block_size):
@@ -121,24 +124,18 @@ def sparse_block_linear(
     Under ``torch.autocast`` the product runs in the autocast dtype; the blocks are written in their own dtype.
     """
     _check_inputs(x, weight, block_weight, bias, block_indices, block_size)
-    with torch.no_grad():
-        backend_for(weight.device).scatter_blocks(weight, block_weight.detach(), block_indices)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, block_weight = x.to(dtype), block_weight.to(dtype)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(compute_dtype)
     elif x.dtype != weight.dtype:
-        raise TypeError(
-            f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)"
-        )
+        raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)")
     else:
-        block_weight = block_weight.to(weight.dtype)
+        compute_dtype = weight.dtype
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     with torch.autocast(device_type, enabled=False):
         y = _SparseBlockLinearFunction.apply(
-            x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size
+            x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, compute_dtype
         )
     return y.reshape(*lead, weight.shape[0])

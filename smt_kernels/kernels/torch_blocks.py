@@ -50,6 +50,20 @@ def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indic
     weight[r, c] = block_weight[keep].to(weight.dtype)
 
 
+def scatter_blocks_and_gather_columns(
+    weight: torch.Tensor | None,
+    block_weight: torch.Tensor | None,
+    block_indices: torch.Tensor | None,
+    x: torch.Tensor | None,
+    col_blocks: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor | None:
+    """``scatter_blocks`` (unless weight is None), then ``gather_column_blocks`` of x (unless x is None)."""
+    if weight is not None:
+        scatter_blocks(weight, block_weight, block_indices)
+    return None if x is None else gather_column_blocks(x, col_blocks, block_size)
+
+
 def block_weight_grad(
     grad_out: torch.Tensor,
     x_cols: torch.Tensor,
@@ -57,14 +71,12 @@ def block_weight_grad(
     col_slot: torch.Tensor,
     block_size: int,
     out_dtype: torch.dtype,
-    deterministic: bool = False,
 ) -> torch.Tensor:
     """dB_k = dY[:, rows_k]ᵀ · X[:, cols_k] for each block: (n, b, b), zero past the edges.
 
     grad_out (M, N); x_cols (M, u·b) from ``gather_column_blocks``; block_indices (n, 2); col_slot (n,).
     Accumulates in fp32.
     """
-    del deterministic  # a single batched matmul is already deterministic
     M = grad_out.shape[0]
     n = block_indices.shape[0]
     b = block_size
