@@ -169,20 +169,6 @@ def measure_layer(layer: nn.Module, trainable: list, bufs: Buffers, device, args
     return {**common.summarize(times), "peak_mem_mib": common.mib(peak), "saved_mib": common.mib(saved)}
 
 
-def run_guarded(fn: Callable[[], dict], device) -> dict:
-    """fn() or a row that says why it did not run; memory is released before returning either way."""
-    result: dict
-    try:
-        result = {**fn(), "status": "ok"}
-    except Exception as err:  # one failed configuration must not stop the run
-        if common.is_oom(err):
-            result = {"status": "OOM"}
-        else:
-            result = {"status": "error", "notes": f"{type(err).__name__}: {err}"[:300]}
-    common.free_memory(device)
-    return result
-
-
 # ---------------------------------------------------------------- the layer grid
 
 
@@ -290,7 +276,7 @@ def _measure_method(method, base, blocks, block_size, rank, bufs, device, args) 
             import peft  # noqa: F401
         except ImportError:
             return {"status": "skipped", "notes": "peft not installed"}
-    return run_guarded(go, device)
+    return common.run_guarded(go, device)
 
 
 PRINT_COLUMNS = ["shape", "M", "blocks", "n_blocks", "layout", "method", "time_ms", "ratio_to_floor",
@@ -332,7 +318,7 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int) -> list
                 res["pct_of_dense"] = common.sig(100 * res["tflops"] / ref, 3)
             return res
 
-        rows.append({**base_row, **run_guarded(go, device), **fields})
+        rows.append({**base_row, **common.run_guarded(go, device), **fields})
         print(common.format_row(rows[-1], KERNEL_PRINT), flush=True)
         return rows[-1]
 

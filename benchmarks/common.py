@@ -119,7 +119,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[int], object], device: torch.device, *, warmup: int = 2, target_s: float = 0.25,
-               min_iters: int = 5, max_iters: int = 50) -> list[float]:
+               min_iters: int = 5, max_iters: int = 50, probe: int = 3) -> list[float]:
     """Milliseconds of each timed call ``step(i)``: warm-up, then enough iterations to fill ``target_s``.
 
     On CUDA each call is bracketed by events (device time, including any gap the host leaves, which is real cost
@@ -130,7 +130,6 @@ def time_steps(step: Callable[[int], object], device: torch.device, *, warmup: i
     synchronize(device)
     # calibrate: a few calls give the per-call time, which sets the iteration count
     t0 = time.perf_counter()
-    probe = 3
     for i in range(probe):
         step(warmup + i)
     synchronize(device)
@@ -202,6 +201,21 @@ def saved_tensor_bytes(forward: Callable[[], object], exclude: Iterable[torch.Te
         out = forward()
     del out
     return sum(seen.values())
+
+
+def run_guarded(fn: Callable[[], dict], device: torch.device) -> dict:
+    """``{**fn(), status: ok}``, or a row saying OOM / error: one failed configuration must not stop a run.
+
+    Memory is released either way (the traceback, which pins the failed step's tensors, is dropped first).
+    """
+    try:
+        return {**fn(), "status": "ok"}
+    except Exception as err:
+        if is_oom(err):
+            return {"status": "OOM"}
+        return {"status": "error", "notes": f"{type(err).__name__}: {err}"[:300]}
+    finally:
+        free_memory(device)
 
 
 def is_oom(err: BaseException) -> bool:

@@ -216,15 +216,22 @@ def _loss_of(output: Any, i: int) -> torch.Tensor:
     return loss
 
 
-def _num_blocks_to_take(
-    ratio: float | None, num_blocks: int | None, elements: int, available: int, block_size: int, what: str
-) -> int:
+def _take(order: torch.Tensor, sizes: torch.Tensor, ratio: float | None, num_blocks: int | None, what: str,
+          block_size: int) -> torch.Tensor:
+    """The first blocks of ``order`` (flat block ids, best first) that the budget allows.
+
+    ``num_blocks``: exactly that many. ``ratio``: the shortest prefix whose covered elements (clipped edge blocks
+    count clipped; ``sizes`` per flat id) reach ratio · all elements, so the trained fraction is at least
+    ``ratio`` and overshoots by less than one block.
+    """
     if num_blocks is not None:
-        if num_blocks > available:
-            raise ValueError(f"num_blocks={num_blocks} but {what} has only {available} blocks of {block_size}")
-        return num_blocks
-    assert ratio is not None
-    return min(available, max(1, round(ratio * elements / block_size**2)))
+        if num_blocks > order.numel():
+            raise ValueError(f"num_blocks={num_blocks} but {what} has only {order.numel()} blocks of {block_size}")
+        return order[:num_blocks]
+    budget = max(1, round(ratio * int(sizes.sum())))
+    covered = sizes[order].cumsum(0)
+    k = int(torch.searchsorted(covered, torch.tensor(budget, dtype=covered.dtype))) + 1
+    return order[: min(k, order.numel())]
 
 
 def select_blocks(
@@ -251,7 +258,8 @@ def select_blocks(
             tensors are moved to the device of the model's first parameter.
         num_blocks: blocks to keep, in total (``strategy="global"``) or per matrix (``"per_matrix"``).
         ratio: instead of ``num_blocks``, the fraction of target weight elements to train (global: of all
-            targets together; per_matrix: of each matrix): round(ratio · elements / b²) blocks, at least 1.
+            targets together; per_matrix: of each matrix): the best blocks until they cover at least
+            ratio · elements (clipped edge blocks counted clipped), at least one block.
         targets: projection names (last component of the module name), e.g. q_proj, k_proj, v_proj, o_proj,
             gate_proj, up_proj, down_proj; a full module name also works.
         score: "abs_mean" | "mean_abs" | "l1" | "l2" of the summed gradient G per block (see module docstring and
@@ -315,12 +323,14 @@ def select_blocks(
 def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, list[tuple[int, int]]]:
     names = list(found)
     out: dict[str, list[tuple[int, int]]] = {}
+    sizes = {n: block_element_counts(found[n].out_features, found[n].in_features, block_size).reshape(-1)
+             for n in names}
     if strategy == "global":
         flat = torch.cat([raw[n].reshape(-1) for n in names])
-        elements = sum(found[n].weight.numel() for n in names)
-        k = _num_blocks_to_take(ratio, num_blocks, elements, flat.numel(), block_size, "all targets together")
         # stable sort: equal scores keep model order, then row-major block order
-        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        order = torch.sort(flat, descending=True, stable=True).indices
+        order = _take(order, torch.cat([sizes[n] for n in names]), ratio, num_blocks, "all targets together",
+                      block_size)
         offsets = torch.tensor([0] + [raw[n].numel() for n in names]).cumsum(0)
         for n_i, name in enumerate(names):
             lo, hi = int(offsets[n_i]), int(offsets[n_i + 1])
@@ -329,9 +339,9 @@ def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, lis
                 out[name] = _to_pairs(mine, raw[name].shape[1])
     else:
         for name in names:
-            s = raw[name].reshape(-1)
-            k = _num_blocks_to_take(ratio, num_blocks, found[name].weight.numel(), s.numel(), block_size, name)
-            out[name] = _to_pairs(torch.sort(s, descending=True, stable=True).indices[:k], raw[name].shape[1])
+            order = torch.sort(raw[name].reshape(-1), descending=True, stable=True).indices
+            out[name] = _to_pairs(_take(order, sizes[name], ratio, num_blocks, name, block_size),
+                                  raw[name].shape[1])
     return out
 
 

@@ -204,8 +204,10 @@ def _sum_splits_kernel(partial_ptr, out_ptr, splits, numel, TILE: tl.constexpr):
 
 
 def _default_grad_config(block_size: int) -> dict:
+    # measured on an H200 (bf16, M=16384, b=256, 1-32 blocks): 128×128 tiles with 4 warps and 3 stages were
+    # the fastest of eight configurations for every block count, with about one program per SM
     tile = min(block_size, 128)
-    return {"TILE_R": tile, "TILE_C": tile, "TILE_M": 64, "num_warps": 8 if tile == 128 else 4, "num_stages": 3}
+    return {"TILE_R": tile, "TILE_C": tile, "TILE_M": 64, "num_warps": 4, "num_stages": 3}
 
 
 def block_weight_grad(
@@ -238,9 +240,9 @@ def block_weight_grad(
     cfg = {**_default_grad_config(b), **(config or {})}
     tiles = n * (b // cfg["TILE_R"]) * (b // cfg["TILE_C"])
     if splits is None:
-        # split the token reduction until about two programs per SM; keep >= 4 token tiles per program
+        # split the token reduction until there is about one program per SM; keep >= 4 token tiles per program
         max_splits = max(1, M // (4 * cfg["TILE_M"]))
-        splits = max(1, min(max_splits, triton.cdiv(2 * _sm_count(grad_out.device), tiles)))
+        splits = max(1, min(max_splits, triton.cdiv(_sm_count(grad_out.device), tiles)))
     tokens_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["TILE_M"]) * cfg["TILE_M"]
     splits = triton.cdiv(M, tokens_per_split)
     out = torch.empty((n, b, b), device=grad_out.device, dtype=out_dtype)
