@@ -163,7 +163,7 @@ def measure_layer(layer: nn.Module, trainable: list, bufs: Buffers, device, args
         # autograd.grad, not backward: fresh gradients each step, as after zero_grad(set_to_none=True)
         torch.autograd.grad(y, [x, *trainable], bufs.dys[i % len(bufs.dys)])
 
-    times = common.time_steps(step, device, warmup=args.warmup, target_s=args.target_s)
+    times = common.time_steps(step, device, warmup=args.warmup, target_s=args.target_s, min_iters=args.min_iters)
     peak = common.peak_memory_bytes(lambda: step(0), device)
     saved = common.saved_tensor_bytes(lambda: layer(bufs.xs[0]), exclude=list(layer.parameters()))
     return {**common.summarize(times), "peak_mem_mib": common.mib(peak), "saved_mib": common.mib(saved)}
@@ -312,7 +312,8 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int) -> list
 
     def record(fn: Callable[[int], object], flops: float, ref: float | None = None, **fields) -> dict:
         def go() -> dict:
-            res = common.summarize(common.time_steps(fn, device, warmup=args.warmup, target_s=args.target_s))
+            res = common.summarize(common.time_steps(fn, device, warmup=args.warmup, target_s=args.target_s,
+                                                     min_iters=args.min_iters))
             res["tflops"] = common.sig(flops / (res["time_ms"] * 1e-3) / 1e12, 4)
             if ref:
                 res["pct_of_dense"] = common.sig(100 * res["tflops"] / ref, 3)
@@ -406,7 +407,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=400.0,
                    help="stop starting new layer configurations after this many seconds (default 400)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--target-s", type=float, default=0.2, help="timed seconds per measurement (5 to 50 calls)")
+    p.add_argument("--target-s", type=float, default=0.2, help="timed seconds per measurement (at most 50 calls)")
+    p.add_argument("--min-iters", type=int, default=None, help="timed calls per measurement at least (5; CPU 2)")
     p.add_argument("--name", default="layer", help="CSV base name: <name>.csv and <name>_block_grad.csv")
     args = p.parse_args(argv)
 
@@ -439,13 +441,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown section {bad!r}; choose kernel and/or layer")
     if cpu and args.target_s == 0.2:
         args.target_s = 0.02  # smoke runs prove the code path, not the numbers
+    args.min_iters = args.min_iters or (2 if cpu else 5)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device_obj
-    dtype = common.parse_dtype(args.dtype)
+    dtype = common.parse_dtype(args.dtype, device)
+    args.dtype = str(dtype).removeprefix("torch.")
     torch.manual_seed(args.seed)
     env = common.env_info(device, "benchmarks.bench_layer", argv)
     results_dir = None if args.no_results else args.results_dir

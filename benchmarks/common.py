@@ -72,7 +72,10 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype as a torch dtype; unset means bf16 on CUDA and fp32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name not in table:
         raise SystemExit(f"--dtype must be one of {sorted(table)}, got {name!r}")
@@ -206,16 +209,20 @@ def saved_tensor_bytes(forward: Callable[[], object], exclude: Iterable[torch.Te
 def run_guarded(fn: Callable[[], dict], device: torch.device) -> dict:
     """``{**fn(), status: ok}``, or a row saying OOM / error: one failed configuration must not stop a run.
 
-    Memory is released either way (the traceback, which pins the failed step's tensors, is dropped first).
+    After a failure, memory is released (the traceback, which pins the failed step's tensors, is dropped first);
+    on success, what ``fn`` allocated is freed when it returns.
     """
+    failed = False
     try:
         return {**fn(), "status": "ok"}
     except Exception as err:
+        failed = True
         if is_oom(err):
             return {"status": "OOM"}
         return {"status": "error", "notes": f"{type(err).__name__}: {err}"[:300]}
     finally:
-        free_memory(device)
+        if failed:  # frames of the traceback form cycles that only the collector frees
+            free_memory(device)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -223,6 +230,7 @@ def is_oom(err: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
+    """Collect cycles and return cached blocks (a full collection is slow once transformers is loaded)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -305,5 +313,6 @@ def add_output_args(parser) -> None:
                         help=f"folder of the cumulative CSV files (default {RESULTS_DIR})")
     parser.add_argument("--no-results", action="store_true", help="do not append to --results-dir")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu (tiny smoke sizes)")
-    parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
+    parser.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16 or fp32 (CPU default: CPU bf16 "
+                                                      "matmuls are slow)")
     parser.add_argument("--seed", type=int, default=0)
