@@ -489,11 +489,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None,
+                 before: EvalResult | None = None) -> dict[str, Any]:
     """Run one fine-tuning job and return its summary (also written to ``cfg.output_json`` if set).
 
     ``model``/``tokenizer`` may be passed in (e.g. a copy of a model loaded once for many runs); the model is
-    trained in place.
+    trained in place. ``before``: the base model's evaluation on the same held-out set, if already known (it
+    is returned as ``result["before"]`` for reuse).
     """
     check_config(cfg)
     device = pick_device(cfg.device)
@@ -522,7 +524,8 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
 
     eval_kwargs = dict(max_new_tokens=task.max_new_tokens, device=device, max_length=cfg.max_length,
                        batch_size=cfg.eval_batch_size, progress=cfg.progress)
-    before = evaluate(model, tokenizer, fmt, task.eval, desc="eval (before)", **eval_kwargs)
+    if before is None or len(before.predictions) != len(task.eval):
+        before = evaluate(model, tokenizer, fmt, task.eval, desc="eval (before)", **eval_kwargs)
     log(f"before: held-out loss {before.loss:.4f}, accuracy {before.accuracy:.1%}")
 
     batches = train_batches(train_items, cfg.batch_size, pad_id, cfg.seed)
@@ -635,8 +638,9 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
     if cfg.output_json:
         path = Path(cfg.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
         result["saved"]["summary_json"] = str(path)
+        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["before"] = before
     return result
 
 

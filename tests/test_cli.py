@@ -268,8 +268,9 @@ def test_lora_matches_smt_budget(tiny_model_dir):
 
 def test_trained_blocks_reload(tiny_model_dir, tmp_path):
     """The saved block file loads onto a fresh copy of the base model and reproduces the merged weights."""
-    import smt_kernels
     from transformers import AutoModelForCausalLM
+
+    import smt_kernels
 
     out = tmp_path / "o"
     cfg = FinetuneConfig(model=str(tiny_model_dir), task="reverse", steps=2, batch_size=4, num_train=8, num_eval=2,
