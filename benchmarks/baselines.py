@@ -91,7 +91,7 @@ class _GatherBmmFunction(torch.autograd.Function):
         x_cols, weight, row_blocks, col_slot = ctx.saved_tensors
         b = ctx.block_size
         m = grad_out.shape[0]
-        dy = grad_out.view(m, -1, b).index_select(1, row_blocks)      # (M, n, b)
+        dy = grad_out.reshape(m, -1, b).index_select(1, row_blocks)   # (M, n, b)
         xs = x_cols.view(m, -1, b).index_select(1, col_slot)          # (M, n, b)
         grad_blocks = torch.bmm(dy.permute(1, 2, 0), xs.permute(1, 0, 2))  # (n, b, M) @ (n, M, b)
         return grad_out.matmul(weight), grad_blocks, None, None, None, None, None

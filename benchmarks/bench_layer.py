@@ -187,7 +187,7 @@ def plan(args) -> list[tuple[int, str]]:
     return pairs
 
 
-def run_layer_grid(args, env: dict, device, dtype) -> list[dict]:
+def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list[dict]:
     rows: list[dict] = []
     budget = common.Budget(args.budget_s)
     floor: dict[tuple, dict] = {}  # frozen result per (shape, M), the denominator of every ratio
@@ -200,6 +200,7 @@ def run_layer_grid(args, env: dict, device, dtype) -> list[dict]:
         if row.get("status") == "ok" and ref.get("status") == "ok":
             row["ratio_to_floor"] = round(row["time_ms"] / ref["time_ms"], 4)
         rows.append({**common_row, **row})
+        sink.write(rows[-1])
         print(common.format_row(rows[-1], PRINT_COLUMNS), flush=True)
 
     for tokens, layout in plan(args):
@@ -286,16 +287,16 @@ PRINT_COLUMNS = ["shape", "M", "blocks", "n_blocks", "layout", "method", "time_m
 # ---------------------------------------------------------------- block-gradient kernel alone
 
 
-def run_kernel_bench(args, env: dict, device, dtype) -> list[dict]:
+def run_kernel_bench(args, env: dict, device, dtype, sink: common.CsvSink) -> list[dict]:
     """block_weight_grad in TFLOP/s (2·M·n·b² flops) next to torch's bmm on pre-gathered blocks and dense GEMMs."""
     rows = []
     for n_out, n_in in args.kernel_shapes:
-        rows += _kernel_shape(args, env, device, dtype, n_out, n_in)
+        rows += _kernel_shape(args, env, device, dtype, n_out, n_in, sink)
         common.free_memory(device)
     return rows
 
 
-def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int) -> list[dict]:
+def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: common.CsvSink) -> list[dict]:
     kernels = backend_for(device)
     backend = kernels.__name__.rsplit(".", 1)[-1].replace("_blocks", "")
     b, m = args.block_size, args.kernel_tokens
@@ -320,6 +321,7 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int) -> list
             return res
 
         rows.append({**base_row, **common.run_guarded(go, device), **fields})
+        sink.write(rows[-1])
         print(common.format_row(rows[-1], KERNEL_PRINT), flush=True)
         return rows[-1]
 
@@ -447,6 +449,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with common.smoke_threads(args.device_obj):
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     device = args.device_obj
     dtype = common.parse_dtype(args.dtype, device)
     args.dtype = str(dtype).removeprefix("torch.")
@@ -457,17 +464,17 @@ def main(argv: list[str] | None = None) -> int:
     if "kernel" in args.sections:
         print("\n## block-gradient kernel alone", flush=True)
         print(common.format_row({c: c for c in KERNEL_PRINT}, KERNEL_PRINT), flush=True)
-        krows = run_kernel_bench(args, env, device, dtype)
-        for path in common.write_csv(krows, f"{args.name}_block_grad", KERNEL_FIELDS, results_dir, args.out):
-            print(f"wrote {path}")
+        ksink = common.CsvSink(f"{args.name}_block_grad", KERNEL_FIELDS, results_dir, args.out)
+        run_kernel_bench(args, env, device, dtype, ksink)
+        ksink.report()
     if "layer" in args.sections:
         print("\n## layer forward+backward", flush=True)
         print(common.format_row({c: c for c in PRINT_COLUMNS}, PRINT_COLUMNS), flush=True)
-        rows = run_layer_grid(args, env, device, dtype)
+        sink = common.CsvSink(args.name, LAYER_FIELDS, results_dir, args.out)
+        rows = run_layer_grid(args, env, device, dtype, sink)
         print("\n## summary: median ms (ratio to the frozen floor)")
         print(summary_table(rows))
-        for path in common.write_csv(rows, args.name, LAYER_FIELDS, results_dir, args.out):
-            print(f"wrote {path}")
+        sink.report()
     return 0
 
 

