@@ -259,7 +259,9 @@ def base_fingerprint(
             continue
         flat = t.detach().reshape(-1)
         n = flat.numel()
-        pos = torch.arange(n) if n <= FINGERPRINT_SAMPLES else torch.linspace(0, n - 1, FINGERPRINT_SAMPLES).long()
+        pos = torch.arange(min(n, FINGERPRINT_SAMPLES), dtype=torch.int64)
+        if n > FINGERPRINT_SAMPLES:  # evenly spaced, first and last included; integer maths, no float rounding
+            pos = pos * (n - 1) // (FINGERPRINT_SAMPLES - 1)
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module in sel and t.dim() == 2:
             grid = _block_mask(sel[module], tuple(t.shape), block_size)
