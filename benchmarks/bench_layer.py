@@ -212,11 +212,10 @@ def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list
             shape = f"{n_out}x{n_in}"
             common_row = {**env, "dtype": args.dtype, "block_size": b, "shape": shape, "N": n_out, "K": n_in,
                           "M": tokens}
-            gen = torch.Generator(device="cpu").manual_seed(args.seed)
-            base = nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+            base = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
             with torch.no_grad():
-                base.weight.copy_(torch.randn(n_out, n_in, generator=gen) * n_in**-0.5)
-            base = base.to(device)
+                gen = torch.Generator(device=device).manual_seed(args.seed)
+                base.weight.copy_(torch.randn(n_out, n_in, generator=gen, device=device) * n_in**-0.5)
             bufs = make_buffers(n_out, n_in, tokens, args.seq, dtype, device, args.seed)
 
             for method in DENSE_METHODS:  # frozen first: it is the floor of every ratio
@@ -417,8 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.device_obj = common.pick_device(args.device)
     cpu = args.device_obj.type == "cpu"
     if args.quick:
-        args.shapes = args.shapes or "4096x4096,1024x4096"
-        args.tokens = args.tokens or "16384"
+        args.shapes = args.shapes or ("128x128,64x128" if cpu else "4096x4096,1024x4096")
+        args.tokens = args.tokens or ("64" if cpu else "16384")
         args.blocks = "1,1%" if args.blocks == ALL_BLOCKS else args.blocks
         args.layouts = args.layouts or "random"
     args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes or (CPU_SHAPES if cpu else ALL_SHAPES))]

@@ -96,11 +96,16 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
 def set_checkpointing(model: nn.Module, on: bool) -> None:
     """Gradient (activation) checkpointing of every decoder layer on or off, non-reentrant."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
-        model.activation_checkpointing_enable(kwargs) if on else model.activation_checkpointing_disable()
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, where the old name warns
+        try:
+            model.activation_checkpointing_enable(kwargs) if on else model.activation_checkpointing_disable()
+            return
+        except TypeError:
+            pass
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs) if on else \
-            model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_disable()
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -207,7 +212,7 @@ def measure_selection(model: nn.Module, batches: list[torch.Tensor], device, arg
     common.synchronize(device)
     per_batch_ms = (time.perf_counter() - t) * 1e3 / len(warm)
     res = {"step_ms": common.sig(per_batch_ms), "iters": len(warm), "n_blocks": sel.num_blocks,
-           "notes": f"{len(warm)} warm-up batches, score abs_mean, wall time per batch"}
+           "notes": f"{len(warm)} warm-up batches (eval mode), score abs_mean; step_ms = wall time per batch"}
     if device.type == "cuda":
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
     return res
@@ -269,7 +274,7 @@ def run_method(name: str, method: str, args, env: dict, device, dtype, budget: c
     for r in rows:
         r.update({k: v for k, v in env.items()}, dtype=args.dtype, batch=args.batch, seq=args.seq,
                  tokens_per_step=tokens, block_size=args.block_size)
-        if r.get("status") == "ok" and r["method"] != "smt_select":
+        if r.get("status") == "ok":
             r["tokens_per_s"] = common.sig(tokens / (r["step_ms"] * 1e-3), 4)
         print(common.format_row(r, PRINT_COLUMNS), flush=True)
     return rows
@@ -284,7 +289,7 @@ def add_ratios(row: dict, earlier: list[dict]) -> None:
     floor, full = ref.get("frozen"), ref.get("full")
     if row["method"] == "frozen":
         floor = row
-    if floor and row["method"] != "smt_select":
+    if floor:
         row["ratio_to_floor"] = common.sig(row["step_ms"] / floor["step_ms"], 4)
     if row["method"] == "full":
         full = row
