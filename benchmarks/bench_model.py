@@ -76,6 +76,7 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each module its own new tensor: tied embeddings would come apart
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

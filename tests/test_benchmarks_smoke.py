@@ -119,6 +119,15 @@ def test_layer_benchmark_triton_interpreter(tmp_path, monkeypatch):
     assert {r["backend"] for r in kernel} == {"triton"} and all(r["status"] == "ok" for r in kernel)
 
 
+def test_model_build_keeps_tied_embeddings_and_rope(monkeypatch):
+    monkeypatch.setitem(bench_model.MODELS, "tied", dict(bench_model.MODELS["tiny"], tie_word_embeddings=True))
+    model = bench_model.build_model("tied", None, 32, torch.float32, torch.device("cpu"), seed=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    rope = model.model.rotary_emb.inv_freq
+    assert rope.device.type == "cpu" and torch.isfinite(rope).all() and rope[0] == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_model_benchmark_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("SMT_KERNELS_BACKEND", "torch")
     argv = ["--device", "cpu", "--no-results", "--out", str(tmp_path), "--steps", "1", "--warmup", "1",
