@@ -84,8 +84,8 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]], labels: 
     for i, name in enumerate(names):
         xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
         vals = series[name]
-        ax.bar([x for x, v in zip(xs, vals, strict=True) if v is not None], [v for v in vals if v is not None],
-               width, label=name, color=COLORS.get(name))
+        # missing values as zero-height bars: the legend keeps the series' colour
+        ax.bar(xs, [0.0 if v is None else v for v in vals], width, label=name, color=COLORS.get(name))
         for x, v, text in zip(xs, vals, (labels or {}).get(name, [""] * len(vals)), strict=True):
             if v is None and text:
                 ax.text(x, 0, text, rotation=90, ha="center", va="bottom", fontsize=7)

@@ -259,37 +259,39 @@ def summary_table(csv_path: Path) -> str:
 
 
 def plot_curves(curves: dict[str, dict], path: Path) -> None:
-    """One panel per task: mean training loss over seeds (smoothed) per method, held-out loss as markers."""
+    """A column per task: mean training loss over seeds (EMA-smoothed) on top, mean held-out loss below."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     tasks = list(dict.fromkeys(c["task"] for c in curves.values()))
     labels = list(dict.fromkeys(c["label"] for c in curves.values()))
-    fig = Figure(figsize=(6.2 * len(tasks), 4.4))
+    fig = Figure(figsize=(6.0 * len(tasks), 7.6))
     FigureCanvasAgg(fig)
     styles = ["-", "--", ":", "-."]
     for j, task in enumerate(tasks):
-        ax = fig.add_subplot(1, len(tasks), j + 1)
+        top = fig.add_subplot(2, len(tasks), j + 1)
+        bottom = fig.add_subplot(2, len(tasks), len(tasks) + j + 1)
         for lab in labels:
             runs = [c for c in curves.values() if c["task"] == task and c["label"] == lab]
             if not runs:
                 continue
             method = runs[0]["method"]
+            same = [lb for lb in labels if lb.split("@")[0] == method]
+            style = dict(linestyle=styles[same.index(lab) % len(styles)], color=COLORS.get(method))
             n = min(len(c["loss"]) for c in runs)
             mean = [statistics.mean(c["loss"][s] for c in runs) for s in range(n)]
-            smooth = _ema(mean, 0.8)
-            same = [lb for lb in labels if lb.split("@")[0] == method]
-            style = styles[same.index(lab) % len(styles)]
-            ax.plot(range(1, n + 1), smooth, style, color=COLORS.get(method), label=f"{lab} train (n={len(runs)})")
+            top.plot(range(1, n + 1), _ema(mean, 0.8), label=f"{lab} (n={len(runs)})", **style)
             steps = [e["step"] for e in runs[0]["eval"]]
             ev = [statistics.mean(c["eval"][k]["loss"] for c in runs) for k in range(len(steps))]
-            ax.plot(steps, ev, style, marker="o", markersize=3.5, color=COLORS.get(method), alpha=0.55)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("answer-token loss (lines: train, EMA 0.8; dots: held-out)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            bottom.plot(steps, ev, marker="o", markersize=3.5, label=lab, **style)
+        top.set_title(task)
+        top.set_ylabel("training loss (answer tokens, EMA 0.8)")
+        bottom.set_ylabel("held-out loss (answer tokens)")
+        bottom.set_xlabel("step")
+        for ax in (top, bottom):
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
