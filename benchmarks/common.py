@@ -274,7 +274,8 @@ class CsvSink:
     def __init__(self, name: str, fields: Sequence[str], results_dir: Path | None, out_dir: Path | None) -> None:
         self.name = name
         self.fields = list(fields)
-        self.folders = [f for f in (results_dir, out_dir) if f is not None]
+        # one folder given twice (--out equal to --results-dir) must not get every row twice
+        self.folders = list(dict.fromkeys(f.resolve() for f in (results_dir, out_dir) if f is not None))
         self.paths: list[Path] = []
 
     def _open_paths(self, run_id: str) -> None:
