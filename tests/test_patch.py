@@ -501,26 +501,24 @@ def smollm():
 def test_smollm2_select_patch_train_save_load_merge(smollm, tmp_path):
     model = smollm
     torch.manual_seed(0)
-    # few tokens: on 2 CPU cores the 49152-word LM head dominates every forward
-    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 49152, (2, 1, 8)).unbind(0)]
+    # few tokens and few passes: on 2 CPU cores each pass is dominated by reading the 540 MB of fp32 weights
+    batch, other = ({"input_ids": ids, "labels": ids} for ids in torch.randint(0, 49152, (2, 2, 8)).unbind(0))
     pristine = copy.deepcopy(model)  # the base, for comparisons and as the model to load the blocks onto
     with torch.no_grad():
-        ref = model(**batches[0])
+        ref = model(**batch)
     # b = 256 as in the paper: 576 and 192 are not multiples, so q (3×3) and k/v (1×3) have clipped edge blocks
-    sel = select_blocks(model, batches, ratio=0.02, block_size=256, progress=False)
+    sel = select_blocks(model, batch, ratio=0.02, block_size=256, progress=False)
     assert list(sel) and all(".self_attn." in n for n in sel)
     assert summarize_selection(model, sel).trainable >= 0.02 * 30 * (576 * 576 + 2 * 192 * 576)
     selection = {k: [tuple(p) for p in v] for k, v in sel.items()}
     patch(model, sel, verbose=False)
-    with torch.no_grad():
-        out = model(**batches[0])
-    assert torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
-    for b in batches:
-        model(**b).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    out = model(**batch)  # before any step: exactly the original model's loss and logits
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     mods, now = dict(model.named_modules()), model.state_dict()
     for key, before in pristine.state_dict().items():
         name = key.rsplit(".", 1)[0]
@@ -535,16 +533,19 @@ def test_smollm2_select_patch_train_save_load_merge(smollm, tmp_path):
             assert torch.equal(now[key], before), key
 
     with torch.no_grad():
-        want = model(**batches[1]).logits
+        want = model(**other).logits
     save_blocks(model, tmp_path)
     load_blocks(pristine, tmp_path)  # a plain copy of the base: patched and loaded
     with torch.no_grad():
-        assert torch.equal(pristine(**batches[1]).logits, want)
+        assert torch.equal(pristine(**other).logits, want)
     merge(pristine)
     with torch.no_grad():
-        assert torch.equal(pristine(**batches[1]).logits, want)
+        assert torch.equal(pristine(**other).logits, want)
         pristine.model.layers[3].mlp.up_proj.weight.mul_(1.001)  # now a different base: refused, left alone
-    snap = snapshot(pristine)
+    types = {n: type(m) for n, m in pristine.named_modules()}
+    flags = {n: p.requires_grad for n, p in pristine.named_parameters()}
     with pytest.raises(ValueError, match=r"1 base tensors differ, e.g. \['model.layers.3.mlp.up_proj.weight'\]"):
         load_blocks(pristine, tmp_path)
-    assert_unchanged(pristine, snap)
+    # nothing was patched, so nothing was copied (a full state snapshot of 540 MB is what the tiny tests do)
+    assert {n: type(m) for n, m in pristine.named_modules()} == types
+    assert {n: p.requires_grad for n, p in pristine.named_parameters()} == flags
