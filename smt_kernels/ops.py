@@ -68,16 +68,22 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
+        need_x, need_blocks = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_x = grad_blocks = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(ctx.weight)
-        if ctx.needs_input_grad[2]:
-            if x_cols is None:
+        # the blocks are written into the weight again before dX = dY·W: a sharding engine (FSDP2) may have
+        # re-materialised the weight from shards that never saw them; fused into the block-gradient launch
+        rescatter = (ctx.weight, block_weight.detach()) if need_x else None
+        if need_blocks and x_cols is not None:
+            grad_blocks = ctx.kernels.block_weight_grad(
+                grad_out, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype, rescatter=rescatter
+            )
+        else:
+            if need_blocks:
                 grad_blocks = torch.zeros_like(block_weight)
-            else:
-                grad_blocks = ctx.kernels.block_weight_grad(
-                    grad_out, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype
-                )
+            if need_x:
+                ctx.kernels.scatter_blocks(ctx.weight, block_weight.detach(), block_indices)
+        if need_x:
+            grad_x = grad_out.matmul(ctx.weight)
         return grad_x, None, grad_blocks, None, None, None, None, None, None
 
 

@@ -190,6 +190,31 @@ def test_update_between_forward_and_backward_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
+@pytest.mark.parametrize("train_blocks", [True, False])
+def test_backward_rewrites_blocks_into_a_rematerialised_weight(backend, train_blocks):
+    """A sharding engine (FSDP2) may re-gather the weight between forward and backward from shards that never
+    saw the blocks: the input gradient must still use the blocks."""
+    _, device = backend
+    blocks = [(0, 1), (2, 2)]
+    lin, layer = make_layer(40, 50, blocks, 16, torch.float32, device)
+    with torch.no_grad():
+        layer.block_weight.mul_(3.0)
+    layer.block_weight.requires_grad_(train_blocks)
+    x = torch.randn(11, 50, device=device, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        layer.weight.copy_(lin.weight)  # the pre-training values, as the shards hold them
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = lin.weight.detach().clone()
+    torch_blocks.scatter_blocks(w, layer.block_weight.detach(), layer.block_indices)
+    _, dx_ref, db_ref = reference_grads(w, lin.bias, blocks, 16, x, g)
+    assert_close_rel(x.grad, dx_ref, torch.float32, "input gradient")
+    if train_blocks:
+        assert_close_rel(layer.block_weight.grad, db_ref, torch.float32, "block gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
 def test_saves_only_the_gathered_columns(backend):
     _, device = backend
     blocks = [(0, 1), (2, 1), (1, 4)]  # block-columns 1 and 4

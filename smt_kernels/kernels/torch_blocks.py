@@ -71,12 +71,15 @@ def block_weight_grad(
     col_slot: torch.Tensor,
     block_size: int,
     out_dtype: torch.dtype,
+    rescatter: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """dB_k = dY[:, rows_k]ᵀ · X[:, cols_k] for each block: (n, b, b), zero past the edges.
 
     grad_out (M, N); x_cols (M, u·b) from ``gather_column_blocks``; block_indices (n, 2); col_slot (n,).
-    Accumulates in fp32.
+    Accumulates in fp32. ``rescatter=(weight, block_weight)`` also writes the blocks into weight.
     """
+    if rescatter is not None:
+        scatter_blocks(rescatter[0], rescatter[1], block_indices)
     M = grad_out.shape[0]
     n = block_indices.shape[0]
     b = block_size

@@ -151,16 +151,14 @@ def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indic
     scatter_blocks_and_gather_columns(weight, block_weight, block_indices, None, None, block_weight.shape[-1])
 
 
-@triton.jit(do_not_specialize=["M", "tokens_per_split"])
-def _block_weight_grad_kernel(
-    dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr,
-    M, N, tokens_per_split,
+@triton.jit
+def _block_grad_tile(
+    dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+    pid_tile, pid_split,
     BLOCK_SIZE: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, TILE_M: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_tile = tl.program_id(0)
-    pid_split = tl.program_id(1)
     tiles_r: tl.constexpr = BLOCK_SIZE // TILE_R
     tiles_c: tl.constexpr = BLOCK_SIZE // TILE_C
     blk = pid_tile // (tiles_r * tiles_c)
@@ -193,6 +191,34 @@ def _block_weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit(do_not_specialize=["M", "tokens_per_split"])
+def _block_weight_grad_kernel(
+    dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr,
+    M, N, tokens_per_split,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+    w_ptr, bw_ptr, K, stride_wn, stride_wk, stride_bn, stride_br, stride_bc, grad_tiles,
+    BLOCK_SIZE: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, TILE_M: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, RESCATTER: tl.constexpr, SCATTER_ROWS: tl.constexpr,
+):
+    # programs past grad_tiles (first split only) write the blocks into the weight again, for the
+    # input-gradient GEMM that follows: the weight may have been re-materialised since forward (FSDP2)
+    pid_tile = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    if RESCATTER:
+        if pid_tile >= grad_tiles:
+            if pid_split == 0:
+                _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, stride_bn, stride_br, stride_bc,
+                              pid_tile - grad_tiles, BLOCK_SIZE, SCATTER_ROWS)
+        else:
+            _block_grad_tile(dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
+                             stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+                             pid_tile, pid_split, BLOCK_SIZE, TILE_R, TILE_C, TILE_M, UPCAST, INPUT_PRECISION)
+    else:
+        _block_grad_tile(dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
+                         stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+                         pid_tile, pid_split, BLOCK_SIZE, TILE_R, TILE_C, TILE_M, UPCAST, INPUT_PRECISION)
+
+
 @triton.jit
 def _sum_splits_kernel(partial_ptr, out_ptr, splits, numel, TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
@@ -217,6 +243,7 @@ def block_weight_grad(
     col_slot: torch.Tensor,
     block_size: int,
     out_dtype: torch.dtype,
+    rescatter: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: dict | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
@@ -228,6 +255,8 @@ def block_weight_grad(
         block_indices: int64 (n, 2) on the same device, contiguous.
         col_slot: int64 (n,), the slot of each block's column in ``x_cols``.
         out_dtype: dtype of the returned gradient.
+        rescatter: optional (weight (N, K), block_weight (n, b, b)): also write the blocks into weight in the
+            same launch (``scatter_blocks``), done before any later work on the stream.
         config, splits: override the tile configuration / number of token splits (for tuning).
     Returns:
         (n, b, b) gradient; rows past N and columns past K of clipped edge blocks are zero. Deterministic.
@@ -236,6 +265,8 @@ def block_weight_grad(
     n = block_indices.shape[0]
     b = block_size
     if n == 0 or M == 0:
+        if rescatter is not None:
+            scatter_blocks(rescatter[0], rescatter[1], block_indices)
         return torch.zeros((n, b, b), device=grad_out.device, dtype=out_dtype)
     cfg = {**_default_grad_config(b), **(config or {})}
     tiles = n * (b // cfg["TILE_R"]) * (b // cfg["TILE_C"])
@@ -249,12 +280,17 @@ def block_weight_grad(
     partial = out if splits == 1 else torch.empty((splits, n, b, b), device=grad_out.device, dtype=torch.float32)
     upcast = interpreting() and (grad_out.dtype == torch.bfloat16 or x_cols.dtype == torch.bfloat16)
     tf32 = grad_out.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    _block_weight_grad_kernel[(tiles, splits)](
+    scatter_rows = min(b, _COPY_TILE_ELEMENTS // b)
+    w, bw = rescatter if rescatter is not None else (grad_out, grad_out)
+    scatter_programs = n * (b // scatter_rows) if rescatter is not None else 0
+    _block_weight_grad_kernel[(tiles + scatter_programs, splits)](
         grad_out, x_cols, partial, block_indices, col_slot,
         M, N, tokens_per_split,
         grad_out.stride(0), grad_out.stride(1), x_cols.stride(0), x_cols.stride(1),
         n * b * b, b * b, b,
+        w, bw, w.shape[-1], w.stride(0), w.stride(-1), bw.stride(0), bw.stride(-2), bw.stride(-1), tiles,
         BLOCK_SIZE=b, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
+        RESCATTER=rescatter is not None, SCATTER_ROWS=scatter_rows,
         **cfg,
     )
     if splits > 1:
