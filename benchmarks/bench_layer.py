@@ -394,7 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default=None, help=f"OUTxIN list (default {ALL_SHAPES})")
     p.add_argument("--tokens", default=None, help=f"token counts M (default {ALL_TOKENS})")
     p.add_argument("--blocks", default=ALL_BLOCKS, help=f"block counts: an integer or a share of the matrix "
-                                                        f"(default {ALL_BLOCKS.replace("%", "%%")})")
+                                                        f"(default {ALL_BLOCKS.replace('%', '%%')})")
     p.add_argument("--layouts", default=None, help="random,row,col (default: all three at M=16384, random elsewhere)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--block-size", type=int, default=None, help="256 (CPU default 16)")
