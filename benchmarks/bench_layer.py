@@ -50,7 +50,7 @@ CPU_SHAPES = "128x128,64x128,128x64"
 
 LAYER_FIELDS = common.ENV_FIELDS + [
     "dtype", "block_size", "shape", "N", "K", "M", "blocks", "n_blocks", "pct_blocks", "layout", "method",
-    "trainable_params", "lora_rank", "time_ms", "time_ms_p20", "time_ms_p80", "iters", "ratio_to_floor",
+    "trainable_params", "lora_rank", "time_ms", "time_ms_p20", "time_ms_p80", "iters", "floor_ms", "ratio_to_floor",
     "peak_mem_mib", "saved_mib", "status", "notes",
 ]
 KERNEL_FIELDS = common.ENV_FIELDS + [
@@ -199,6 +199,7 @@ def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list
         ref = floor.get((common_row["shape"], common_row["M"]), {})
         if row.get("status") == "ok" and ref.get("status") == "ok":
             row["ratio_to_floor"] = round(row["time_ms"] / ref["time_ms"], 4)
+            row["floor_ms"] = ref["time_ms"]
         rows.append({**common_row, **row})
         sink.write(rows[-1])
         print(common.format_row(rows[-1], PRINT_COLUMNS), flush=True)
@@ -245,6 +246,12 @@ def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list
                 blocks = make_layout(layout, n, grid, args.seed)
                 rank = lora_rank(n, b, n_out, n_in)
                 results = []
+                if "frozen" in args.methods:
+                    # the GPU's clock drifts under sustained GEMM load (seen: ±10% within a minute on an H200):
+                    # the ratios of this label's rows use a floor measured right next to them
+                    adjacent = _measure_method("frozen", base, [], b, 0, bufs, device, args)
+                    if adjacent.get("status") == "ok":
+                        floor[(shape, tokens)] = adjacent
                 if want_lora:
                     done.add((shape, tokens, label))
                     res = _measure_method("lora", base, blocks, b, rank, bufs, device, args)
