@@ -46,16 +46,18 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, compute_dtype):
-        kernels = backend_for(x2d.device)
+    def forward(ctx, x, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, compute_dtype):
+        # x: (..., K); reshapes happen here, where they cost no autograd node
+        kernels = backend_for(x.device)
         gather = ctx.needs_input_grad[2] and block_weight.shape[0] > 0
         # one launch: the blocks into the frozen weight (in its own dtype) and, when block gradients are
         # wanted, only the input block-columns some block reads, as a contiguous copy (never a view of x)
         x_cols = kernels.scatter_blocks_and_gather_columns(
-            weight, block_weight.detach(), block_indices, x2d if gather else None, col_blocks, block_size
+            weight, block_weight.detach(), block_indices, x.reshape(-1, x.shape[-1]) if gather else None,
+            col_blocks, block_size,
         )
-        w = weight.to(compute_dtype)
-        y = F.linear(x2d, w, None if bias is None else bias.to(compute_dtype))
+        w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+        y = F.linear(x, w, None if bias is None else bias.to(compute_dtype))
         # block_weight is saved (it costs nothing) so that an in-place update before backward is caught
         ctx.save_for_backward(x_cols, block_weight, block_indices, col_slot)
         # the weight is held without a version check: later forwards rewrite the same block values into it
@@ -75,7 +77,8 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
         rescatter = (ctx.weight, block_weight.detach()) if need_x else None
         if need_blocks and x_cols is not None:
             grad_blocks = ctx.kernels.block_weight_grad(
-                grad_out, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype, rescatter=rescatter
+                grad_out.reshape(-1, grad_out.shape[-1]), x_cols, block_indices, col_slot, ctx.block_size,
+                block_weight.dtype, rescatter=rescatter,
             )
         else:
             if need_blocks:
@@ -100,7 +103,9 @@ def _check_inputs(x, weight, block_weight, bias, block_indices, block_size):
     if x.device != weight.device:
         raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
     n = block_indices.shape[0]
-    if block_weight.shape != (n, block_size, block_size):
+    # plain int comparisons: comparing torch.Size with a tuple is several times slower on this hot path
+    bs = block_weight.shape
+    if len(bs) != 3 or bs[0] != n or bs[1] != block_size or bs[2] != block_size:
         raise ValueError(
             f"block_weight must have shape ({n}, {block_size}, {block_size}), got {tuple(block_weight.shape)}"
         )
@@ -130,18 +135,13 @@ def sparse_block_linear(
     Under ``torch.autocast`` the product runs in the autocast dtype; the blocks are written in their own dtype.
     """
     _check_inputs(x, weight, block_weight, bias, block_indices, block_size)
+    args = (weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(compute_dtype)
-    elif x.dtype != weight.dtype:
+        # the op casts by itself; autocast inside it would only add work
+        with torch.autocast(device_type, enabled=False):
+            return _SparseBlockLinearFunction.apply(x.to(compute_dtype), *args, compute_dtype)
+    if x.dtype != weight.dtype:
         raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)")
-    else:
-        compute_dtype = weight.dtype
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    with torch.autocast(device_type, enabled=False):
-        y = _SparseBlockLinearFunction.apply(
-            x2d, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, compute_dtype
-        )
-    return y.reshape(*lead, weight.shape[0])
+    return _SparseBlockLinearFunction.apply(x, *args, weight.dtype)
