@@ -5,8 +5,8 @@ Shapes: tokens M, weight N×K (out × in), block size b, n blocks, u distinct bl
 - ``gather_column_blocks``: x (M, K) -> (M, u·b), the input columns some block uses, zero-padded at the edge.
 - ``scatter_blocks_and_gather_columns``: both in one launch (what the forward pass uses).
 - ``block_weight_grad``:    dB_k = dY[:, rows_k]ᵀ · X[:, cols_k] for every block, fp32 accumulation, the token
-                            reduction split across programs so that few blocks still fill the GPU; the splits
-                            are summed by a second small kernel (deterministic, no atomics).
+                            reduction split across programs so that few blocks still fill the GPU; the fp32
+                            partial sums are added in a fixed order (deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 @triton.jit
-def _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, stride_bn, stride_br, stride_bc,
+def _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
               pid, BLOCK_SIZE: tl.constexpr, SCATTER_ROWS: tl.constexpr):
     offs_c = tl.arange(0, BLOCK_SIZE)
     tiles_per_block: tl.constexpr = BLOCK_SIZE // SCATTER_ROWS
@@ -48,7 +48,8 @@ def _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, stride_bn,
     col_block = tl.load(idx_ptr + 2 * blk + 1)
     rows = (row_block * BLOCK_SIZE + offs_r).to(tl.int64)
     cols = col_block * BLOCK_SIZE + offs_c
-    vals = tl.load(bw_ptr + blk * stride_bn + offs_r[:, None] * stride_br + offs_c[None, :] * stride_bc)
+    # block_weight is contiguous (n, b, b)
+    vals = tl.load(bw_ptr + blk * BLOCK_SIZE * BLOCK_SIZE + offs_r[:, None] * BLOCK_SIZE + offs_c[None, :])
     tl.store(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
              vals.to(w_ptr.dtype.element_ty),
              mask=(rows < N)[:, None] & (cols < K)[None, :])
@@ -72,7 +73,7 @@ def _gather_tile(x_ptr, col_blocks_ptr, xc_ptr, M, K, stride_xm, stride_xk, stri
 @triton.jit
 def _scatter_and_gather_kernel(
     w_ptr, bw_ptr, idx_ptr, N, K,
-    stride_wn, stride_wk, stride_bn, stride_br, stride_bc,
+    stride_wn, stride_wk,
     x_ptr, col_blocks_ptr, xc_ptr, M,
     stride_xm, stride_xk, stride_cm,
     num_scatter_programs, m_tiles,
@@ -83,7 +84,7 @@ def _scatter_and_gather_kernel(
     pid = tl.program_id(0)
     if DO_SCATTER:
         if pid < num_scatter_programs:
-            _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, stride_bn, stride_br, stride_bc,
+            _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
                           pid, BLOCK_SIZE, SCATTER_ROWS)
     if DO_GATHER:
         if pid >= num_scatter_programs:
@@ -120,6 +121,7 @@ def scatter_blocks_and_gather_columns(
         do_gather = M > 0 and u > 0
     if do_scatter:
         n_scatter = block_weight.shape[0] * (b // scatter_rows)
+        block_weight = block_weight.contiguous()
     programs = n_scatter + (m_tiles * col_blocks.numel() if do_gather else 0)
     if programs == 0:
         return x_cols
@@ -128,7 +130,7 @@ def scatter_blocks_and_gather_columns(
     xs, cb, xc = (x, col_blocks, x_cols) if do_gather else (ref, ref, ref)
     _scatter_and_gather_kernel[(programs,)](
         w, bw, idx, w.shape[0], w.shape[-1],
-        w.stride(0), w.stride(-1), bw.stride(0), bw.stride(-2), bw.stride(-1),
+        w.stride(0), w.stride(-1),
         xs, cb, xc, xs.shape[0],
         xs.stride(0), xs.stride(-1), xc.stride(0),
         n_scatter, max(m_tiles, 1),
@@ -154,7 +156,7 @@ def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indic
 @triton.jit
 def _block_grad_tile(
     dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
-    stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+    stride_dym, stride_dyn, stride_xm, stride_os,
     pid_tile, pid_split,
     BLOCK_SIZE: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, TILE_M: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -179,7 +181,7 @@ def _block_grad_tile(
         m_mask = offs_m < m_end
         dy_t = tl.load(dy_ptr + rows[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
                        mask=row_mask[:, None] & m_mask[None, :], other=0.0)
-        x_t = tl.load(xg_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x_t = tl.load(xg_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                       mask=m_mask[:, None], other=0.0)
         if UPCAST:
             # the CPU interpreter's dot is wrong on bf16 operands; fp32 is exact there
@@ -187,7 +189,9 @@ def _block_grad_tile(
             x_t = x_t.to(tl.float32)
         acc += tl.dot(dy_t, x_t, input_precision=INPUT_PRECISION)
 
-    out_ptrs = out_ptr + pid_split * stride_os + blk * stride_ob + offs_r[:, None] * stride_or + offs_c[None, :]
+    # out is contiguous (splits, n, b, b)
+    out_ptrs = (out_ptr + pid_split * stride_os + blk * BLOCK_SIZE * BLOCK_SIZE + offs_r[:, None] * BLOCK_SIZE
+                + offs_c[None, :])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
 
@@ -195,8 +199,8 @@ def _block_grad_tile(
 def _block_weight_grad_kernel(
     dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr,
     M, N, tokens_per_split,
-    stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
-    w_ptr, bw_ptr, K, stride_wn, stride_wk, stride_bn, stride_br, stride_bc, grad_tiles,
+    stride_dym, stride_dyn, stride_xm, stride_os,
+    w_ptr, bw_ptr, K, stride_wn, stride_wk, grad_tiles,
     BLOCK_SIZE: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, TILE_M: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, RESCATTER: tl.constexpr, SCATTER_ROWS: tl.constexpr,
 ):
@@ -207,26 +211,16 @@ def _block_weight_grad_kernel(
     if RESCATTER:
         if pid_tile >= grad_tiles:
             if pid_split == 0:
-                _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, stride_bn, stride_br, stride_bc,
+                _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
                               pid_tile - grad_tiles, BLOCK_SIZE, SCATTER_ROWS)
         else:
             _block_grad_tile(dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
-                             stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+                             stride_dym, stride_dyn, stride_xm, stride_os,
                              pid_tile, pid_split, BLOCK_SIZE, TILE_R, TILE_C, TILE_M, UPCAST, INPUT_PRECISION)
     else:
         _block_grad_tile(dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
-                         stride_dym, stride_dyn, stride_xm, stride_xk, stride_os, stride_ob, stride_or,
+                         stride_dym, stride_dyn, stride_xm, stride_os,
                          pid_tile, pid_split, BLOCK_SIZE, TILE_R, TILE_C, TILE_M, UPCAST, INPUT_PRECISION)
-
-
-@triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, splits, numel, TILE: tl.constexpr):
-    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    mask = offs < numel
-    acc = tl.zeros((TILE,), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(partial_ptr + s * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _default_grad_config(block_size: int) -> dict:
@@ -276,25 +270,28 @@ def block_weight_grad(
         splits = max(1, min(max_splits, triton.cdiv(_sm_count(grad_out.device), tiles)))
     tokens_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["TILE_M"]) * cfg["TILE_M"]
     splits = triton.cdiv(M, tokens_per_split)
-    out = torch.empty((n, b, b), device=grad_out.device, dtype=out_dtype)
-    partial = out if splits == 1 else torch.empty((splits, n, b, b), device=grad_out.device, dtype=torch.float32)
+    if splits == 1:
+        out = partial = torch.empty((n, b, b), device=grad_out.device, dtype=out_dtype)
+    else:
+        partial = torch.empty((splits, n, b, b), device=grad_out.device, dtype=torch.float32)
     upcast = interpreting() and (grad_out.dtype == torch.bfloat16 or x_cols.dtype == torch.bfloat16)
     tf32 = grad_out.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     scatter_rows = min(b, _COPY_TILE_ELEMENTS // b)
-    w, bw = rescatter if rescatter is not None else (grad_out, grad_out)
+    w, bw = (rescatter[0], rescatter[1].contiguous()) if rescatter is not None else (grad_out, grad_out)
     scatter_programs = n * (b // scatter_rows) if rescatter is not None else 0
+    if x_cols.stride(1) != 1:
+        x_cols = x_cols.contiguous()
     _block_weight_grad_kernel[(tiles + scatter_programs, splits)](
         grad_out, x_cols, partial, block_indices, col_slot,
         M, N, tokens_per_split,
-        grad_out.stride(0), grad_out.stride(1), x_cols.stride(0), x_cols.stride(1),
-        n * b * b, b * b, b,
-        w, bw, w.shape[-1], w.stride(0), w.stride(-1), bw.stride(0), bw.stride(-2), bw.stride(-1), tiles,
+        grad_out.stride(0), grad_out.stride(1), x_cols.stride(0), n * b * b,
+        w, bw, w.shape[-1], w.stride(0), w.stride(-1), tiles,
         BLOCK_SIZE=b, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
         RESCATTER=rescatter is not None, SCATTER_ROWS=scatter_rows,
         **cfg,
     )
     if splits > 1:
-        numel = n * b * b
-        tile = 1024
-        _sum_splits_kernel[(triton.cdiv(numel, tile),)](partial, out, splits, numel, TILE=tile, num_warps=4)
+        # a torch reduction costs a fraction of a Triton launch's host time, and keeps the order fixed
+        summed = partial.sum(0)
+        return summed if out_dtype == torch.float32 else summed.to(out_dtype)
     return out
