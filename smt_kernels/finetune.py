@@ -262,8 +262,8 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, fmt: PromptFormat, examples: list[Example], max_new_tokens: int,
              device: torch.device, max_length: int, batch_size: int = 16, progress: bool = True,
-             desc: str = "eval") -> EvalResult:
-    """Held-out answer loss (teacher forced) and exact-match accuracy of greedy generations."""
+             desc: str = "eval", metric: str = "exact") -> EvalResult:
+    """Held-out answer loss (teacher forced) and accuracy of greedy generations (``tasks.score`` by ``metric``)."""
     from transformers import GenerationConfig
 
     was_training = model.training
@@ -286,7 +286,7 @@ def evaluate(model: nn.Module, tokenizer, fmt: PromptFormat, examples: list[Exam
         width = prompts["input_ids"].shape[1]
         preds += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     model.train(was_training)
-    return EvalResult(loss_sum / max(count, 1), accuracy(preds, [ex.answer for ex in examples]), preds)
+    return EvalResult(loss_sum / max(count, 1), accuracy(preds, [ex.answer for ex in examples], metric), preds)
 
 
 @torch.no_grad()
@@ -523,7 +523,7 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
         log(f"  e.g. {ex.prompt!r} -> {ex.answer!r}")
 
     eval_kwargs = dict(max_new_tokens=task.max_new_tokens, device=device, max_length=cfg.max_length,
-                       batch_size=cfg.eval_batch_size, progress=cfg.progress)
+                       batch_size=cfg.eval_batch_size, progress=cfg.progress, metric=task.metric)
     if before is None or len(before.predictions) != len(task.eval):
         before = evaluate(model, tokenizer, fmt, task.eval, desc="eval (before)", **eval_kwargs)
     log(f"before: held-out loss {before.loss:.4f}, accuracy {before.accuracy:.1%}")
@@ -621,6 +621,7 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
         "accuracy_before": before.accuracy,
         "accuracy_after": after.accuracy,
         "num_eval": len(task.eval),
+        "metric": task.metric,
         "peak_memory_mib": peak_mib,
         "peak_memory_kind": peak_what,
         "tokens_per_second": tokens / train_seconds,
@@ -696,7 +697,8 @@ def format_summary(r: dict[str, Any]) -> str:
         f"{r['steps']} steps, lr {r['lr']:g})",
         f"held-out loss  {r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f}",
         f"accuracy       {pct(r['accuracy_before'])} -> {pct(r['accuracy_after'])} "
-        f"(exact match, {r['num_eval']} held-out examples, greedy)",
+        f"({'exact match of the final number' if r.get('metric') == 'final_number' else 'exact match'}, "
+        f"{r['num_eval']} held-out examples, greedy)",
         f"peak memory    {r['peak_memory_mib']:.0f} MiB ({r['peak_memory_kind']})",
         f"throughput     {r['tokens_per_second']:.0f} tokens/s ({r['train_seconds']:.1f} s training, "
         f"{r['total_seconds']:.0f} s total)",

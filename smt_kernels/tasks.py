@@ -29,7 +29,8 @@ class Task:
     """A train split, a held-out split and how to prompt and score them.
 
     ``system`` is an optional instruction sent as the chat template's system message (models without a chat
-    template get it prepended to the prompt); ``max_new_tokens`` bounds greedy generation at evaluation.
+    template get it prepended to the prompt); ``max_new_tokens`` bounds greedy generation at evaluation;
+    ``metric`` is how a generation is scored against the answer (see :func:`score`).
     """
 
     name: str
@@ -37,6 +38,7 @@ class Task:
     eval: list[Example]
     system: str | None = None
     max_new_tokens: int = 16
+    metric: str = "exact"
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -61,13 +63,36 @@ def exact_match(prediction: str, answer: str) -> bool:
     return bool(number.match(p) and number.match(a)) and p.replace(",", "") == a.replace(",", "")
 
 
-def accuracy(predictions: list[str], answers: list[str]) -> float:
-    """Fraction of exact matches; ``nan`` for no examples."""
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The last number on the first line of ``text`` ("3 + 4 = 7" -> "7"), without thousands separators."""
+    found = _NUMBER.findall(normalize(text))
+    return found[-1].replace(",", "") if found else None
+
+
+METRICS = ("exact", "final_number")
+
+
+def score(prediction: str, answer: str, metric: str = "exact") -> bool:
+    """``exact``: :func:`exact_match` of the whole first line. ``final_number``: the last numbers of the first
+    lines are equal (the usual exact-match scoring of worked math answers such as "3 + 4 = 7")."""
+    if metric == "exact":
+        return exact_match(prediction, answer)
+    if metric == "final_number":
+        gold = final_number(answer)
+        return gold is not None and final_number(prediction) == gold
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def accuracy(predictions: list[str], answers: list[str], metric: str = "exact") -> float:
+    """Fraction of predictions that :func:`score` counts right; ``nan`` for no examples."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
     if not answers:
         return float("nan")
-    return sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True)) / len(answers)
+    return sum(score(p, a, metric) for p, a in zip(predictions, answers, strict=True)) / len(answers)
 
 
 # --------------------------------------------------------------------------------------------- arithmetic
@@ -79,32 +104,40 @@ _ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "stamp
 
 
 def _arithmetic_problem(rng: random.Random) -> Example:
+    """A one- or two-step word problem; the answer is the equation and its result ("7 + 5 = 12").
+
+    Numbers stay in the range a 135M model computes reliably once it has written the equation (single-digit
+    operands, the times table); what is learned is turning the words into the right equation.
+    """
     name, other = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
     kind = rng.randrange(6)
     if kind == 0:
-        a, b = rng.randint(2, 60), rng.randint(2, 40)
-        q, ans = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?", a + b
+        a, b = rng.randint(2, 20), rng.randint(2, 9)
+        q = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?"
+        eq, r = f"{a} + {b}", a + b
     elif kind == 1:
-        a = rng.randint(10, 90)
-        b = rng.randint(1, a - 1)
-        q, ans = f"{name} had {a} {item} and gave {b} to {other}. How many {item} does {name} have left?", a - b
+        a = rng.randint(5, 20)
+        b = rng.randint(1, min(9, a - 1))
+        q = f"{name} had {a} {item} and gave {b} to {other}. How many {item} does {name} have left?"
+        eq, r = f"{a} - {b}", a - b
     elif kind == 2:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        q, ans = f"A box holds {a} {item}. How many {item} are in {b} boxes?", a * b
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q, eq, r = f"A box holds {a} {item}. How many {item} are in {b} boxes?", f"{b} * {a}", a * b
     elif kind == 3:
-        each, k = rng.randint(2, 12), rng.randint(2, 9)
+        each, k = rng.randint(2, 9), rng.randint(2, 9)
         q = f"{name} shares {each * k} {item} equally among {k} friends. How many {item} does each friend get?"
-        ans = each
+        eq, r = f"{each * k} / {k}", each
     elif kind == 4:
-        a, b = rng.randint(5, 50), rng.randint(2, 30)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         c = rng.randint(1, a + b - 1)
         q = f"{name} has {a} {item}, buys {b} more and then gives {c} to {other}. How many {item} are left?"
-        ans = a + b - c
+        eq, r = f"{a} + {b} - {c}", a + b - c
     else:
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        q, ans = f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have together?", a + b
-    return Example(q, str(ans))
+        a, b = rng.randint(2, 20), rng.randint(2, 9)
+        q = f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have together?"
+        eq, r = f"{a} + {b}", a + b
+    return Example(q, f"{eq} = {r}")
 
 
 # --------------------------------------------------------------------------------------------- word reversal
@@ -128,17 +161,19 @@ class _Generator:
     make: Callable[[random.Random], Example]
     system: str
     max_new_tokens: int
+    metric: str
     description: str
 
 
 GENERATORS: dict[str, _Generator] = {
     "arithmetic": _Generator(
-        _arithmetic_problem, "Answer with the number only.", 8,
-        "one- and two-step word problems (+, -, ×, ÷ on small numbers); exact match on the number",
+        _arithmetic_problem, "Answer with the equation and its result, like 3 + 4 = 7.", 12, "final_number",
+        "one- and two-step word problems (+, -, *, / on small numbers) answered as 'equation = result'; "
+        "exact match of the final number",
     ),
     "reverse": _Generator(
-        _reverse_problem, "Answer with the words only.", 16,
-        "reverse the order of 3-5 words (a text transformation); exact match on the word sequence",
+        _reverse_problem, "Answer with the words only.", 16, "exact",
+        "reverse the order of 3-5 words (a text transformation); exact match of the word sequence",
     ),
 }
 
@@ -166,7 +201,7 @@ def make_task(name: str, seed: int = 0, num_train: int = 1000, num_eval: int = 6
             examples.append(ex)
     # the held-out split comes first so that it does not change when num_train changes
     return Task(name, train=examples[num_eval:], eval=examples[:num_eval], system=gen.system,
-                max_new_tokens=gen.max_new_tokens)
+                max_new_tokens=gen.max_new_tokens, metric=gen.metric)
 
 
 # --------------------------------------------------------------------------------------------- JSONL
@@ -209,8 +244,10 @@ def load_jsonl(path: str | Path) -> list[Example]:
 
 
 def task_from_jsonl(path: str | Path, seed: int = 0, eval_fraction: float = 0.1, max_eval: int = 64,
-                    eval_path: str | Path | None = None, system: str | None = None) -> Task:
+                    eval_path: str | Path | None = None, system: str | None = None, metric: str = "exact") -> Task:
     """A task from a user's JSONL file; the held-out split is ``eval_path`` or a seeded random slice of it."""
+    if metric not in METRICS:
+        raise DataError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     examples = load_jsonl(path)
     if eval_path is not None:
         train, held = examples, load_jsonl(eval_path)
@@ -227,4 +264,4 @@ def task_from_jsonl(path: str | Path, seed: int = 0, eval_fraction: float = 0.1,
     longest = max(len(ex.answer) for ex in held)
     # answers are short in most uses; allow ~1 token per 2 characters plus slack, capped for speed
     return Task(Path(path).stem, train=train, eval=held, system=system,
-                max_new_tokens=min(128, max(8, longest // 2 + 8)))
+                max_new_tokens=min(128, max(8, longest // 2 + 8)), metric=metric)

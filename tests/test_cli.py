@@ -34,23 +34,18 @@ def test_task_generation_is_deterministic_and_split_is_disjoint(name):
 def test_arithmetic_answers_are_right():
     import re
 
-    for ex in tasks.make_task("arithmetic", seed=0, num_train=300, num_eval=10).train:
+    t = tasks.make_task("arithmetic", seed=0, num_train=300, num_eval=10)
+    assert t.metric == "final_number"
+    for ex in t.train:
         nums = [int(n) for n in re.findall(r"\d+", ex.prompt)]
-        ans = int(ex.answer)
-        p = ex.prompt
-        if "more and then gives" in p:
-            assert ans == nums[0] + nums[1] - nums[2]
-        elif "gets" in p or "together" in p:
-            assert ans == nums[0] + nums[1]
-        elif "gave" in p:
-            assert ans == nums[0] - nums[1]
-        elif "box holds" in p:
-            assert ans == nums[0] * nums[1]
-        elif "equally" in p:
-            assert ans * nums[1] == nums[0]
-        else:
-            pytest.fail(f"unrecognised problem {p!r}")
-        assert ans >= 0
+        lhs, rhs = ex.answer.split(" = ")
+        ops = lhs.split(" ")
+        assert [int(v) for v in ops[::2]] == (nums[::-1] if "box holds" in ex.prompt else nums)
+        value = int(ops[0])
+        for op, v in zip(ops[1::2], ops[2::2], strict=True):
+            value = {"+": value + int(v), "-": value - int(v), "*": value * int(v), "/": value // int(v)}[op]
+            assert op != "/" or value * int(v) == int(ops[0])
+        assert value == int(rhs) >= 0
 
 
 def test_reverse_answers_are_right():
@@ -69,10 +64,23 @@ def test_exact_match(pred, answer, ok):
     assert tasks.exact_match(pred, answer) is ok
 
 
+@pytest.mark.parametrize("pred, answer, ok", [
+    ("3 + 4 = 7", "3 + 4 = 7", True), ("4 + 3 = 7", "3 + 4 = 7", True), ("7", "3 + 4 = 7", True),
+    ("3 + 4 = 7.\n8", "3 + 4 = 7", True), ("1,200", "600 * 2 = 1200", True),
+    ("3 + 4 = 8", "3 + 4 = 7", False), ("3 + 4 =", "3 + 4 = 7", False), ("To solve this", "3 + 4 = 7", False),
+    ("\n7", "3 + 4 = 7", False),  # only the first line counts
+])
+def test_final_number_metric(pred, answer, ok):
+    assert tasks.score(pred, answer, "final_number") is ok
+
+
 def test_accuracy():
     assert tasks.accuracy(["1", "2", "x"], ["1", "2", "3"]) == pytest.approx(2 / 3)
+    assert tasks.accuracy(["1 + 1 = 2", "5"], ["2 = 2", "2 + 2 = 4"], "final_number") == pytest.approx(1 / 2)
     with pytest.raises(ValueError):
         tasks.accuracy(["1"], ["1", "2"])
+    with pytest.raises(ValueError):
+        tasks.score("1", "1", "bleu")
 
 
 def test_load_jsonl(tmp_path):
