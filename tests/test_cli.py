@@ -68,7 +68,7 @@ def test_exact_match(pred, answer, ok):
     ("3 + 4 = 7", "3 + 4 = 7", True), ("4 + 3 = 7", "3 + 4 = 7", True), ("7", "3 + 4 = 7", True),
     ("3 + 4 = 7.\n8", "3 + 4 = 7", True), ("1,200", "600 * 2 = 1200", True),
     ("3 + 4 = 8", "3 + 4 = 7", False), ("3 + 4 =", "3 + 4 = 7", False), ("To solve this", "3 + 4 = 7", False),
-    ("\n7", "3 + 4 = 7", False),  # only the first line counts
+    ("3 + 4 = 8\n7", "3 + 4 = 7", False),  # only the first (non-blank) line counts
 ])
 def test_final_number_metric(pred, answer, ok):
     assert tasks.score(pred, answer, "final_number") is ok
