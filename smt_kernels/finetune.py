@@ -171,18 +171,20 @@ class PromptFormat:
         return (f"{self.system}\n\n" if self.system else "") + f"{prompt}\nAnswer: "
 
     def answer_text(self, prompt: str, answer: str) -> str:
+        """The answer followed by the end-of-turn marker the model should learn to stop with."""
         eos = self.tok.eos_token or ""
         if self.chat:
-            # the template's own end-of-turn marker after the answer, cut after the EOS token if it has one
+            # render the whole turn and keep what the template writes after the prompt, up to and including EOS
             head = self.prompt_text(prompt)
             messages = ([{"role": "system", "content": self.system}] if self.system else [])
             messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
             full = self.tok.apply_chat_template(messages, tokenize=False)
-            if full.startswith(head) and full[len(head):].lstrip().startswith(answer):
-                tail = full[len(head):]
-                if eos and eos in tail[tail.index(answer) + len(answer):]:
-                    return tail[: tail.index(eos, tail.index(answer) + len(answer)) + len(eos)]
-                return tail.rstrip("\n") if eos else tail
+            tail = full[len(head):] if full.startswith(head) else ""
+            if answer in tail:
+                end = tail.index(answer) + len(answer)
+                if eos and eos in tail[end:]:
+                    return tail[:tail.index(eos, end) + len(eos)]
+                return tail.rstrip("\n")  # the template's own end-of-turn token (generation stops on its id)
         return answer + eos
 
     def encode(self, ex: Example, max_length: int) -> Encoded:
