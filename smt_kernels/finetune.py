@@ -714,7 +714,7 @@ def format_summary(r: dict[str, Any]) -> str:
         f"{r['total_seconds']:.0f} s total)",
     ]
     for k, v in (r.get("saved") or {}).items():
-        lines.append(f"saved {k:<9}{v}")
+        lines.append(f"saved {k:<8} {v}")
     return "\n".join(lines)
 
 
