@@ -348,13 +348,21 @@ def budget_blocks(model: nn.Module, cfg: FinetuneConfig) -> tuple[int, int, int]
 
     found = target_linears(model, cfg.targets)
     b = cfg.block_size
-    available = sum(num_blocks_along(m.out_features, b) * num_blocks_along(m.in_features, b) for m in found.values())
+    grids = [num_blocks_along(m.out_features, b) * num_blocks_along(m.in_features, b) for m in found.values()]
+    available = sum(grids)
     elements = sum(m.out_features * m.in_features for m in found.values())
-    if cfg.num_blocks is not None:
-        want = cfg.num_blocks
-    else:
-        want = max(1, round(cfg.ratio * elements / b**2))
-    if cfg.strategy == "global" and want > available:
+    if cfg.strategy == "per_matrix":
+        # the budget applies to each matrix; what must fit is the smallest one
+        if cfg.num_blocks is not None and cfg.num_blocks > min(grids):
+            raise FinetuneError(
+                f"budget of {cfg.num_blocks} blocks per matrix is larger than the model: the smallest target "
+                f"matrix holds {min(grids)} blocks of {b}×{b}"
+            )
+        want = (cfg.num_blocks * len(grids) if cfg.num_blocks is not None else
+                sum(max(1, round(cfg.ratio * m.out_features * m.in_features / b**2)) for m in found.values()))
+        return want, available, elements
+    want = cfg.num_blocks if cfg.num_blocks is not None else max(1, round(cfg.ratio * elements / b**2))
+    if want > available:
         raise FinetuneError(
             f"budget of {want} blocks of {b}×{b} is larger than the model: the targets {list(cfg.targets)} hold "
             f"{available} blocks ({elements:,} weights in {len(found)} matrices)"
@@ -444,6 +452,7 @@ def pick_device(name: str) -> torch.device:
 
 def check_config(cfg: FinetuneConfig) -> None:
     """Reject bad options before anything slow happens."""
+    from smt_kernels.select import SCORES, STRATEGIES
     from smt_kernels.tasks import GENERATORS
 
     if cfg.method not in METHODS:
@@ -467,8 +476,10 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.eval_data is not None and cfg.data is None:
         raise FinetuneError("--eval-data needs --data")
-    if cfg.strategy not in ("global", "per_matrix"):
-        raise FinetuneError(f"unknown strategy {cfg.strategy!r}; choose global or per_matrix")
+    if cfg.strategy not in STRATEGIES:
+        raise FinetuneError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if cfg.score not in SCORES:
+        raise FinetuneError(f"unknown score {cfg.score!r}; choose one of {', '.join(SCORES)}")
 
 
 def build_task(cfg: FinetuneConfig) -> Task:

@@ -152,6 +152,8 @@ def test_missing_data_file(capsys, tmp_path):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--targets", ","], "--targets is empty"),
     (["--device", "tpu"], "device"),
+    (["--score", "fisher"], "unknown score 'fisher'"),
+    (["--strategy", "random"], "unknown strategy 'random'"),
 ])
 def test_bad_options(capsys, argv, needle):
     _fails(capsys, argv, needle)
@@ -239,6 +241,11 @@ def test_prompt_masking(tiny_model_dir):
 
 def test_budget_larger_than_the_model(capsys, tiny_model_dir):
     _fails(capsys, ["--model", str(tiny_model_dir), "--num-blocks", "100000", *TINY], "larger than the model")
+
+
+def test_per_matrix_budget_larger_than_a_matrix(capsys, tiny_model_dir):
+    _fails(capsys, ["--model", str(tiny_model_dir), "--strategy", "per_matrix", "--num-blocks", "17", *TINY],
+           "per matrix is larger than the model")
 
 
 def test_unknown_target(capsys, tiny_model_dir):
