@@ -268,7 +268,9 @@ def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
     assert r["tokens_per_second"] > 0 and r["peak_memory_mib"] > 0
     if method == "smt":
         assert r["num_blocks"] >= 1 and (out / "smt_blocks.safetensors").is_file()
-        assert 0 < r["trainable_pct_of_targets"] <= 10.5
+        # selection meets the ratio and overshoots by less than one block: q/k/v of 2 layers hold
+        # 2·(64·64 + 2·32·64) = 16384 elements, one 16×16 block is 1.5625 % of them
+        assert 10 <= r["trainable_pct_of_targets"] < 10 + 100 * 256 / 16384
     elif method == "lora":
         assert r["lora_rank"] >= 1 and (out / "lora_adapter").is_dir()
     else:
