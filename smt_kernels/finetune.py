@@ -140,9 +140,12 @@ def load_model(model: str | None = None, gguf_file: str | None = None) -> tuple[
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     finally:
         hf_logging.enable_progress_bar()
-    if getattr(lm.config, "quantization_config", None) is not None and gguf:
-        # weights are dequantised on load; the leftover GGUF marker would make save_pretrained output unloadable
-        del lm.config.quantization_config
+    if gguf:
+        # GGUF weights are dequantised to fp32 on load, but transformers keeps a GGUF "quantizer" that refuses
+        # save_pretrained (--save-merged) and a config entry that would make the saved directory look quantised
+        lm.hf_quantizer = None
+        if getattr(lm.config, "quantization_config", None) is not None:
+            del lm.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer
