@@ -585,6 +585,7 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
     model.train()
     model.config.use_cache = False
     tokens = 0
+    eval_seconds = 0.0
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=f"train ({cfg.method})", unit="step")
     for step in bar:
@@ -606,12 +607,14 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")})
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            t_eval = time.perf_counter()
             model.config.use_cache = True
             eval_curve.append({"step": step + 1, "loss": eval_loss(model, eval_batches, device)})
             model.config.use_cache = False
+            eval_seconds += time.perf_counter() - t_eval  # not training time: kept out of tokens/s
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 - eval_seconds
     peak_mib, peak_what = peak_memory(device)
     model.config.use_cache = True
     after = evaluate(model, tokenizer, fmt, task.eval, desc="eval (after)", **eval_kwargs)
