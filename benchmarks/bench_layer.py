@@ -460,11 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    device = args.device_obj
-    dtype = common.parse_dtype(args.dtype, device)
-    args.dtype = str(dtype).removeprefix("torch.")
-    torch.manual_seed(args.seed)
-    env = common.env_info(device, "benchmarks.bench_layer", argv)
+    device, dtype, env = common.start_run(args, "benchmarks.bench_layer", argv)
     results_dir = None if args.no_results else args.results_dir
     print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | {env['command']}", flush=True)
     if "kernel" in args.sections:

@@ -346,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    device = args.device_obj
-    dtype = common.parse_dtype(args.dtype, device)
-    args.dtype = str(dtype).removeprefix("torch.")
-    torch.manual_seed(args.seed)
-    env = common.env_info(device, "benchmarks.bench_model", argv)
+    device, dtype, env = common.start_run(args, "benchmarks.bench_model", argv)
     print(f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | peft {env['peft']} | "
           f"{env['command']}", flush=True)
     print(common.format_row({c: c for c in PRINT_COLUMNS}, PRINT_COLUMNS), flush=True)

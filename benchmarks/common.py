@@ -64,6 +64,15 @@ def env_info(device: torch.device, module: str, argv: Sequence[str] | None = Non
     }
 
 
+def start_run(args, module: str, argv: Sequence[str] | None) -> tuple[torch.device, torch.dtype, dict[str, str]]:
+    """Resolve the dtype (written back to ``args.dtype`` as a name), seed torch, and read the environment row."""
+    device = args.device_obj
+    dtype = parse_dtype(args.dtype, device)
+    args.dtype = str(dtype).removeprefix("torch.")
+    torch.manual_seed(args.seed)
+    return device, dtype, env_info(device, module, argv)
+
+
 def pick_device(name: str | None) -> torch.device:
     if name:
         device = torch.device(name)

@@ -199,16 +199,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{row['run_seconds']} s", flush=True)
         (out / "curves.json").write_text(json.dumps(curves) + "\n")
 
-    table = summary_table(csv_path)
-    (out / "summary.md").write_text(table + "\n")
-    print(table)
-    if curves:
-        plot_curves(curves, out / "loss_curves.png")
+    write_summary(out, csv_path, curves)
     if skipped:
         print(f"skipped ({len(skipped)}, out of time budget or failed): {', '.join(skipped)}", flush=True)
     print(f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {out / 'summary.md'}, "
           f"{out / 'curves.json'}, {out / 'loss_curves.png'}")
     return 0
+
+
+def write_summary(out: Path, csv_path: Path, curves: dict) -> None:
+    """summary.md (printed too) from the CSV, and the loss-curve plot when there are curves."""
+    table = summary_table(csv_path)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    if curves:
+        plot_curves(curves, out / "loss_curves.png")
 
 
 def code_fingerprint() -> str:
@@ -242,11 +247,7 @@ def merge_runs(dirs: list[Path], out: Path) -> int:
         w.writeheader()
         w.writerows(rows)
     (out / "curves.json").write_text(json.dumps(curves) + "\n")
-    table = summary_table(csv_path)
-    (out / "summary.md").write_text(table + "\n")
-    print(table)
-    if curves:
-        plot_curves(curves, out / "loss_curves.png")
+    write_summary(out, csv_path, curves)
     print(f"merged {len(rows)} runs into {out}")
     return 0
 
