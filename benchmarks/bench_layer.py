@@ -163,10 +163,34 @@ def measure_layer(layer: nn.Module, trainable: list, bufs: Buffers, device, args
         # autograd.grad, not backward: fresh gradients each step, as after zero_grad(set_to_none=True)
         torch.autograd.grad(y, [x, *trainable], bufs.dys[i % len(bufs.dys)])
 
-    times = common.time_steps(step, device, warmup=args.warmup, target_s=args.target_s, min_iters=args.min_iters)
+    timed = graphed(step, len(bufs.xs), device) if args.cuda_graphs else step
+    times = common.time_steps(timed, device, warmup=args.warmup, target_s=args.target_s, min_iters=args.min_iters)
     peak = common.peak_memory_bytes(lambda: step(0), device)
     saved = common.saved_tensor_bytes(lambda: layer(bufs.xs[0]), exclude=list(layer.parameters()))
-    return {**common.summarize(times), "peak_mem_mib": common.mib(peak), "saved_mib": common.mib(saved)}
+    res = {**common.summarize(times), "peak_mem_mib": common.mib(peak), "saved_mib": common.mib(saved)}
+    if args.cuda_graphs:
+        res["notes"] = "time of CUDA-graph replays"
+    return res
+
+
+def graphed(step, n_inputs: int, device) -> Callable[[int], None]:
+    """``step`` captured once per rotated input in CUDA graphs: replays cost GPU time only, no host launches.
+
+    Separates what the kernels cost on the GPU from the host's launch time, which bounds small shapes.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs warmed-up kernels and allocator state, made off the main stream
+        for i in range(2):
+            step(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs: list[torch.cuda.CUDAGraph] = []
+    for i in range(n_inputs):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=graphs[0].pool() if graphs else None):
+            step(i)
+        graphs.append(g)
+    return lambda i: graphs[i % n_inputs].replay()
 
 
 # ---------------------------------------------------------------- the layer grid
@@ -417,6 +441,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--target-s", type=float, default=0.2, help="timed seconds per measurement (at most 50 calls)")
     p.add_argument("--min-iters", type=int, default=None, help="timed calls per measurement at least (5; CPU 2)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time CUDA-graph replays of each step (GPU time without host launch time); CUDA only")
     p.add_argument("--name", default="layer", help="CSV base name: <name>.csv and <name>_block_grad.csv")
     args = p.parse_args(argv)
 
@@ -447,6 +473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown layout {bad!r}; choose from {', '.join(ALL_LAYOUTS)}")
     for bad in set(args.sections) - {"kernel", "layer"}:
         p.error(f"unknown section {bad!r}; choose kernel and/or layer")
+    if args.cuda_graphs and cpu:
+        p.error("--cuda-graphs needs a CUDA device")
     if cpu and args.target_s == 0.2:
         args.target_s = 0.02  # smoke runs prove the code path, not the numbers
     args.min_iters = args.min_iters or (2 if cpu else 5)

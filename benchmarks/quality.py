@@ -208,12 +208,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_summary(out: Path, csv_path: Path, curves: dict) -> None:
-    """summary.md (printed too) from the CSV, and the loss-curve plot when there are curves."""
+    """summary.md (printed too) from the CSV, and the loss-curve plot when there are curves.
+
+    When some method ran at several learning rates, a second table picks the best one per (task, method, budget)
+    and the plot shows only those.
+    """
     table = summary_table(csv_path)
+    best = best_lr_labels(csv_path)
+    if any(len(group) > 1 for group in best.values()):
+        chosen = {(task, lab) for (task, _), group in best.items() for lab in group[:1]}
+        table += ("\n\n### Best peak learning rate per task, method and budget (highest mean held-out accuracy, "
+                  "then lowest eval loss; the lrs tried are in the table above)\n\n"
+                  + summary_table(csv_path, keep=chosen))
+        curves = {k: c for k, c in curves.items() if (c["task"], c["label"]) in chosen}
     (out / "summary.md").write_text(table + "\n")
     print(table)
     if curves:
         plot_curves(curves, out / "loss_curves.png")
+
+
+def best_lr_labels(csv_path: Path) -> dict[tuple[str, str], list[str]]:
+    """(task, method@budget) -> its labels (one per lr tried), best first."""
+    scores: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in csv.DictReader(csv_path.open()):
+        budget = r["method"] if r["method"] == "full" else f"{r['method']}@{float(r['ratio']):g}"
+        scores[(r["task"], budget)][r["label"]].append((float(r["accuracy_after"]), float(r["eval_loss_after"])))
+
+    def rank(item: tuple[str, list[tuple[float, float]]]) -> tuple[float, float]:
+        runs = item[1]
+        return (-statistics.mean(a for a, _ in runs), statistics.mean(loss for _, loss in runs))
+
+    return {key: [lab for lab, _ in sorted(by_label.items(), key=rank)] for key, by_label in scores.items()}
 
 
 def code_fingerprint() -> str:
@@ -258,12 +283,16 @@ def _fmt(v):
     return "" if v is None else v
 
 
-def summary_table(csv_path: Path) -> str:
-    """Markdown: per task and method, mean ± std over seeds of accuracy and eval loss, plus the parameter count."""
+def summary_table(csv_path: Path, keep: set[tuple[str, str]] | None = None) -> str:
+    """Markdown: per task and method, mean ± std over seeds of accuracy and eval loss, plus the parameter count.
+
+    ``keep``: only these (task, label) groups.
+    """
     rows = list(csv.DictReader(csv_path.open()))
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["task"], r["label"])].append(r)
+        if keep is None or (r["task"], r["label"]) in keep:
+            groups[(r["task"], r["label"])].append(r)
 
     def ms(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
         vals = [v * scale for v in values if not math.isnan(v)]

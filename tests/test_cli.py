@@ -357,3 +357,35 @@ def test_quality_grid_tiny(tiny_model_dir, tmp_path):
     assert float(rows[1]["lr"]) == 1e-2
     assert (tmp_path / "m" / "loss_curves.png").stat().st_size > 0
     assert "smt@0.05 lr=0.01" in (tmp_path / "m" / "summary.md").read_text()
+
+
+def test_quality_best_lr_picks_highest_mean_accuracy_then_lowest_loss(tmp_path):
+    import csv
+
+    from benchmarks import quality
+
+    rows = [  # (label, method, ratio, seed, accuracy, loss)
+        ("smt@0.01 lr=0.001", "smt", "0.01", 0, 0.50, 1.0), ("smt@0.01 lr=0.001", "smt", "0.01", 1, 0.10, 1.0),
+        ("smt@0.01 lr=0.01", "smt", "0.01", 0, 0.40, 0.9), ("smt@0.01 lr=0.01", "smt", "0.01", 1, 0.40, 0.9),
+        ("smt@0.05 lr=0.001", "smt", "0.05", 0, 0.40, 0.8), ("smt@0.05 lr=0.01", "smt", "0.05", 0, 0.40, 0.7),
+        ("full", "full", "", 0, 0.9, 0.1),
+    ]
+    path = tmp_path / "quality.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["label", "method", "ratio", "task", "seed", "accuracy_after",
+                                          "eval_loss_after", "trainable_params", "trainable_pct",
+                                          "accuracy_before", "eval_loss_before", "peak_memory_mib",
+                                          "tokens_per_second"])
+        w.writeheader()
+        for lab, method, ratio, seed, acc, loss in rows:
+            w.writerow(dict(label=lab, method=method, ratio=ratio, task="t", seed=seed, accuracy_after=acc,
+                            eval_loss_after=loss, trainable_params=10, trainable_pct=1, accuracy_before=0,
+                            eval_loss_before=5, peak_memory_mib=1, tokens_per_second=1))
+    best = quality.best_lr_labels(path)
+    assert best[("t", "smt@0.01")][0] == "smt@0.01 lr=0.01"  # mean 0.40 beats mean 0.30
+    assert best[("t", "smt@0.05")][0] == "smt@0.05 lr=0.01"  # same accuracy: lower loss wins
+    assert best[("t", "full")] == ["full"]
+    quality.write_summary(tmp_path, path, {})
+    text = (tmp_path / "summary.md").read_text()
+    best_part = text.split("### Best")[1]
+    assert "smt@0.01 lr=0.01" in best_part and "smt@0.01 lr=0.001" not in best_part
