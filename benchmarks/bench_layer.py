@@ -343,14 +343,17 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: c
 
     def record(fn: Callable[[int], object], flops: float, ref: float | None = None, **fields) -> dict:
         def go() -> dict:
-            res = common.summarize(common.time_steps(fn, device, warmup=args.warmup, target_s=args.target_s,
+            timed = graphed(fn, count, device) if args.cuda_graphs else fn
+            res = common.summarize(common.time_steps(timed, device, warmup=args.warmup, target_s=args.target_s,
                                                      min_iters=args.min_iters))
+            if args.cuda_graphs:
+                res["notes"] = f"{fields.get('notes', '')}; time of CUDA-graph replays".lstrip("; ")
             res["tflops"] = common.sig(flops / (res["time_ms"] * 1e-3) / 1e12, 4)
             if ref:
                 res["pct_of_dense"] = common.sig(100 * res["tflops"] / ref, 3)
             return res
 
-        rows.append({**base_row, **common.run_guarded(go, device), **fields})
+        rows.append({**base_row, **fields, **common.run_guarded(go, device)})
         sink.write(rows[-1])
         print(common.format_row(rows[-1], KERNEL_PRINT), flush=True)
         return rows[-1]

@@ -23,7 +23,11 @@ _COPY_TILE_ELEMENTS = 8192
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET, read when this module is imported)."""
+    return _INTERPRETING
+
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _arg_key(arg) -> tuple:
@@ -42,9 +46,10 @@ class DirectLauncher:
     Triton's ``JITFunction.run`` re-derives every argument's specialisation, hashes it and reads its settings on
     each call (45–60 µs of host time per launch on the H200 machine we measured, more than the small kernels take
     on the GPU). Here the compiled kernel a JIT call returned is kept under a key at least as fine as Triton's
-    (``_arg_key``, the constexpr/launch options, the current device) and launched through it directly. A new key
-    goes through the JIT once. ``SMT_KERNELS_DIRECT_LAUNCH=0``, the interpreter, or a Triton whose compiled
-    kernels cannot be launched this way fall back to the plain JIT call.
+    (``_arg_key``, the constexpr/launch options, the current device) and launched through its launcher directly.
+    A new key goes through the JIT once; so does every launch while a launch hook (a profiler) is installed.
+    ``SMT_KERNELS_DIRECT_LAUNCH=0``, the interpreter, or a Triton whose compiled kernels cannot be launched this
+    way fall back to the plain JIT call.
     """
 
     def __init__(self, kernel):
@@ -54,37 +59,63 @@ class DirectLauncher:
         self.checked = False  # one direct launch went through
 
     def __call__(self, grid: tuple[int, ...], *args, **meta) -> None:
-        if not self.enabled or interpreting():
+        if not self.enabled or _INTERPRETING:
             self.kernel[grid](*args, **meta)
             return
         device = torch.cuda.current_device()
         key = (device, tuple(meta.items()), *map(_arg_key, args))
         hit = self.compiled.get(key)
-        if hit is None:
+        enter, leave = _launch_hooks()
+        if hit is None or _hooks_active(enter, leave):
             compiled = self.kernel[grid](*args, **meta)
-            # the compiled kernel takes every parameter in signature order, constexprs included
-            names = getattr(self.kernel, "arg_names", ())
-            constexprs = tuple(meta.get(names[i], _MISSING) for i in getattr(self.kernel, "constexprs", ()))
-            if (_MISSING in constexprs or len(args) + len(constexprs) != len(names)
-                    or not hasattr(compiled, "__getitem__")):
-                self.enabled = False  # a default constexpr, or a Triton this was not written for
-                return
-            self.compiled[key] = (compiled, constexprs)
+            if hit is None:
+                self._remember(key, compiled, args, meta)
             return
-        compiled, constexprs = hit
-        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        stream = torch.cuda.current_stream(device).cuda_stream
+        run, function, packed_metadata, constexprs = hit
+        stream = _current_stream(device)
         if self.checked:
-            compiled[grid3](*args, *constexprs, stream=stream)
+            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
+                packed_metadata, None, enter, leave, *args, *constexprs)
             return
         try:
-            compiled[grid3](*args, *constexprs, stream=stream)
+            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
+                packed_metadata, None, enter, leave, *args, *constexprs)
         except TypeError:
             # the compiled kernel's launcher takes other arguments in this Triton: use the JIT from now on
             self.enabled = False
             self.kernel[grid](*args, **meta)
             return
         self.checked = True
+
+    def _remember(self, key: tuple, compiled, args: tuple, meta: dict) -> None:
+        # the launcher takes every parameter in signature order, constexprs included
+        names = getattr(self.kernel, "arg_names", ())
+        constexprs = tuple(meta.get(names[i], _MISSING) for i in getattr(self.kernel, "constexprs", ()))
+        parts = [getattr(compiled, a, None) for a in ("run", "function", "packed_metadata")]
+        if _MISSING in constexprs or len(args) + len(constexprs) != len(names) or None in parts[:2]:
+            self.enabled = False  # a default constexpr, or a Triton this was not written for
+            return
+        self.compiled[key] = (*parts, constexprs)
+
+
+def _launch_hooks() -> tuple:
+    runtime = getattr(_knobs, "runtime", None)
+    return getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)
+
+
+def _hooks_active(*hooks) -> bool:
+    # Triton's hooks are None or a chain of callbacks (empty unless a profiler is attached)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+_knobs = getattr(triton, "knobs", None)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _current_stream(device: int) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 _MISSING = object()
