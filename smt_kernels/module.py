@@ -45,13 +45,9 @@ class SparseBlockLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-        device = self.weight.device
-        self.register_buffer("block_indices", layout.indices.to(device))
-        self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
-        self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
-        self.block_weight = nn.Parameter(
-            torch_blocks.extract_blocks(self.weight.detach(), self.block_indices, block_size)
-        )
+        self._install_blocks(layout)
+        self.register_load_state_dict_pre_hook(_check_loaded_blocks)
+        self.register_load_state_dict_post_hook(_rebuild_column_index)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocks: BlocksLike, block_size: int = 256) -> SparseBlockLinear:
@@ -72,13 +68,20 @@ class SparseBlockLinear(nn.Module):
         return layer
 
     def _adopt(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: BlockLayout) -> None:
-        device = weight.device
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.block_indices = layout.indices.to(device)
-        self.col_blocks = layout.col_blocks.to(device)
-        self.col_slot = layout.col_slot.to(device)
-        self.block_weight = nn.Parameter(torch_blocks.extract_blocks(weight, self.block_indices, layout.block_size))
+        self._install_blocks(layout)
+
+    def _install_blocks(self, layout: BlockLayout) -> None:
+        """Index buffers on the weight's device and the trainable blocks, read from the current weight."""
+        device = self.weight.device
+        self.register_buffer("block_indices", layout.indices.to(device))
+        # derived from block_indices, so not saved in state_dict; rebuilt after load_state_dict
+        self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
+        self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
+        self.block_weight = nn.Parameter(
+            torch_blocks.extract_blocks(self.weight.detach(), self.block_indices, layout.block_size)
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -119,3 +122,18 @@ class SparseBlockLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, num_blocks={self.num_blocks} ({pct:.2f}% of the weight)"
         )
+
+
+def _check_loaded_blocks(layer: SparseBlockLinear, state_dict, prefix, *unused) -> None:
+    # refuse blocks that do not fit this layer before anything is copied into it
+    incoming = state_dict.get(prefix + "block_indices")
+    if isinstance(incoming, torch.Tensor) and incoming.shape == layer.block_indices.shape:
+        BlockLayout.build(incoming.cpu(), layer.out_features, layer.in_features, layer.block_size)
+
+
+def _rebuild_column_index(layer: SparseBlockLinear, incompatible_keys) -> None:
+    # a loaded state may carry other blocks (the same number of them): derive the column index again
+    layout = BlockLayout.build(layer.block_indices.cpu(), layer.out_features, layer.in_features, layer.block_size)
+    device = layer.block_indices.device
+    layer.col_blocks = layout.col_blocks.to(device)
+    layer.col_slot = layout.col_slot.to(device)

@@ -102,6 +102,10 @@ def _check_inputs(x, weight, block_weight, bias, block_indices, block_size):
             raise TypeError(f"{name} dtype {t.dtype} is not supported; use one of float32, float16, bfloat16")
     if x.device != weight.device:
         raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0] or bias.device != weight.device):
+        raise ValueError(
+            f"bias must have shape ({weight.shape[0]},) on {weight.device}, got {tuple(bias.shape)} on {bias.device}"
+        )
     n = block_indices.shape[0]
     # plain int comparisons: comparing torch.Size with a tuple is several times slower on this hot path
     bs = block_weight.shape

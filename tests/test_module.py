@@ -9,6 +9,7 @@ from torch import nn
 
 from smt_kernels import SparseBlockLinear
 from smt_kernels.kernels import torch_blocks, triton_blocks
+from smt_kernels.ops import sparse_block_linear
 
 # max |actual - reference| / max |reference| per dtype
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -280,6 +281,29 @@ def test_state_dict_round_trip():
         other.load_state_dict(a.state_dict())
 
 
+def test_state_dict_with_other_blocks_of_the_same_count():
+    """Loading blocks at other positions rebuilds the column index; blocks that do not fit are refused intact."""
+    lin = nn.Linear(50, 40)
+    a = SparseBlockLinear.from_linear(lin, [(1, 2), (0, 0)], block_size=16)
+    with torch.no_grad():
+        a.block_weight.add_(1)
+    b = SparseBlockLinear.from_linear(lin, [(2, 3), (0, 1)], block_size=16)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 50, requires_grad=True)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    assert b.col_blocks.tolist() == [0, 2] and b.col_slot.tolist() == [1, 0]
+    ga = torch.autograd.grad(a(x).sum(), [x, a.block_weight])
+    gb = torch.autograd.grad(b(x).sum(), [x, b.block_weight])
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(u, v)
+    bad = {**a.state_dict(), "block_indices": torch.tensor([[9, 0], [0, 0]])}
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\(9, 0\) is out of range"):
+        b.load_state_dict(bad)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 # ---- bad input: a clear error naming the numbers, nothing half-built ----
 
 
@@ -321,6 +345,9 @@ def test_bad_inputs():
         SparseBlockLinear.from_linear(nn.Conv1d(3, 3, 1), [(0, 0)], block_size=16)
     with pytest.raises(TypeError, match="float64"):
         SparseBlockLinear.from_linear(nn.Linear(100, 70).double(), [(0, 0)], block_size=16)
+    with pytest.raises(ValueError, match=r"bias must have shape \(70,\) on cpu, got \(69,\)"):
+        sparse_block_linear(torch.randn(4, 100), layer.weight, layer.block_weight, layer.block_indices,
+                            layer.col_blocks, layer.col_slot, 16, bias=torch.zeros(69))
 
 
 def test_bad_backend_name(monkeypatch):

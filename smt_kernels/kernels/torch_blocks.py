@@ -18,10 +18,8 @@ def _block_index(blocks: torch.Tensor, block_size: int, limit: int) -> tuple[tor
 def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """Copy the block-columns ``col_blocks`` (u,) of x (M, K) into a new contiguous (M, u·b) tensor."""
     idx, valid = _block_index(col_blocks, block_size, x.shape[1])
-    out = x.index_select(1, idx)
-    if not bool(valid.all()):
-        out[:, ~valid] = 0
-    return out
+    # masked on every call: testing whether any column is past the edge first would wait for the device
+    return x.index_select(1, idx).masked_fill_(~valid, 0)
 
 
 def extract_blocks(weight: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
