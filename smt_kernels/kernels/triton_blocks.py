@@ -366,9 +366,12 @@ def block_weight_grad(
     cfg = {**_default_grad_config(b), **(config or {})}
     tiles = n * (b // cfg["TILE_R"]) * (b // cfg["TILE_C"])
     if splits is None:
-        # split the token reduction until there is about one program per SM; keep >= 4 token tiles per program
+        # split the token reduction into at most two programs per SM (two fit in shared memory and hide each
+        # other's load latency; a third wave, or a second one that only a few SMs run, costs more than it splits).
+        # Measured on an H200 against one program per SM: 1.1-1.4x faster for 2-16 blocks. Keep >= 4 token tiles
+        # per program.
         max_splits = max(1, M // (4 * cfg["TILE_M"]))
-        splits = max(1, min(max_splits, triton.cdiv(_sm_count(grad_out.device), tiles)))
+        splits = max(1, min(max_splits, 2 * _sm_count(grad_out.device) // tiles))
     tokens_per_split = triton.cdiv(triton.cdiv(M, splits), cfg["TILE_M"]) * cfg["TILE_M"]
     splits = triton.cdiv(M, tokens_per_split)
     if splits == 1:
