@@ -326,7 +326,8 @@ _launch_block_weight_grad = DirectLauncher(_block_weight_grad_kernel)
 
 def _default_grad_config(block_size: int) -> dict:
     # measured on an H200 (bf16, M=16384, b=256, 1-32 blocks): 128×128 tiles with 4 warps and 3 stages were
-    # the fastest of eight configurations for every block count, with about one program per SM
+    # the fastest of eight configurations for every block count (a later probe of three of them with four split
+    # policies, benchmarks/results/h200_2026-11-29/block_grad_splits_probe.log, kept this one)
     tile = min(block_size, 128)
     return {"TILE_R": tile, "TILE_C": tile, "TILE_M": 64, "num_warps": 4, "num_stages": 3}
 
