@@ -74,6 +74,8 @@ LAYOUT_CASES = {
     "b64_ragged": (130, 200, 64, 5),
     "b128": (192, 300, 128, 3),
     "b256_smollm_kv": (192, 576, 256, [(0, 0), (0, 2)]),
+    "aligned": (64, 96, 16, 7),  # b divides both sides: the torch path's block-view fast path
+    "aligned_b64_shared_column": (128, 192, 64, [(1, 2), (0, 2), (1, 0)]),
 }
 
 
@@ -381,6 +383,31 @@ def test_gather_and_scatter_kernels(kernels, dtype, poison_empty):
     expected[0:16, 16:32] = blocks[1]
     assert torch.equal(w2, expected)
     assert torch.equal(torch_blocks.extract_blocks(w2, idx, 16)[1], blocks[1])
+
+
+@pytest.mark.parametrize("kernels", [torch_blocks, triton_blocks], ids=["torch", "triton"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_kernels_on_block_aligned_shapes(kernels, transposed):
+    """b divides both sides (the torch path's block-view route), weights and inputs of any strides."""
+    device = "cuda" if (kernels is triton_blocks and torch.cuda.is_available()) else "cpu"
+    w = torch.randn(96, 64, device=device).t() if transposed else torch.randn(64, 96, device=device)
+    idx = torch.tensor([[3, 5], [0, 0], [2, 5]], device=device)
+    blocks = torch.randn(3, 16, 16, device=device)
+    w2 = w.clone() if not transposed else w.clone().t().contiguous().t()
+    kernels.scatter_blocks(w2, blocks, idx)
+    expected = w.clone()
+    for k, (r, c) in enumerate(idx.tolist()):
+        expected[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = blocks[k]
+    assert torch.equal(w2, expected)
+    assert torch.equal(torch_blocks.extract_blocks(w2, idx, 16), blocks)
+    x = torch.randn(96, 21, device=device).t() if transposed else torch.randn(21, 96, device=device)
+    cols = torch.tensor([0, 5], device=device)
+    out = kernels.gather_column_blocks(x, cols, 16)
+    assert out.is_contiguous() and torch.equal(out, torch.cat([x[:, 0:16], x[:, 80:96]], 1))
+    dy = torch.randn(21, 64, device=device)
+    grad = kernels.block_weight_grad(dy, out, idx[[0, 2]], torch.tensor([1, 1], device=device), 16, torch.float32)
+    ref = torch.stack([dy[:, 48:64].t() @ x[:, 80:96], dy[:, 32:48].t() @ x[:, 80:96]])
+    torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

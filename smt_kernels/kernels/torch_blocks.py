@@ -15,8 +15,26 @@ def _block_index(blocks: torch.Tensor, block_size: int, limit: int) -> tuple[tor
     return idx.clamp(max=max(limit - 1, 0)), valid
 
 
+def _block_grid(t: torch.Tensor, block_size: int) -> torch.Tensor | None:
+    """(N, K) as a (N/b, b, K/b, b) view when b divides both and the strides allow it, else None.
+
+    Indexing that view with block numbers needs no per-element index tensors and no edge masks.
+    """
+    n, k = t.shape
+    if n % block_size or k % block_size:
+        return None
+    try:
+        return t.view(n // block_size, block_size, k // block_size, block_size)
+    except RuntimeError:  # strides that cannot be split this way
+        return None
+
+
 def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """Copy the block-columns ``col_blocks`` (u,) of x (M, K) into a new contiguous (M, u·b) tensor."""
+    if x.shape[1] % block_size == 0:
+        # splitting the last dimension is always a view; index_select makes the contiguous copy
+        cols = x.unflatten(1, (x.shape[1] // block_size, block_size)).index_select(1, col_blocks)
+        return cols.reshape(x.shape[0], col_blocks.numel() * block_size)
     idx, valid = _block_index(col_blocks, block_size, x.shape[1])
     # masked on every call: testing whether any column is past the edge first would wait for the device
     return x.index_select(1, idx).masked_fill_(~valid, 0)
@@ -25,6 +43,9 @@ def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: 
 def extract_blocks(weight: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
     """Read the blocks at block_indices (n, 2) out of weight (N, K) as (n, b, b); zero past the edges."""
     block_indices = block_indices.to(weight.device)
+    grid = _block_grid(weight, block_size)
+    if grid is not None:
+        return grid[block_indices[:, 0], :, block_indices[:, 1], :]
     n = block_indices.shape[0]
     b = block_size
     rows, row_ok = _block_index(block_indices[:, 0], b, weight.shape[0])
@@ -40,6 +61,11 @@ def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indic
     n, b, _ = block_weight.shape
     if n == 0:
         return
+    grid = _block_grid(weight, b)
+    if grid is not None:
+        grid[block_indices[:, 0], :, block_indices[:, 1], :] = block_weight.to(weight.dtype)
+        return
+    # clipped edge blocks: element indices with a mask (the boolean selection waits for the device on CUDA)
     rows, row_ok = _block_index(block_indices[:, 0], b, weight.shape[0])
     cols, col_ok = _block_index(block_indices[:, 1], b, weight.shape[1])
     keep = (row_ok.view(n, b, 1) & col_ok.view(n, 1, b))
@@ -83,10 +109,12 @@ def block_weight_grad(
     b = block_size
     if n == 0 or M == 0:
         return torch.zeros((n, b, b), device=grad_out.device, dtype=out_dtype)
-    rows, row_ok = _block_index(block_indices[:, 0], b, grad_out.shape[1])
-    dy = grad_out.index_select(1, rows).float()
-    dy.masked_fill_(~row_ok, 0)
+    if grad_out.shape[1] % b == 0:
+        dy = grad_out.unflatten(1, (grad_out.shape[1] // b, b)).index_select(1, block_indices[:, 0]).float()
+    else:
+        rows, row_ok = _block_index(block_indices[:, 0], b, grad_out.shape[1])
+        dy = grad_out.index_select(1, rows).float().masked_fill_(~row_ok, 0).view(M, n, b)
     xb = x_cols.view(M, -1, b).index_select(1, col_slot).float()
     # (n, b, M) @ (n, M, b) -> (n, b, b)
-    grad = torch.bmm(dy.view(M, n, b).permute(1, 2, 0), xb.permute(1, 0, 2))
+    grad = torch.bmm(dy.permute(1, 2, 0), xb.permute(1, 0, 2))
     return grad.to(out_dtype)
