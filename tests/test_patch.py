@@ -549,3 +549,26 @@ def test_smollm2_select_patch_train_save_load_merge(smollm, tmp_path):
     # nothing was patched, so nothing was copied (a full state snapshot of 540 MB is what the tiny tests do)
     assert {n: type(m) for n, m in pristine.named_modules()} == types
     assert {n: p.requires_grad for n, p in pristine.named_parameters()} == flags
+
+
+def test_compiles_to_one_graph_when_blocks_align():
+    """torch path: with b dividing every patched matrix, torch.compile(fullgraph=True) traces the whole model."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    sel = {n: [(0, 0), (1, 1)] for n, _ in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj"))}
+    model = patch(model, sel, block_size=16, verbose=False)
+    ids = torch.randint(0, 96, (2, 12))
+
+    def loss_and_grads(m):
+        loss = m(input_ids=ids, labels=ids).loss
+        return loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad])
+
+    ref_loss, ref_grads = loss_and_grads(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
+    loss, grads = loss_and_grads(compiled)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
