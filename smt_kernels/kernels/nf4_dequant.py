@@ -1,0 +1,110 @@
+"""Triton kernel: dequantize an NF4 weight and write the trained blocks in place, in one pass.
+
+Each program handles ``QBLOCKS`` absmax blocks (64 values each, 32 packed bytes): it reads the packed bytes once,
+splits the nibbles (high nibble first, as bitsandbytes packs them), looks the codes up in the 16-value NF4 table,
+scales each 64-value block by its absmax (undoing double quantization on the fly) and stores the row-major weight.
+Elements inside a trained block take the block's value instead, read through a small (N/b, K/b) slot map, so
+the output never holds a stale base value and no second pass over it is needed.
+The value for an element is ``fp32(code) * fp32(absmax)`` rounded once (to nearest even) to the output dtype:
+bit for bit what ``smt_kernels.quant.nf4.dequantize_nf4`` and bitsandbytes compute. (Triton's CPU interpreter
+truncates fp32 -> bf16 instead, so there bf16 outputs can be one bf16 ulp smaller in magnitude.)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from smt_kernels.kernels.triton_blocks import interpreting
+
+# absmax blocks (of 64 values) per program: 2048 values, 1 KiB of packed input, 4 KiB of bf16 output
+QBLOCKS = 32
+
+
+@triton.jit
+def _nf4_dequant_overlay_kernel(
+    packed_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_code_ptr, offset_ptr, nf4_code_ptr,
+    out_ptr, bw_ptr, map_ptr,
+    numel, K, n_col_blocks,
+    DOUBLE_QUANT: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, QBLOCKS: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    qb = pid * QBLOCKS + tl.arange(0, QBLOCKS)
+    if WIDE:  # element indices past 2^31
+        qb = qb.to(tl.int64)
+    n_qblocks = (numel + 63) // 64
+    q_ok = qb < n_qblocks
+    byte = qb[:, None] * 32 + tl.arange(0, 32)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
+    # (QBLOCKS, 32, 2) -> (QBLOCKS, 64): element 2j is byte j's high nibble, element 2j+1 its low nibble
+    codes = tl.reshape(tl.join(packed >> 4, packed & 15), (QBLOCKS, 64))
+    values = tl.load(nf4_code_ptr + codes)
+    if DOUBLE_QUANT:
+        q8 = tl.load(absmax_q_ptr + qb, mask=q_ok, other=0).to(tl.int32)
+        group_scale = tl.load(absmax_scale_ptr + qb // 256, mask=q_ok, other=0.0)
+        # launched with enable_fp_fusion=False: product and sum rounded separately, as bitsandbytes does
+        scale = tl.load(absmax_code_ptr + q8) * group_scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + qb, mask=q_ok, other=0.0)
+    out = (values * scale[:, None]).to(out_ptr.dtype.element_ty)
+    elem = qb[:, None] * 64 + tl.arange(0, 64)[None, :]
+    e_ok = elem < numel
+    if HAS_BLOCKS:
+        row = elem // K
+        col = elem - row * K
+        slot = tl.load(map_ptr + (row // BLOCK_SIZE) * n_col_blocks + col // BLOCK_SIZE, mask=e_ok, other=-1)
+        in_block = slot >= 0
+        # block_weight is contiguous (n, b, b)
+        trained = tl.load(bw_ptr + slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (row % BLOCK_SIZE) * BLOCK_SIZE
+                          + col % BLOCK_SIZE, mask=e_ok & in_block, other=0.0)
+        out = tl.where(in_block, trained.to(out_ptr.dtype.element_ty), out)
+    tl.store(out_ptr + elem, out, mask=e_ok)
+
+
+def dequantize_overlay(q, out: torch.Tensor, block_weight: torch.Tensor | None = None,
+                       block_indices: torch.Tensor | None = None, block_map: torch.Tensor | None = None,
+                       block_size: int = 0) -> torch.Tensor:
+    """Write the NF4 weight ``q`` (an ``NF4Weight`` of shape (N, K)) into ``out`` with the blocks in place.
+
+    Args:
+        out: contiguous (N, K) fp32/fp16/bf16 on q's device (a reusable buffer); returned.
+        block_weight: (n, b, b) trained blocks (any float dtype, cast to out's), or None for the plain weight.
+        block_indices: int64 (n, 2), unused here (the torch path's input; same signature).
+        block_map: int32 (ceil(N/b), ceil(K/b)), the slot of the block at each block position or -1
+            (``smt_kernels.quant.dequant.block_slot_map``); entries past the weight's edge are never read.
+    """
+    numel = q.numel
+    has_blocks = block_weight is not None and block_weight.shape[0] > 0
+    tables = q.tensors()
+    dq = q.double_quant
+    placeholder = q.packed
+    absmax = placeholder if dq else tables["absmax"]
+    absmax_q, scale, code, offset = ((tables["absmax_q"], tables["absmax_scale"], tables["absmax_code"],
+                                      tables["absmax_offset"]) if dq else (placeholder,) * 4)
+    bw = block_weight.contiguous() if has_blocks else out
+    bmap = block_map if has_blocks else placeholder
+    grid = (triton.cdiv(triton.cdiv(numel, 64), QBLOCKS),)
+    options = {} if interpreting() else {"enable_fp_fusion": False}
+    _nf4_dequant_overlay_kernel[grid](
+        q.packed, absmax, absmax_q, scale, code, offset, nf4_code(out.device),
+        out, bw, bmap,
+        numel, q.shape[1], bmap.shape[1] if has_blocks else 1,
+        DOUBLE_QUANT=dq, HAS_BLOCKS=has_blocks, BLOCK_SIZE=block_size if has_blocks else 16, QBLOCKS=QBLOCKS,
+        WIDE=numel + QBLOCKS * 64 >= 2**31, num_warps=4, **options,
+    )
+    return out
+
+
+_CODE_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_code(device: torch.device) -> torch.Tensor:
+    """The NF4 table on ``device`` (cached: the kernel reads it on every call)."""
+    t = _CODE_CACHE.get(device)
+    if t is None:
+        from smt_kernels.quant.nf4 import NF4_CODE
+
+        t = _CODE_CACHE[device] = NF4_CODE.to(device)
+    return t

@@ -1,0 +1,207 @@
+"""``NF4Linear`` (a frozen 4-bit linear layer) and ``NF4SparseBlockLinear`` (the same, with trainable b×b blocks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smt_kernels.kernels import torch_blocks
+from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
+from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch
+from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weight, quantize_nf4
+from smt_kernels.quant.ops import nf4_block_linear
+
+# NF4Weight field -> buffer name on the module (state_dict keys "<module>.weight_packed", ...)
+_BUFFER_NAMES = {"packed": "weight_packed", "absmax": "weight_absmax", "absmax_q": "weight_absmax_q",
+                 "absmax_scale": "weight_absmax_scale", "absmax_offset": "weight_absmax_offset",
+                 "absmax_code": "weight_absmax_code"}
+
+
+def _check_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} {dtype} is not supported; use float32, float16 or bfloat16")
+    return dtype
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (bitsandbytes' layout, see ``smt_kernels.quant.nf4``).
+
+    Buffers: ``weight_packed`` uint8 (ceil(N·K/2),) and either ``weight_absmax`` float32 (ceil(N·K/64),) or, with
+    double quantization, ``weight_absmax_q`` uint8, ``weight_absmax_scale`` float32, ``weight_absmax_offset``
+    float32 () and ``weight_absmax_code`` float32 (256,). ``bias`` (N,) is a frozen parameter or None.
+    The forward dequantizes into a buffer shared by all NF4 layers and computes in ``compute_dtype`` (or the
+    autocast dtype); ``weight_dtype`` is the dtype the weight had before quantization.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, double_quant: bool = True,
+                 compute_dtype: torch.dtype = torch.bfloat16, weight_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"NF4Linear needs positive features, got {out_features}×{in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = _check_dtype(compute_dtype, "compute_dtype")
+        self.weight_dtype = _check_dtype(weight_dtype or compute_dtype, "weight_dtype")
+        n = in_features * out_features
+        blocks = -(-n // BLOCK)
+        empty = {"packed": torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device)}
+        if double_quant:
+            empty.update(absmax_q=torch.zeros(blocks, dtype=torch.uint8, device=device),
+                         absmax_scale=torch.zeros(-(-blocks // ABSMAX_GROUP), device=device),
+                         absmax_offset=torch.zeros((), device=device),
+                         absmax_code=torch.zeros(256, device=device))
+        else:
+            empty["absmax"] = torch.zeros(blocks, device=device)
+        for field, t in empty.items():
+            self.register_buffer(_BUFFER_NAMES[field], t.float() if t.is_floating_point() else t)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> NF4Linear:
+        """Quantize ``linear`` (on its own device); compute dtype defaults to the linear's dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        q = quantize_nf4(linear.weight.detach(), double_quant=double_quant)
+        return cls.from_nf4(q, linear.bias, compute_dtype or linear.weight.dtype)
+
+    @classmethod
+    def from_nf4(cls, q: NF4Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
+        """Wrap an existing ``NF4Weight`` (no copy) and an optional bias (copied)."""
+        q.check()
+        layer = cls(q.shape[1], q.shape[0], bias=bias is not None, double_quant=q.double_quant,
+                    compute_dtype=compute_dtype, weight_dtype=q.dtype, device="meta")
+        layer.set_nf4(q)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def set_nf4(self, q: NF4Weight) -> None:
+        """Replace the stored weight by ``q`` (same shape and double-quantization setting)."""
+        q.check()
+        if q.shape != (self.out_features, self.in_features):
+            raise ValueError(f"NF4 weight of shape {q.shape} does not fit a {self.out_features}×{self.in_features} "
+                             "layer")
+        if q.double_quant != self.double_quant:
+            raise ValueError(f"the layer was built with double_quant={self.double_quant}, the weight has "
+                             f"double_quant={q.double_quant}")
+        for field, t in q.tensors().items():
+            setattr(self, _BUFFER_NAMES[field], t)
+        self.weight_dtype = q.dtype
+
+    @property
+    def double_quant(self) -> bool:
+        return not hasattr(self, "weight_absmax")
+
+    @property
+    def nf4(self) -> NF4Weight:
+        """The weight as an ``NF4Weight`` over this module's buffers (no copy)."""
+        fields = {f: getattr(self, name) for f, name in _BUFFER_NAMES.items() if hasattr(self, name)}
+        return NF4Weight(shape=(self.out_features, self.in_features), dtype=self.weight_dtype, **fields)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_block_linear(x, self.nf4, self.compute_dtype, self.bias)
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new (N, K) tensor (default dtype: compute dtype) of the weight as the forward uses it."""
+        q = self.nf4
+        out = torch.empty(q.shape, device=q.device, dtype=dtype or self.compute_dtype)
+        return self._overlay(q, out)
+
+    def _overlay(self, q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+        return dequantize_overlay_torch(q, out)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` in the compute dtype, same device, with the dequantized weight."""
+        w = self.dequantized_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        linear.weight.copy_(w)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight (packed codes and scales), bias excluded."""
+        return self.nf4.nbytes()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nf4, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+class NF4SparseBlockLinear(NF4Linear):
+    """An ``NF4Linear`` with trainable b×b blocks written over its frozen 4-bit weight (SMT on a 4-bit base).
+
+    Adds ``block_weight`` (n, b, b), the only trainable tensor (``block_dtype``, default the compute dtype;
+    entries past the weight's edge are zero and get zero gradient) and ``block_indices`` int64 (n, 2). The same
+    attribute names as ``SparseBlockLinear``, so block files and selections carry over.
+    """
+
+    @classmethod
+    def from_nf4_linear(cls, base: NF4Linear, blocks: BlocksLike, block_size: int = 256,
+                        block_dtype: torch.dtype | None = None) -> NF4SparseBlockLinear:
+        """Make ``blocks`` of ``base`` trainable; shares base's buffers (no copy of the 4-bit weight).
+
+        The blocks start at the dequantized base values, so the layer computes what ``base`` computes.
+        """
+        if not isinstance(base, NF4Linear) or isinstance(base, NF4SparseBlockLinear):
+            raise TypeError(f"from_nf4_linear expects a frozen NF4Linear, got {type(base).__name__}")
+        layout = BlockLayout.build(blocks, base.out_features, base.in_features, block_size)
+        layer = cls(base.in_features, base.out_features, bias=base.bias is not None,
+                    double_quant=base.double_quant, compute_dtype=base.compute_dtype,
+                    weight_dtype=base.weight_dtype, device="meta")
+        layer.set_nf4(base.nf4)
+        layer.bias = base.bias
+        dtype = _check_dtype(block_dtype or base.compute_dtype, "block_dtype")
+        layer._install_blocks(layout, dtype)
+        return layer
+
+    def _install_blocks(self, layout: BlockLayout, dtype: torch.dtype) -> None:
+        device = self.weight_packed.device
+        self.block_size = layout.block_size
+        self.register_buffer("block_indices", layout.indices.to(device))
+        # derived from block_indices (not saved); rebuilt after load_state_dict
+        self._derive_index(layout)
+        # fp32 dequantization rounded once to the block dtype: the overlay then reproduces the base exactly
+        w = torch.empty(self.nf4.shape, device=device, dtype=torch.float32)
+        dequantize_overlay_torch(self.nf4, w)
+        self.block_weight = nn.Parameter(
+            torch_blocks.extract_blocks(w, self.block_indices, layout.block_size).to(dtype).contiguous())
+        self.register_load_state_dict_post_hook(_rebuild_index)
+
+    def _derive_index(self, layout: BlockLayout) -> None:
+        device = self.weight_packed.device
+        self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
+        self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
+        self.register_buffer("block_map", block_slot_map(self.block_indices, self.nf4.shape, layout.block_size),
+                             persistent=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block_indices.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_block_linear(x, self.nf4, self.compute_dtype, self.bias, self.block_weight, self.block_indices,
+                                self.block_map, self.col_blocks, self.col_slot, self.block_size)
+
+    def _overlay(self, q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+        return dequantize_overlay_torch(q, out, self.block_weight.detach(), self.block_indices)
+
+    def trainable_elements(self) -> int:
+        """Weight elements the blocks cover (clipped edge blocks counted clipped)."""
+        return covered_elements(self.block_indices.cpu(), self.out_features, self.in_features, self.block_size)
+
+    def extra_repr(self) -> str:
+        pct = 100.0 * self.trainable_elements() / (self.out_features * self.in_features)
+        return (f"{super().extra_repr()}, block_size={self.block_size}, num_blocks={self.num_blocks} "
+                f"({pct:.2f}% of the weight), block_dtype={self.block_weight.dtype}")
+
+
+def _rebuild_index(layer: NF4SparseBlockLinear, incompatible_keys) -> None:
+    layout = BlockLayout.build(layer.block_indices.cpu(), layer.out_features, layer.in_features, layer.block_size)
+    layer._derive_index(layout)

@@ -1,0 +1,94 @@
+"""The autograd operator of a linear layer on a frozen NF4 weight, with optional trainable b×b blocks.
+
+Forward: dequantize the weight with the current blocks in place into the shared buffer, y = x·Wᵀ + bias, keep
+only the input block-columns the blocks read. Backward: the block gradients from those columns
+(``block_weight_grad``, unchanged from the bf16 layer) and dX = dY·W with W dequantized into the buffer again,
+so no dequantized weight outlives a call. Gradient checkpointing only re-runs the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from smt_kernels.quant.buffers import shared_buffer
+from smt_kernels.quant.dequant import kernels_for
+from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
+
+
+class _NF4BlockLinearFunction(torch.autograd.Function):
+    """y = x · (NF4 weight with blocks in place)ᵀ + bias in ``compute_dtype``; gradients for x and block_weight."""
+
+    @staticmethod
+    def forward(ctx, x, block_weight, bias, q, block_indices, block_map, col_blocks, col_slot, block_size,
+                compute_dtype):
+        kernels = kernels_for(x.device)
+        has_blocks = block_weight is not None and block_weight.shape[0] > 0
+        blocks = block_weight.detach() if has_blocks else None
+        w = kernels.dequantize_overlay(q, shared_buffer(x.device, q.shape, compute_dtype), blocks, block_indices,
+                                       block_map, block_size)
+        x_cols = None
+        if has_blocks and ctx.needs_input_grad[1]:
+            x_cols = kernels.gather_column_blocks(x.reshape(-1, x.shape[-1]), col_blocks, block_size)
+        y = F.linear(x, w, bias)
+        # block_weight is saved so that an in-place update before backward is caught by autograd
+        ctx.save_for_backward(x_cols, block_weight if has_blocks else None, block_indices, block_map, col_slot)
+        ctx.q, ctx.block_size, ctx.compute_dtype, ctx.kernels = q, block_size, compute_dtype, kernels
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_cols, block_weight, block_indices, block_map, col_slot = ctx.saved_tensors
+        grad_x = grad_blocks = None
+        if ctx.needs_input_grad[1]:
+            grad_blocks = ctx.kernels.block_weight_grad(
+                grad_out.reshape(-1, grad_out.shape[-1]), x_cols, block_indices, col_slot, ctx.block_size,
+                block_weight.dtype)
+        if ctx.needs_input_grad[0]:
+            blocks = block_weight.detach() if block_weight is not None else None
+            w = ctx.kernels.dequantize_overlay(ctx.q, shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype),
+                                               blocks, block_indices, block_map, ctx.block_size)
+            grad_x = grad_out.matmul(w)
+        return grad_x, grad_blocks, None, None, None, None, None, None, None, None
+
+
+def nf4_block_linear(
+    x: torch.Tensor,
+    q: NF4Weight,
+    compute_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    block_weight: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None,
+    col_blocks: torch.Tensor | None = None,
+    col_slot: torch.Tensor | None = None,
+    block_size: int = 0,
+) -> torch.Tensor:
+    """Linear layer on an NF4 weight, optionally with trainable blocks written over it.
+
+    Args:
+        x: (..., K) input, fp32/fp16/bf16. Cast to the compute dtype (the autocast dtype under ``torch.autocast``,
+            else ``compute_dtype``); outside autocast the output is cast back to x's dtype, as bitsandbytes does.
+        q: the frozen (N, K) weight.
+        bias: optional (N,), frozen.
+        block_weight: (n, b, b) trainable blocks, or None for a frozen layer; block_indices int64 (n, 2);
+            block_map int32 (ceil(N/b), ceil(K/b)) from ``block_slot_map``; col_blocks (u,) / col_slot (n,) as in
+            ``BlockLayout``; all on x's device.
+    Returns:
+        (..., N). Gradients flow to x and block_weight.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != q.shape[1]:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"input last dimension must be in_features={q.shape[1]}, got input of shape {got}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"input dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    if x.device != q.device:
+        raise ValueError(f"input is on {x.device} but the NF4 weight is on {q.device}")
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else compute_dtype
+    b = None if bias is None else bias.to(dtype)
+    args = (block_weight, b, q, block_indices, block_map, col_blocks, col_slot, block_size, dtype)
+    with torch.autocast(device_type, enabled=False):
+        y = _NF4BlockLinearFunction.apply(x.to(dtype), *args)
+    return y if autocast or y.dtype == x.dtype else y.to(x.dtype)
