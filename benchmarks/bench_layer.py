@@ -36,8 +36,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_ker
 from benchmarks import common  # noqa: E402
 from benchmarks.baselines import GatherBmmBlockLinear, PaperBlockLinear  # noqa: E402
 from smt_kernels import SparseBlockLinear  # noqa: E402
+from smt_kernels.kernels.backend import kernels, resolve_backend  # noqa: E402
 from smt_kernels.layout import BlockLayout  # noqa: E402
-from smt_kernels.ops import backend_for  # noqa: E402
 
 ALL_SHAPES = "4096x4096,1024x4096,14336x4096,4096x14336,11008x4096,4096x11008"
 ALL_TOKENS = "4096,16384,65536"
@@ -327,8 +327,8 @@ def run_kernel_bench(args, env: dict, device, dtype, sink: common.CsvSink) -> li
 
 
 def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: common.CsvSink) -> list[dict]:
-    kernels = backend_for(device)
-    backend = kernels.__name__.rsplit(".", 1)[-1].replace("_blocks", "")
+    backend = resolve_backend(device)
+    impl = kernels(backend)
     b, m = args.block_size, args.kernel_tokens
     grid = (-(-n_out // b), -(-n_in // b))
     base_row = {**env, "dtype": args.dtype, "block_size": b, "backend": backend, "shape": f"{n_out}x{n_in}",
@@ -367,9 +367,9 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: c
             continue
         lay = BlockLayout.build(make_layout("random", n, grid, args.seed), n_out, n_in, b)
         idx, slot = lay.indices.to(device), lay.col_slot.to(device)
-        xcols = [kernels.gather_column_blocks(x, lay.col_blocks.to(device), b) for x in xs]
+        xcols = [impl.gather_column_blocks(x, lay.col_blocks.to(device), b) for x in xs]
         flops = 2.0 * m * n * b * b
-        record(lambda i, xcols=xcols, idx=idx, slot=slot: kernels.block_weight_grad(
+        record(lambda i, xcols=xcols, idx=idx, slot=slot: impl.block_weight_grad(
             dys[i % count], xcols[i % count], idx, slot, b, dtype),
             flops, ref, method="block_weight_grad", n_blocks=n, notes=f"smt_kernels {backend} backend")
         # torch's best effort on the same work: operands gathered beforehand (untimed), one bmm

@@ -7,7 +7,8 @@ the (row_block, col_block) of every block, the sorted list of block-columns that
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,21 +42,35 @@ def covered_elements(indices: torch.Tensor, out_features: int, in_features: int,
     return int((rows * cols).sum())
 
 
+def _strict_int(value, k: int) -> int:
+    # no coercion: 0.5 -> 0, "1" -> 1 or True -> 1 would silently pick another block
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(f"block {k}: indices must be integers, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"block {k}: indices must be integers, got {value!r} ({type(value).__name__})") from None
+
+
 def _as_index_tensor(blocks: BlocksLike) -> torch.Tensor:
     if isinstance(blocks, torch.Tensor):
         if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
             raise TypeError(f"blocks tensor must have an integer dtype, got {blocks.dtype}")
         t = blocks.detach().to("cpu", torch.int64)
     else:
-        try:
-            rows = [tuple(int(v) for v in pair) for pair in blocks]
-        except TypeError as err:
+        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
             raise TypeError(
-                "blocks must be a sequence of (row_block, col_block) pairs or an int tensor of shape (n, 2)"
-            ) from err
-        bad = [r for r in rows if len(r) != 2]
-        if bad:
-            raise ValueError(f"each block must be a (row_block, col_block) pair, got {bad[0]!r}")
+                "blocks must be a sequence of (row_block, col_block) pairs or an int tensor of shape (n, 2), "
+                f"got {type(blocks).__name__}"
+            )
+        rows = []
+        for k, pair in enumerate(blocks):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable):
+                raise TypeError(f"blocks must be (row_block, col_block) pairs of ints; block {k} is {pair!r}")
+            values = tuple(pair)
+            if len(values) != 2:
+                raise ValueError(f"each block must be a (row_block, col_block) pair, got {pair!r}")
+            rows.append(tuple(_strict_int(v, k) for v in values))
         t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
     if t.dim() != 2 or t.shape[1] != 2:
         raise ValueError(f"blocks must have shape (n, 2), got {tuple(t.shape)}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smt_kernels.kernels import torch_blocks
+from smt_kernels.kernels.backend import extract_blocks, resolve_backend, scatter_blocks
 from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
-from smt_kernels.ops import SUPPORTED_DTYPES, sparse_block_linear
+from smt_kernels.ops import SUPPORTED_DTYPES, apply_sparse_block_linear, check_input, check_parameters
 
 
 class SparseBlockLinear(nn.Module):
@@ -18,7 +18,16 @@ class SparseBlockLinear(nn.Module):
         bias: (out_features,) or None, frozen.
         block_weight: (n, b, b), the only trainable tensor. Entries past the weight's edge (clipped edge
             blocks) are zero and receive zero gradient.
-        block_indices: int64 (n, 2), the (row_block, col_block) of each entry of ``block_weight``.
+        block_indices: int64 (n, 2), the (row_block, col_block) of each entry of ``block_weight``. Writing to
+            it (or assigning another tensor) is validated at the next eager forward, before any kernel runs.
+
+    Attributes:
+        layout: the validated ``BlockLayout`` (CPU), built once; rebuilt only when ``block_indices`` changes.
+        backend: kernel backend name ("triton"/"torch"), resolved when the layer is built or moved.
+        rescatter_in_backward: None (default: automatic, see ``ops.apply_sparse_block_linear``), or a bool.
+
+    ``state_dict()`` (and so ``save_pretrained``) writes the current blocks into ``weight`` first: a checkpoint
+    taken at any moment, e.g. right after ``optimizer.step()``, holds the trained dense weight.
     """
 
     def __init__(
@@ -45,9 +54,11 @@ class SparseBlockLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        self.rescatter_in_backward: bool | None = None
         self._install_blocks(layout)
         self.register_load_state_dict_pre_hook(_check_loaded_blocks)
         self.register_load_state_dict_post_hook(_rebuild_column_index)
+        self.register_state_dict_pre_hook(_write_blocks_into_weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocks: BlocksLike, block_size: int = 256) -> SparseBlockLinear:
@@ -79,25 +90,66 @@ class SparseBlockLinear(nn.Module):
         # derived from block_indices, so not saved in state_dict; rebuilt after load_state_dict
         self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
         self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
-        self.block_weight = nn.Parameter(
-            torch_blocks.extract_blocks(self.weight.detach(), self.block_indices, layout.block_size)
-        )
+        self.block_weight = nn.Parameter(extract_blocks(self.weight.detach(), self.block_indices, layout.block_size))
+        self._adopt_layout(layout)
+
+    def _adopt_layout(self, layout: BlockLayout) -> None:
+        # everything that does not change between calls, derived once: the layout, the backend, the check that
+        # the indices are the ones validated (tensor identity and version counter)
+        self.layout = layout
+        self.backend = resolve_backend(self.weight.device)
+        self._indices_seen = (self.block_indices, self.block_indices._version)
+        check_parameters(self.weight, self.block_weight, self.bias, self.block_indices, self.block_size)
+
+    def _refresh_layout(self) -> None:
+        """Validate ``block_indices`` after it was written or replaced, and derive the column index again."""
+        idx = self.block_indices
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2 or idx.shape[1] != 2:
+            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"block_indices must be an int64 (n, 2) tensor, got {got}")
+        if idx.device != self.weight.device:
+            raise ValueError(f"block_indices is on {idx.device} but the weight is on {self.weight.device}")
+        layout = BlockLayout.build(idx.cpu(), self.out_features, self.in_features, self.block_size)
+        if not idx.is_contiguous():
+            self.block_indices = idx = idx.contiguous()
+        self.col_blocks = layout.col_blocks.to(idx.device)
+        self.col_slot = layout.col_slot.to(idx.device)
+        self._adopt_layout(layout)
+
+    def _apply(self, fn, *args, **kwargs):
+        # a move to another device (or dtype) may change the backend; the indices keep their values
+        out = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "layout"):
+            self.backend = resolve_backend(self.weight.device)
+            self._indices_seen = (self.block_indices, self.block_indices._version)
+        return out
 
     @property
     def num_blocks(self) -> int:
         return int(self.block_indices.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_block_linear(
+        if not torch.compiler.is_compiling():
+            seen, version = self._indices_seen
+            if self.block_indices is not seen or seen._version != version:
+                self._refresh_layout()
+            check_input(x, self.weight)
+        bw = self.block_weight.shape
+        if bw[0] != self.block_indices.shape[0] or bw[1] != self.block_size:
+            raise ValueError(
+                f"block_weight must have shape ({self.block_indices.shape[0]}, {self.block_size}, "
+                f"{self.block_size}), got {tuple(bw)}"
+            )
+        return apply_sparse_block_linear(
             x, self.weight, self.block_weight, self.block_indices, self.col_blocks, self.col_slot,
-            self.block_size, self.bias,
+            self.block_size, self.bias, self.backend, self.rescatter_in_backward,
         )
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """A new (out_features, in_features) tensor: the frozen weight with the current blocks in place."""
         w = self.weight.detach().clone()
-        torch_blocks.scatter_blocks(w, self.block_weight.detach(), self.block_indices)
+        scatter_blocks(w, self.block_weight.detach(), self.block_indices)
         return w
 
     @torch.no_grad()
@@ -133,7 +185,13 @@ def _check_loaded_blocks(layer: SparseBlockLinear, state_dict, prefix, *unused) 
 
 def _rebuild_column_index(layer: SparseBlockLinear, incompatible_keys) -> None:
     # a loaded state may carry other blocks (the same number of them): derive the column index again
-    layout = BlockLayout.build(layer.block_indices.cpu(), layer.out_features, layer.in_features, layer.block_size)
-    device = layer.block_indices.device
-    layer.col_blocks = layout.col_blocks.to(device)
-    layer.col_slot = layout.col_slot.to(device)
+    layer._refresh_layout()
+
+
+def _write_blocks_into_weight(layer: SparseBlockLinear, prefix, keep_vars) -> None:
+    # the blocks reach the weight at each forward; a state_dict taken after an optimizer step must not be one
+    # step stale. Sharded (DTensor) or meta weights are left alone: distributed.py gathers and merges those.
+    w = layer.weight
+    if type(w.data) is torch.Tensor and not w.is_meta and layer.block_indices.shape[0]:
+        with torch.no_grad():
+            scatter_blocks(w.data, layer.block_weight.detach(), layer.block_indices)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from smt_kernels.kernels import triton_blocks
+from smt_kernels.kernels import launcher, triton_blocks
 from smt_kernels.layout import BlockLayout
 
 INTS = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1, 2**40]
@@ -25,7 +25,7 @@ def _triton_specialisation():
 def test_arg_key_at_least_as_fine_as_triton_for_ints():
     spec = _triton_specialisation()
     for a, b in itertools.combinations(INTS, 2):
-        if triton_blocks._arg_key(a) == triton_blocks._arg_key(b):
+        if launcher._arg_key(a) == launcher._arg_key(b):
             assert spec(a) == spec(b), (a, b)
 
 
@@ -34,15 +34,15 @@ def test_arg_key_at_least_as_fine_as_triton_for_tensors():
     base = torch.zeros(64, dtype=torch.float32)
     views = [base[i:] for i in range(8)] + [base.to(torch.bfloat16)[i:] for i in range(10)]
     for a, b in itertools.combinations(views, 2):
-        if triton_blocks._arg_key(a) == triton_blocks._arg_key(b):
+        if launcher._arg_key(a) == launcher._arg_key(b):
             assert spec(a) == spec(b)
 
 
 def test_arg_key_tells_apart_dtype_and_alignment():
     x = torch.zeros(64, dtype=torch.float16)
-    assert triton_blocks._arg_key(x) != triton_blocks._arg_key(x[1:])
-    assert triton_blocks._arg_key(x) != triton_blocks._arg_key(x.to(torch.float32))
-    assert triton_blocks._arg_key(True) != triton_blocks._arg_key(1)
+    assert launcher._arg_key(x) != launcher._arg_key(x[1:])
+    assert launcher._arg_key(x) != launcher._arg_key(x.to(torch.float32))
+    assert launcher._arg_key(True) != launcher._arg_key(1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launch runs compiled kernels (CUDA only)")

@@ -65,13 +65,17 @@ def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indic
     if grid is not None:
         grid[block_indices[:, 0], :, block_indices[:, 1], :] = block_weight.to(weight.dtype)
         return
-    # clipped edge blocks: element indices with a mask (the boolean selection waits for the device on CUDA)
-    rows, row_ok = _block_index(block_indices[:, 0], b, weight.shape[0])
-    cols, col_ok = _block_index(block_indices[:, 1], b, weight.shape[1])
-    keep = (row_ok.view(n, b, 1) & col_ok.view(n, 1, b))
-    r = rows.view(n, b, 1).expand(n, b, b)[keep]
-    c = cols.view(n, 1, b).expand(n, b, b)[keep]
-    weight[r, c] = block_weight[keep].to(weight.dtype)
+    # clipped edge blocks: element indices clamped to the edge, and the source clamped the same way, so every
+    # write that lands on an edge element carries that element's own value (duplicate writes agree); no boolean
+    # mask, hence no device sync and no data-dependent shape (CUDA graphs, torch.compile)
+    rows, _ = _block_index(block_indices[:, 0], b, weight.shape[0])
+    cols, _ = _block_index(block_indices[:, 1], b, weight.shape[1])
+    rows, cols = rows.view(n, b), cols.view(n, b)
+    src_r = rows - block_indices[:, :1] * b
+    src_c = cols - block_indices[:, 1:] * b
+    k = torch.arange(n, device=block_weight.device).view(n, 1, 1)
+    vals = block_weight[k, src_r.view(n, b, 1), src_c.view(n, 1, b)]
+    weight[rows.view(n, b, 1), cols.view(n, 1, b)] = vals.to(weight.dtype)
 
 
 def scatter_blocks_and_gather_columns(

@@ -12,114 +12,15 @@ Shapes: tokens M, weight N×K (out × in), block size b, n blocks, u distinct bl
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from smt_kernels.kernels.launcher import DirectLauncher, interpreting
+
 # elements one program of the copy kernels moves: enough to amortise its start, small enough for many programs
 _COPY_TILE_ELEMENTS = 8192
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET, read when this module is imported)."""
-    return _INTERPRETING
-
-
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _arg_key(arg) -> tuple:
-    # at least as fine as Triton's own specialisation: dtype and 16-byte alignment of tensors; for integers
-    # ==1, divisibility by 16 and 32/64-bit width
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if isinstance(arg, int) and not isinstance(arg, bool):
-        return (arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31)
-    return (type(arg), arg)
-
-
-class DirectLauncher:
-    """``launch(grid, *args, **meta)`` == ``kernel[grid](*args, **meta)``, with less host time per call.
-
-    Triton's ``JITFunction.run`` re-derives every argument's specialisation, hashes it and reads its settings on
-    each call (17 µs of host time for a no-op kernel on one H200 machine we measured, 45–60 µs on another: as
-    much as the small kernels take on the GPU; 13 µs through this class on the first). Here the compiled kernel
-    a JIT call returned is kept under a key at least as fine as Triton's (``_arg_key``, the constexpr/launch
-    options, the current device) and launched through its launcher directly.
-    A new key goes through the JIT once; so does every launch while a launch hook (a profiler) is installed.
-    ``SMT_KERNELS_DIRECT_LAUNCH=0``, the interpreter, or a Triton whose compiled kernels cannot be launched this
-    way fall back to the plain JIT call.
-    """
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.compiled: dict[tuple, tuple] = {}
-        self.enabled = os.environ.get("SMT_KERNELS_DIRECT_LAUNCH", "1") != "0"
-        self.checked = False  # one direct launch went through
-
-    def __call__(self, grid: tuple[int, ...], *args, **meta) -> None:
-        if not self.enabled or _INTERPRETING:
-            self.kernel[grid](*args, **meta)
-            return
-        device = torch.cuda.current_device()
-        key = (device, tuple(meta.items()), *map(_arg_key, args))
-        hit = self.compiled.get(key)
-        enter, leave = _launch_hooks()
-        if hit is None or _hooks_active(enter, leave):
-            compiled = self.kernel[grid](*args, **meta)
-            if hit is None:
-                self._remember(key, compiled, args, meta)
-            return
-        run, function, packed_metadata, constexprs = hit
-        stream = _current_stream(device)
-        if self.checked:
-            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
-                packed_metadata, None, enter, leave, *args, *constexprs)
-            return
-        try:
-            run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
-                packed_metadata, None, enter, leave, *args, *constexprs)
-        except TypeError:
-            # the compiled kernel's launcher takes other arguments in this Triton: use the JIT from now on
-            self.enabled = False
-            self.kernel[grid](*args, **meta)
-            return
-        self.checked = True
-
-    def _remember(self, key: tuple, compiled, args: tuple, meta: dict) -> None:
-        # the launcher takes every parameter in signature order, constexprs included
-        names = getattr(self.kernel, "arg_names", ())
-        constexprs = tuple(meta.get(names[i], _MISSING) for i in getattr(self.kernel, "constexprs", ()))
-        parts = [getattr(compiled, a, None) for a in ("run", "function", "packed_metadata")]
-        if _MISSING in constexprs or len(args) + len(constexprs) != len(names) or None in parts[:2]:
-            self.enabled = False  # a default constexpr, or a Triton this was not written for
-            return
-        self.compiled[key] = (*parts, constexprs)
-
-
-def _launch_hooks() -> tuple:
-    runtime = getattr(_knobs, "runtime", None)
-    return getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)
-
-
-def _hooks_active(*hooks) -> bool:
-    # Triton's hooks are None or a chain of callbacks (empty unless a profiler is attached)
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
-
-
-_knobs = getattr(triton, "knobs", None)
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _current_stream(device: int) -> int:
-    if _raw_stream is not None:
-        return _raw_stream(device)
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-_MISSING = object()
 
 
 @functools.lru_cache(maxsize=16)
@@ -148,7 +49,7 @@ def _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
     vals = tl.load(bw_ptr + blk * BLOCK_SIZE * BLOCK_SIZE + offs_r[:, None] * BLOCK_SIZE + offs_c[None, :])
     tl.store(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
              vals.to(w_ptr.dtype.element_ty),
-             mask=(rows < N)[:, None] & (cols < K)[None, :])
+             mask=((rows >= 0) & (rows < N))[:, None] & ((cols >= 0) & (cols < K))[None, :])
 
 
 @triton.jit
@@ -160,8 +61,9 @@ def _gather_tile(x_ptr, col_blocks_ptr, xc_ptr, M, K, stride_xm, stride_xk, stri
     col_block = tl.load(col_blocks_ptr + slot)
     src_cols = col_block * BLOCK_SIZE + offs_c
     m_mask = offs_m < M
+    # both bounds: a corrupted column index must read nothing rather than memory before x
     vals = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_cols[None, :] * stride_xk,
-                   mask=m_mask[:, None] & (src_cols < K)[None, :], other=0.0)
+                   mask=m_mask[:, None] & ((src_cols >= 0) & (src_cols < K))[None, :], other=0.0)
     tl.store(xc_ptr + offs_m[:, None] * stride_cm + (slot * BLOCK_SIZE + offs_c)[None, :], vals,
              mask=m_mask[:, None])
 
@@ -270,7 +172,7 @@ def _block_grad_tile(
     slot = tl.load(slot_ptr + blk)
     rows = (row_block * BLOCK_SIZE + offs_r).to(tl.int64)
     cols = (slot * BLOCK_SIZE + offs_c).to(tl.int64)
-    row_mask = rows < N
+    row_mask = (rows >= 0) & (rows < N)
 
     m_start = pid_split * tokens_per_split
     m_end = tl.minimum(m_start + tokens_per_split, M)
