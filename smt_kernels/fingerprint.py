@@ -1,0 +1,87 @@
+"""Fingerprints of a base model's weights: which checkpoint a set of trained blocks belongs to.
+
+``save_blocks`` stores one, ``load_blocks`` recomputes it on the model it loads onto and compares. A digest
+samples a fixed set of elements per tensor, so it is cheap on an 8B model and the same on any device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from smt_kernels.layout import num_blocks_along
+from smt_kernels.module import SparseBlockLinear
+from smt_kernels.patch import canonical_selection
+
+# elements sampled per tensor: enough that another checkpoint (or another fine-tune of the same one) differs
+# somewhere in the sample, cheap enough for an 8B model in seconds
+FINGERPRINT_SAMPLES = 4096
+
+
+def block_mask(blocks: Sequence[Sequence[int]], shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """Bool (R, C) grid over the b×b blocks of a ``shape`` weight, True at ``blocks``."""
+    grid = torch.zeros(num_blocks_along(shape[0], block_size), num_blocks_along(shape[1], block_size), dtype=torch.bool)
+    if blocks:
+        idx = torch.tensor([list(p) for p in blocks], dtype=torch.int64)
+        grid[idx[:, 0], idx[:, 1]] = True
+    return grid
+
+
+@torch.no_grad()
+def base_fingerprint(
+    model: nn.Module, selection: Mapping[str, Sequence[Sequence[int]]], block_size: int
+) -> dict[str, str]:
+    """{state_dict key: digest} of every base tensor, the same for a patched and an unpatched model.
+
+    Each digest is a SHA-256 of the name, shape, dtype and ``FINGERPRINT_SAMPLES`` elements at fixed evenly
+    spaced positions (all elements of small tensors). Positions inside the selected blocks of a selected
+    weight are left out: training rewrites them in place, so only the weights outside the blocks identify
+    the base model. ``block_weight``/``block_indices`` of patched layers are not base tensors and are skipped.
+    """
+    sel = canonical_selection(selection)
+    skip = set()
+    for name, m in model.named_modules():
+        if isinstance(m, SparseBlockLinear):
+            skip.update({f"{name}.block_weight", f"{name}.block_indices"})
+    out = {}
+    for key, t in model.state_dict().items():
+        if key in skip:
+            continue
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        pos = torch.arange(min(n, FINGERPRINT_SAMPLES), dtype=torch.int64)
+        if n > FINGERPRINT_SAMPLES:  # evenly spaced, first and last included; integer maths, no float rounding
+            pos = pos * (n - 1) // (FINGERPRINT_SAMPLES - 1)
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if module in sel and t.dim() == 2:
+            grid = block_mask(sel[module], tuple(t.shape), block_size)
+            rows, cols = pos // t.shape[1], pos % t.shape[1]
+            pos = pos[~grid[rows // block_size, cols // block_size]]
+        vals = flat[pos.to(flat.device)].cpu().contiguous()
+        h = hashlib.sha256(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(vals.view(torch.uint8).numpy().tobytes() if vals.numel() else b"")
+        out[key] = h.hexdigest()[:32]
+    return out
+
+
+def compare_fingerprints(saved: Mapping[str, str], now: Mapping[str, str]) -> None:
+    """Raise ValueError naming the tensors that differ, are missing or are new; return if all digests match."""
+    missing = [k for k in saved if k not in now]
+    extra = [k for k in now if k not in saved]
+    differ = [k for k in saved if k in now and saved[k] != now[k]]
+    if missing or extra or differ:
+        parts = []
+        if differ:
+            parts.append(f"{len(differ)} base tensors differ, e.g. {differ[:4]}")
+        if missing:
+            parts.append(f"{len(missing)} saved tensors are missing from the model, e.g. {missing[:4]}")
+        if extra:
+            parts.append(f"{len(extra)} model tensors were not in the saved base model, e.g. {extra[:4]}")
+        raise ValueError(
+            "the blocks were trained on a different base model: "
+            + "; ".join(parts)
+            + " (pass strict=False to load anyway)"
+        )
