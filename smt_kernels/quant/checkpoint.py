@@ -1,0 +1,246 @@
+"""Big checkpoints, shard by shard: load a sharded 16-bit Hugging Face directory straight into a 4-bit model, and
+fold trained SMT blocks into the original 16-bit checkpoint.
+
+Neither ever holds more than one tensor (loading) or one shard (folding) of the 16-bit checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from smt_kernels.kernels import torch_blocks
+from smt_kernels.layout import BlockLayout
+from smt_kernels.quant.model import ALWAYS_SKIPPED, _matches
+from smt_kernels.quant.module import NF4Linear
+from smt_kernels.quant.nf4 import quantize_nf4
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_shards(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint directory, in index order (or the single file)."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in dict.fromkeys(weight_map.values())]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE} (only safetensors "
+                            "checkpoints are read)")
+
+
+def _shell_model(directory: Path, compute_dtype: torch.dtype, skip: Sequence[str], double_quant: bool,
+                 model_class) -> nn.Module:
+    """The model with every parameter on the meta device (no memory), NF4Linear shells in place of the targets."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    cls = model_class or AutoModelForCausalLM
+    # buffers (rotary inv_freq) are computed at construction and not saved: keep them real
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, torch_dtype=compute_dtype)
+    modules = dict(model.named_modules())
+    for name, m in list(modules.items()):
+        if isinstance(m, nn.Linear) and not _matches(name, ALWAYS_SKIPPED) and not _matches(name, skip):
+            shell = NF4Linear(m.in_features, m.out_features, bias=m.bias is not None, double_quant=double_quant,
+                              compute_dtype=compute_dtype, device="meta")
+            parent, _, attr = name.rpartition(".")
+            setattr(modules[parent] if parent else model, attr, shell)
+    return model
+
+
+@torch.no_grad()
+def load_nf4_pretrained(
+    directory: str | os.PathLike,
+    device: torch.device | str = "cuda",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: Sequence[str] = (),
+    double_quant: bool = True,
+    model_class=None,
+) -> nn.Module:
+    """Load a (sharded) 16-bit Hugging Face safetensors checkpoint as a model whose linears are ``NF4Linear``.
+
+    Tensors are read one at a time from each shard (memory-mapped), moved to ``device`` and, for the linears,
+    quantized there; so the 16-bit model is never whole in CPU or GPU memory (peak: the 4-bit model plus one
+    16-bit tensor and its quantization temporaries). Every linear except ``lm_head`` and ``skip`` is quantized
+    (the same choice as ``quantize_base``); everything else is kept in ``compute_dtype``.
+
+    Args:
+        model_class: the transformers class to build (default ``AutoModelForCausalLM``); needs ``accelerate``.
+    Returns:
+        the model in eval mode, on ``device``; equal, bit for bit, to ``quantize_base`` applied to the model
+        loaded in full.
+    """
+    directory = Path(directory)
+    device = torch.device(device)
+    shards = checkpoint_shards(directory)
+    model = _shell_model(directory, compute_dtype, skip, double_quant, model_class)
+    modules = dict(model.named_modules())
+    expected = set(model.state_dict())
+    nf4_weights = {f"{n}.weight": m for n, m in modules.items() if isinstance(m, NF4Linear)}
+    # an NF4 layer's weight arrives as one checkpoint tensor but lives in several buffers
+    expected -= {f"{n}.{b}" for n, m in modules.items() if isinstance(m, NF4Linear) for b, _ in m.named_buffers()}
+    expected |= set(nf4_weights)
+    seen, unexpected = set(), []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                t = f.get_tensor(key).to(device)
+                if key in nf4_weights:
+                    layer = nf4_weights[key]
+                    layer.set_nf4(quantize_nf4(t, double_quant=double_quant))
+                else:
+                    _assign(model, key, t if not t.is_floating_point() else t.to(compute_dtype))
+                del t
+                seen.add(key)
+        logger.info("load_nf4_pretrained: %s done (%d/%d tensors)", shard.name, len(seen), len(expected))
+    tied = _tie(model)
+    missing = sorted(expected - seen - tied)
+    if missing:
+        raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. "
+                         f"{missing[:5]}")
+    if unexpected:
+        logger.warning("load_nf4_pretrained: %d checkpoint tensors the model does not use, e.g. %s",
+                       len(unexpected), unexpected[:3])
+    for name, buf in list(model.named_buffers()):
+        if buf.device != device:
+            _assign(model, name, buf.to(device), buffer=True)
+    return model.eval()
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor, buffer: bool = False) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if buffer or attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        # an NF4 layer's bias is frozen like its weight
+        trainable = value.is_floating_point() and not isinstance(owner, NF4Linear)
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=trainable)
+
+
+def _tie(model: nn.Module) -> set[str]:
+    """Tie the output embedding to the input one when the config says so; returns the keys that tying filled."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return set()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or isinstance(out, NF4Linear):
+        return set()
+    out.weight = inp.weight
+    name = next(n for n, m in model.named_modules() if m is out)
+    return {f"{name}.weight"}
+
+
+# ------------------------------------------------------------------------------------------------ fold blocks
+
+BlocksLike = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_block_file(path: str | os.PathLike) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(block_size, {module: (block_indices int64 (n, 2), block_weight (n, b, b))}) of a ``save_blocks`` directory,
+    with all of the block-file checks (checksum, layout, names, shapes)."""
+    from smt_kernels import block_files
+
+    path = Path(path)
+    manifest = block_files._read_manifest(path)
+    tensors = block_files._read_tensors(path, manifest)
+    blocks = {name: (torch.tensor(v["blocks"], dtype=torch.int64).reshape(-1, 2), tensors[f"{name}.block_weight"])
+              for name, v in manifest.modules.items()}
+    return manifest.block_size, blocks
+
+
+@torch.no_grad()
+def fold_blocks_into_checkpoint(
+    blocks: str | os.PathLike | BlocksLike,
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    block_size: int | None = None,
+) -> Path:
+    """Write a copy of a 16-bit Hugging Face checkpoint with trained SMT blocks written into its weights.
+
+    SMT stores absolute block values, so this is exact (in the checkpoint's dtype): the result is the original
+    model with only the trained blocks changed, whatever base (bf16 or NF4) they were trained on.
+
+    Args:
+        blocks: a directory written by ``save_blocks``, or {module name: (block_indices (n, 2), block_weight
+            (n, b, b))} with ``block_size``.
+        checkpoint_dir: the original checkpoint (``model.safetensors``, or shards and their index JSON).
+        out_dir: where the folded checkpoint goes (created; must not be checkpoint_dir). Every other file of the
+            checkpoint (config, tokenizer, index) is copied unchanged.
+    One shard is in memory at a time. Raises ValueError, before writing any shard, if a module of the blocks is
+    not in the checkpoint or its weight shape does not fit the blocks.
+    """
+    if isinstance(blocks, (str, os.PathLike)):
+        file_block_size, blocks = read_block_file(blocks)
+        if block_size is not None and block_size != file_block_size:
+            raise ValueError(f"block_size={block_size} but the block file has block_size {file_block_size}")
+        block_size = file_block_size
+    if block_size is None:
+        raise ValueError("block_size is needed when blocks are given as a mapping")
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise ValueError("out_dir must differ from checkpoint_dir (the original checkpoint is kept)")
+    shards = checkpoint_shards(checkpoint_dir)
+    # plan: which shard holds each weight, and do the blocks fit it (headers only, nothing loaded)
+    where, problems = {}, []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight") and key[: -len(".weight")] in blocks:
+                    where[key[: -len(".weight")]] = (shard, tuple(f.get_slice(key).get_shape()))
+    for name, (indices, weight) in blocks.items():
+        if name not in where:
+            problems.append(f"{name!r}: no {name}.weight in the checkpoint")
+            continue
+        shape = where[name][1]
+        try:
+            if len(shape) != 2:
+                raise ValueError(f"the checkpoint's weight has shape {shape}")
+            BlockLayout.build(indices, shape[0], shape[1], block_size)
+        except (TypeError, ValueError) as err:
+            problems.append(f"{name!r}: {err}")
+        if tuple(weight.shape) != (indices.shape[0], block_size, block_size):
+            problems.append(f"{name!r}: block_weight {tuple(weight.shape)} does not match {indices.shape[0]} blocks "
+                            f"of {block_size}×{block_size}")
+    if problems:
+        raise ValueError(f"the blocks do not fit the checkpoint in {checkpoint_dir}; nothing was written:\n"
+                         + "\n".join(f"  - {p}" for p in problems[:10]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_names = {s.name for s in shards}
+    for item in checkpoint_dir.iterdir():
+        if item.name not in shard_names and item.is_file():
+            shutil.copy2(item, out_dir / item.name)
+    for shard in shards:
+        targets = [n for n, (s, _) in where.items() if s == shard]
+        if not targets:
+            shutil.copy2(shard, out_dir / shard.name)
+            continue
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(shard))
+        for name in targets:
+            indices, weight = blocks[name]
+            torch_blocks.scatter_blocks(tensors[f"{name}.weight"], weight, indices)
+        save_file(tensors, str(out_dir / shard.name), metadata=metadata or {"format": "pt"})
+        del tensors
+        logger.info("fold_blocks_into_checkpoint: %s (%d modules)", shard.name, len(targets))
+    return out_dir

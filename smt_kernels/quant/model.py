@@ -1,0 +1,197 @@
+"""Model-level NF4: quantize a model's linears, make chosen blocks of them trainable, and merge back.
+
+``quantize_base`` turns every ``nn.Linear`` except ``lm_head`` (and ``skip``) into a frozen ``NF4Linear``;
+bitsandbytes ``Linear4bit`` layers (a model transformers loaded with ``load_in_4bit``) are taken over without
+requantizing. ``patch_nf4`` swaps selected ``NF4Linear`` modules for ``NF4SparseBlockLinear`` and freezes
+everything else (the ``patch`` of a 4-bit model); ``merge_nf4`` gives plain ``nn.Linear`` layers back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from smt_kernels.layout import BlockLayout, check_block_size
+from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
+from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ATTR = "smt_config"  # the attribute smt_kernels.patch keeps its record in; the same record here
+ALWAYS_SKIPPED = ("lm_head",)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    # a pattern names a module fully ("model.layers.0.mlp.down_proj") or by its last parts ("mlp.down_proj")
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_bnb_linear4bit(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+
+
+def nf4_from_bnb(module: nn.Module) -> NF4Weight:
+    """The ``NF4Weight`` of a bitsandbytes ``Linear4bit`` (packed bytes and quant state, no requantization)."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise ValueError("this bitsandbytes Linear4bit has no quant_state (it was never moved to a device, so it is "
+                         "not quantized yet); call .to(device) on the model first")
+    if state.quant_type != "nf4" or state.blocksize != 64:
+        raise ValueError(f"only NF4 with blocksize 64 is supported, the layer has quant_type={state.quant_type!r} "
+                         f"blocksize={state.blocksize}")
+    packed = weight.data.reshape(-1)
+    if packed.dtype != torch.uint8:  # quant_storage other than uint8: the same bytes
+        packed = packed.view(torch.uint8)
+    shape = tuple(int(s) for s in state.shape)
+    q = NF4Weight(packed=packed, shape=shape, dtype=state.dtype)
+    if state.nested:
+        if state.state2.blocksize != 256:
+            raise ValueError(f"double-quantized absmax in groups of {state.state2.blocksize}; only 256 is supported")
+        q.absmax_q = state.absmax.reshape(-1)
+        q.absmax_scale = state.state2.absmax.float().reshape(-1)
+        q.absmax_offset = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(())
+        q.absmax_code = state.state2.code.float().to(packed.device)
+    else:
+        q.absmax = state.absmax.float().reshape(-1)
+    return q.check()
+
+
+def quantize_base(
+    model: nn.Module,
+    method: str = "nf4",
+    skip: Sequence[str] = (),
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` (and bitsandbytes ``Linear4bit``) except ``lm_head`` and ``skip`` by a frozen
+    ``NF4Linear``, quantizing on the layer's own device (a GPU quantizes fast); returns the same model.
+
+    Args:
+        method: "nf4" (the only format).
+        skip: module names (full, or trailing parts such as "down_proj") to leave alone.
+        double_quant: quantize the absmax scales to 8 bits (QLoRA's default).
+        compute_dtype: dtype of the forward/backward GEMMs; default each linear's dtype (bitsandbytes layers:
+            their ``compute_dtype``).
+    Layers are replaced one at a time, so the peak is one layer's temporaries above the model.
+    """
+    if method != "nf4":
+        raise ValueError(f"quantize_base supports method='nf4' only, got {method!r}")
+    if compute_dtype is not None and compute_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, float16 or bfloat16")
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        raise ValueError("the model is already patched for SMT; quantize the base before patching")
+    targets = [(n, m) for n, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or _is_bnb_linear4bit(m)) and not _matches(n, ALWAYS_SKIPPED)
+               and not _matches(n, skip)]
+    bad = [f"{n} ({m.weight.dtype})" for n, m in targets
+           if isinstance(m, nn.Linear) and m.weight.dtype not in SUPPORTED_DTYPES]
+    if bad:
+        raise TypeError(f"quantize_base: these linears are not float32/float16/bfloat16: {bad[:5]}")
+    modules = dict(model.named_modules())
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    for name, m in targets:
+        if _is_bnb_linear4bit(m):
+            dtype = compute_dtype or getattr(m, "compute_dtype", None) or torch.bfloat16
+            new = NF4Linear.from_nf4(nf4_from_bnb(m), m.bias, dtype)
+        else:
+            new = NF4Linear.from_linear(m, double_quant=double_quant, compute_dtype=compute_dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, new)
+    after = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        m.nbytes() for m in model.modules() if isinstance(m, NF4Linear))
+    logger.info("quantize_base: %d linears to NF4 (double_quant=%s); parameters %.1f MB -> %.1f MB",
+                len(targets), double_quant, before / 1e6, after / 1e6)
+    return model
+
+
+def nf4_modules(model: nn.Module, trainable: bool | None = None) -> dict[str, NF4Linear]:
+    """``{name: module}`` of the NF4 layers; ``trainable=True`` only NF4SparseBlockLinear, False only frozen ones."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)
+            and (trainable is None or isinstance(m, NF4SparseBlockLinear) == trainable)}
+
+
+def patch_nf4(
+    model: nn.Module,
+    selection: Mapping[str, Sequence[Sequence[int]]],
+    block_size: int,
+    block_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Make the selected blocks of a ``quantize_base``-d model trainable; everything else is frozen.
+
+    Args:
+        selection: {module name: [(row_block, col_block), ...]}, each name an ``NF4Linear`` (empty lists ignored).
+        block_size: b, a power of two in [16, 256].
+        block_dtype: dtype of the trainable blocks; default each layer's compute dtype.
+    Returns:
+        the same model; ``model.smt_config`` records block size, selection and the previous ``requires_grad``
+        flags, as ``smt_kernels.patch`` does. Raises ValueError naming every bad entry before changing anything.
+    """
+    check_block_size(block_size)
+    if getattr(model, CONFIG_ATTR, None) is not None or nf4_modules(model, trainable=True):
+        raise ValueError("the model is already patched for SMT; merge_nf4(model) first")
+    modules = dict(model.named_modules())
+    problems, plans = [], []
+    for name, blocks in selection.items():
+        blocks = blocks.tolist() if isinstance(blocks, torch.Tensor) else list(blocks)
+        if not blocks:
+            continue
+        m = modules.get(name)
+        if not isinstance(m, NF4Linear):
+            what = "no such module" if m is None else f"is a {type(m).__name__}, not an NF4Linear"
+            hint = " (quantize_base(model) first)" if isinstance(m, nn.Linear) else ""
+            problems.append(f"{name!r}: {what}{hint}")
+            continue
+        try:
+            plans.append((name, BlockLayout.build(blocks, m.out_features, m.in_features, block_size)))
+        except (TypeError, ValueError) as err:
+            problems.append(f"{name!r}: {err}")
+    if problems:
+        raise ValueError(f"the selection does not fit this 4-bit {type(model).__name__} (block_size {block_size}); "
+                         "nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems[:10]))
+    if not plans:
+        raise ValueError("the selection selects no blocks")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layout in plans:
+        parent, _, attr = name.rpartition(".")
+        owner = modules[parent] if parent else model
+        new = NF4SparseBlockLinear.from_nf4_linear(getattr(owner, attr), layout.indices, block_size, block_dtype)
+        setattr(owner, attr, new)
+    setattr(model, CONFIG_ATTR, {"block_size": block_size,
+                                 "selection": {n: layout.to_list() for n, layout in plans},
+                                 "requires_grad": flags})
+    n_blocks = sum(layout.num_blocks for _, layout in plans)
+    logger.info("patch_nf4: %d modules, %d blocks of %d×%d", len(plans), n_blocks, block_size, block_size)
+    return model
+
+
+@torch.no_grad()
+def merge_nf4(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
+    """Fold the trained blocks back: every ``NF4SparseBlockLinear`` becomes a plain ``nn.Linear`` in its compute
+    dtype (dequantized base with the blocks in place). ``frozen="dequantize"`` (default) turns the frozen
+    ``NF4Linear`` layers into ``nn.Linear`` too, so the result is an ordinary model; ``frozen="keep"`` leaves
+    them 4-bit. Restores the ``requires_grad`` flags from before ``patch_nf4``; returns the same model.
+
+    This is lossy only in the base (the NF4 rounding of the original weights); to keep the original 16-bit base,
+    fold the saved blocks into the original checkpoint with ``fold_blocks_into_checkpoint``.
+    """
+    if frozen not in ("dequantize", "keep"):
+        raise ValueError(f"frozen must be 'dequantize' or 'keep', got {frozen!r}")
+    modules = dict(model.named_modules())
+    for name, m in nf4_modules(model).items():
+        if isinstance(m, NF4SparseBlockLinear) or frozen == "dequantize":
+            parent, _, attr = name.rpartition(".")
+            setattr(modules[parent] if parent else model, attr, m.to_linear())
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if cfg is not None:
+        flags = cfg.get("requires_grad", {})
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        delattr(model, CONFIG_ATTR)
+    return model
