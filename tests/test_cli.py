@@ -521,3 +521,61 @@ def test_quality_best_lr_picks_highest_mean_accuracy_then_lowest_loss(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     best_part = text.split("### Best")[1]
     assert "smt@0.01 lr=0.01" in best_part and "smt@0.01 lr=0.001" not in best_part
+
+
+# --------------------------------------------------------------------------------------------- checkpoint and resume
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@pytest.mark.parametrize("method", ["smt", "lora", "full"])
+def test_resume_equals_uninterrupted_run(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """4 steps in one run == 2 steps, a crash, and 2 more after --resume: the same losses and weights, bit for bit."""
+    from smt_kernels.finetune import loop
+
+    args = ["finetune", "--model", str(tiny_model_dir), "--method", method, *TINY_FOR[method], "--steps", "4",
+            "--eval-every", "2", "--save-merged", "--lr", "1e-2" if method != "full" else "1e-3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*args, "--output-dir", str(a), "--output-json", str(a / "r.json")]) == 0, capsys.readouterr().err
+
+    real_step = loop.TrainingRun._step
+
+    def crash_at_third_step(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(loop.TrainingRun, "_step", crash_at_third_step)
+    assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2"]) == 130
+    monkeypatch.undo()
+    assert (b / "checkpoint" / "state.pt").is_file() and not (b / "merged").exists()
+    assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2", "--resume", str(b / "checkpoint"),
+                 "--output-json", str(b / "r.json")]) == 0, capsys.readouterr().err
+
+    ra, rb = json.loads((a / "r.json").read_text()), json.loads((b / "r.json").read_text())
+    assert rb["resumed_from_step"] == 2 and ra["resumed_from_step"] is None
+    assert ra["loss_curve"] == rb["loss_curve"] and len(ra["loss_curve"]) == 4
+    assert ra["eval_loss_curve"] == rb["eval_loss_curve"]
+    assert ra["examples"] == rb["examples"]
+    wa, wb = _tensors(a / "merged" / "model.safetensors"), _tensors(b / "merged" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    base = _tensors(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(base[k], wa[k]) for k in base)  # training changed the model
+
+
+def test_resume_refuses_other_options(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["--model", str(tiny_model_dir), *TINY, "--output-dir", str(out), "--checkpoint-every", "1"]
+    assert main(["finetune", *args]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    _fails(capsys, [*args, "--resume", str(out / "checkpoint"), "--lr", "3e-3"],
+           "the checkpoint was made with --lr None, this run has 0.003")
+    _fails(capsys, [*args, "--resume", str(tmp_path / "nothing")], "no checkpoint there")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "state.pt").write_bytes(b"not a checkpoint")
+    _fails(capsys, [*args, "--resume", str(tmp_path / "junk")], "is not a readable checkpoint")

@@ -81,6 +81,7 @@ def run_finetune(
     # warm-up batches for selection: the same training data in another seeded order
     warmup = BatchStream(train_items, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + 1)
     select_batches = [next(warmup) for _ in range(cfg.select_batches)] if cfg.method == "smt" and not resume else []
+    torch.manual_seed(cfg.seed)  # LoRA's initialisation; the same in every run of this seed
     prepared = prepare_method(model, cfg, select_batches, device, resume.selection if resume else None)
     model = prepared.model.to(device)
     trainable = trainable_parameters(model)[0]
