@@ -319,3 +319,26 @@ def test_summary_and_heat_map(tmp_path, capsys):
     assert s2.trainable == s.trainable and s2.per_layer() == s.per_layer()
     with pytest.raises(ValueError, match="modules the model does not have"):
         summarize_selection(model, {"nope": [(0, 0)]}, block_size=B)
+
+
+@pytest.mark.parametrize("strategy", ["global", "per_matrix"])
+@pytest.mark.parametrize("budget", [{"ratio": 0.1}, {"ratio": 0.15}, {"ratio": 0.3}, {"num_blocks": 3}])
+def test_budget_elements_is_what_select_blocks_trains(strategy, budget):
+    """Known before any warm-up, and exact when the dimensions are multiples of b (q 64×64, k/v 32×64, b = 16)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    sel = select_blocks(model, make_batches(1), strategy=strategy, block_size=16, progress=False, **budget)
+    want = select_mod.budget_elements(model, strategy=strategy, block_size=16, **budget)
+    assert want == summarize_selection(model, sel).trainable
+
+
+def test_budget_elements_with_clipped_blocks_is_within_one_block():
+    model = tiny()  # b = 32: every matrix has clipped edge blocks
+    for strategy in ("global", "per_matrix"):
+        sel = select_blocks(model, make_batches(1), ratio=0.2, strategy=strategy, block_size=B, progress=False)
+        groups = 1 if strategy == "global" else 6
+        got = summarize_selection(model, sel).trainable
+        assert abs(select_mod.budget_elements(model, ratio=0.2, strategy=strategy, block_size=B) - got) < groups * B * B
+    with pytest.raises(ValueError, match="num_blocks=7 but model.layers.0.self_attn.k_proj has only 6 blocks"):
+        select_mod.budget_elements(model, num_blocks=7, strategy="per_matrix", block_size=B)
