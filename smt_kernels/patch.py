@@ -143,7 +143,10 @@ def _describe_linears(model: nn.Module) -> str:
 
 def _storage_key(t: torch.Tensor) -> Any:
     # tied weights are one Parameter, or two sharing their data; views of one flat buffer are not ties
-    ptr = t.data_ptr() if t.device.type != "meta" else 0
+    try:
+        ptr = t.data_ptr() if t.device.type != "meta" else 0
+    except RuntimeError:  # tensor subclasses without storage (e.g. sharded): identity only
+        ptr = 0
     return (t.device, ptr, tuple(t.shape), t.stride()) if ptr else id(t)
 
 
