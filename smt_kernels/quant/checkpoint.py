@@ -51,9 +51,10 @@ def _shell_model(directory: Path, compute_dtype: torch.dtype, skip: Sequence[str
 
     config = AutoConfig.from_pretrained(directory)
     cls = model_class or AutoModelForCausalLM
-    # buffers (rotary inv_freq) are computed at construction and not saved: keep them real
+    # buffers (rotary inv_freq) are computed at construction and not saved: keep them real (and in their own
+    # dtype, as from_pretrained does); parameters get their dtype when they are loaded
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config, torch_dtype=compute_dtype)
+        model = cls.from_config(config)
     modules = dict(model.named_modules())
     for name, m in list(modules.items()):
         if isinstance(m, nn.Linear) and not _matches(name, ALWAYS_SKIPPED) and not _matches(name, skip):

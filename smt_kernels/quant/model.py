@@ -89,7 +89,7 @@ def quantize_base(
                if (isinstance(m, nn.Linear) or _is_bnb_linear4bit(m)) and not _matches(n, ALWAYS_SKIPPED)
                and not _matches(n, skip)]
     bad = [f"{n} ({m.weight.dtype})" for n, m in targets
-           if isinstance(m, nn.Linear) and m.weight.dtype not in SUPPORTED_DTYPES]
+           if not _is_bnb_linear4bit(m) and m.weight.dtype not in SUPPORTED_DTYPES]
     if bad:
         raise TypeError(f"quantize_base: these linears are not float32/float16/bfloat16: {bad[:5]}")
     modules = dict(model.named_modules())
@@ -195,3 +195,10 @@ def merge_nf4(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
             p.requires_grad_(flags.get(n, True))
         delattr(model, CONFIG_ATTR)
     return model
+
+
+def trained_blocks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (block_indices (n, 2), block_weight (n, b, b))} of every NF4SparseBlockLinear, detached on the
+    CPU: what ``fold_blocks_into_checkpoint`` takes (with the block size) without going through a file."""
+    return {n: (m.block_indices.detach().cpu(), m.block_weight.detach().cpu())
+            for n, m in nf4_modules(model, trainable=True).items()}

@@ -1,0 +1,254 @@
+"""A 4-bit LLaMA end to end: quantize_base -> patch_nf4 -> train -> merge_nf4; loading a sharded bf16 checkpoint
+shard by shard; folding trained blocks into the original checkpoint; bitsandbytes Linear4bit models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import smt_kernels.quant.checkpoint as ckpt
+from smt_kernels.quant.checkpoint import fold_blocks_into_checkpoint, load_nf4_pretrained
+from smt_kernels.quant.model import merge_nf4, nf4_modules, patch_nf4, quantize_base, trained_blocks
+from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
+
+B = 32  # hidden 80, k/v out 40, MLP 136: edge blocks are clipped
+SELECTION = {
+    "model.layers.0.self_attn.q_proj": [(0, 0), (2, 2)],
+    "model.layers.0.self_attn.v_proj": [(1, 1)],
+    "model.layers.1.mlp.down_proj": [(2, 4)],
+}
+
+
+def tiny(dtype=torch.float32, seed=0, **config):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=96, hidden_size=80, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    kw.update(config)
+    return LlamaForCausalLM(LlamaConfig(**kw)).to(dtype)
+
+
+def batch(seed=1):
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_quantize_base_replaces_linears_except_lm_head_and_skip():
+    model = tiny()
+    ref = tiny()
+    quantize_base(model, "nf4", skip=("down_proj",))
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
+    assert kinds["lm_head"] == "Linear"
+    assert all(k == "Linear" for n, k in kinds.items() if n.endswith("down_proj"))
+    assert sum(k == "NF4Linear" for k in kinds.values()) == 2 * 6
+    # the quantized model is the original with each weight replaced by its NF4 dequantization
+    for name, m in nf4_modules(model).items():
+        ref.get_submodule(name).weight.data.copy_(m.dequantized_weight(torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch()).logits, ref(**batch()).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="method='nf4'"):
+        quantize_base(tiny(), "int8")
+
+
+def test_quantize_patch_train_merge():
+    model = quantize_base(tiny(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    patch_nf4(model, SELECTION, B, block_dtype=torch.float32)
+    assert model.smt_config["selection"] == {n: [tuple(p) for p in v] for n, v in SELECTION.items()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [f"{n}.block_weight" for n in SELECTION]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: m.block_weight.detach().clone() for n, m in nf4_modules(model, trainable=True).items()}
+    losses = []
+    for _ in range(4):
+        loss = model(**batch()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, m in nf4_modules(model, trainable=True).items():
+        assert not torch.equal(m.block_weight, before[n])
+    with torch.no_grad():
+        logits = model(**batch()).logits
+    merged = merge_nf4(model)
+    assert not nf4_modules(merged) and not hasattr(merged, "smt_config")
+    assert all(p.requires_grad for p in merged.parameters())  # flags from before patch_nf4
+    w = merged.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert w.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch()).logits, logits, rtol=0, atol=0)
+
+
+def test_patch_nf4_refuses_bad_selection_without_changing_anything():
+    model = quantize_base(tiny(), "nf4", skip=("v_proj",))
+    types = {n: type(m) for n, m in model.named_modules()}
+    bad = {"model.layers.0.self_attn.q_proj": [(9, 0)], "model.layers.0.self_attn.v_proj": [(0, 0)],
+           "model.nope": [(0, 0)]}
+    with pytest.raises(ValueError) as err:
+        patch_nf4(model, bad, B)
+    msg = str(err.value)
+    assert "out of range" in msg and "quantize_base(model) first" in msg and "no such module" in msg
+    assert {n: type(m) for n, m in model.named_modules()} == types and not hasattr(model, "smt_config")
+    patch_nf4(model, {"model.layers.0.self_attn.q_proj": [(0, 0)]}, B)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_nf4(model, {"model.layers.0.self_attn.k_proj": [(0, 0)]}, B)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16_sharded")
+    model = tiny(torch.bfloat16, seed=3)
+    model.save_pretrained(d, max_shard_size="100KB")
+    assert len(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    return d, model
+
+
+def test_load_sharded_bf16_into_4bit_shard_by_shard(sharded, monkeypatch):
+    directory, full = sharded
+    shards = ckpt.checkpoint_shards(directory)
+    assert len(shards) >= 3
+    opened, live = [], []
+    real_safe_open = ckpt.safe_open
+
+    class CountingOpen:  # records the shards opened and the most 16-bit tensors ever held at once
+        def __init__(self, path, **kw):
+            opened.append(path)
+            self.f = real_safe_open(path, **kw)
+
+        def __enter__(self):
+            inner = self.f.__enter__()
+            outer = self
+
+            class Reader:
+                def keys(self):
+                    return inner.keys()
+
+                def get_tensor(self, key):
+                    live.append(key)
+                    return inner.get_tensor(key)
+
+            outer.reader = Reader()
+            return outer.reader
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(ckpt, "safe_open", CountingOpen)
+    model = load_nf4_pretrained(directory, device="cpu", compute_dtype=torch.bfloat16)
+    assert [str(s) for s in shards] == opened  # each shard once, in order
+    assert len(live) == len(set(live))  # each tensor read once
+    reference = quantize_base(LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16), "nf4")
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in reference.named_modules()}
+    got, want = model.state_dict(), reference.state_dict()
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, reference.eval()(**batch()).logits)
+
+
+def test_load_missing_tensor_is_an_error(sharded, tmp_path):
+    directory, _ = sharded
+    for f in directory.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    # drop the shard holding the embeddings: the index still names its tensors, the shards lack them
+    victim = index["weight_map"]["model.embed_tokens.weight"]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != victim}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="lacks .* tensors the model needs"):
+        load_nf4_pretrained(tmp_path, device="cpu")
+
+
+def test_fold_blocks_trained_on_nf4_into_bf16_checkpoint(sharded, tmp_path):
+    directory, full = sharded
+    model = load_nf4_pretrained(directory, device="cpu", compute_dtype=torch.bfloat16)
+    patch_nf4(model, SELECTION, B)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**batch()).loss.backward()
+    opt.step()
+    blocks = trained_blocks(model)
+    out = fold_blocks_into_checkpoint(blocks, directory, tmp_path / "folded", block_size=B)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in directory.iterdir())
+    folded = {}
+    for shard in ckpt.checkpoint_shards(out):
+        folded.update(load_file(shard))
+    original = full.state_dict()
+    assert set(folded) == set(original)
+    for key, t in original.items():
+        name = key.removesuffix(".weight")
+        if name not in blocks:
+            assert torch.equal(folded[key], t), key  # untouched, bit for bit
+            continue
+        expected = t.clone()
+        idx, bw = blocks[name]
+        for k, (r, c) in enumerate(idx.tolist()):
+            tile = expected[r * B:(r + 1) * B, c * B:(c + 1) * B]
+            tile.copy_(bw[k, : tile.shape[0], : tile.shape[1]])
+        assert torch.equal(folded[key], expected), key
+        assert not torch.equal(folded[key], t)
+
+
+def test_fold_block_file_written_by_save_blocks(sharded, tmp_path):
+    """The block file of a bf16 SMT run (smt_kernels.save_blocks) folds into the checkpoint it was trained on."""
+    import smt_kernels
+
+    directory, full = sharded
+    model = tiny(torch.bfloat16, seed=3)
+    smt_kernels.patch(model, SELECTION, block_size=B, verbose=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "block_weight"):
+                m.block_weight.add_(1.0)
+    smt_kernels.save_blocks(model, tmp_path / "blocks")
+    out = fold_blocks_into_checkpoint(tmp_path / "blocks", directory, tmp_path / "folded")
+    merged = smt_kernels.merge(model).state_dict()
+    folded = {}
+    for shard in ckpt.checkpoint_shards(out):
+        folded.update(load_file(shard))
+    for key, t in merged.items():
+        if key in folded:
+            assert torch.equal(folded[key], t), key
+
+
+def test_fold_refuses_blocks_that_do_not_fit(sharded, tmp_path):
+    directory, _ = sharded
+    bad = {"model.layers.0.self_attn.k_proj": (torch.tensor([[5, 0]]), torch.zeros(1, B, B)),
+           "model.missing": (torch.tensor([[0, 0]]), torch.zeros(1, B, B))}
+    with pytest.raises(ValueError, match="out of range") as err:
+        fold_blocks_into_checkpoint(bad, directory, tmp_path / "out", block_size=B)
+    assert "no model.missing.weight" in str(err.value) and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="must differ"):
+        fold_blocks_into_checkpoint({}, directory, directory, block_size=B)
+
+
+def test_bitsandbytes_linear4bit_model_is_taken_over_without_requantizing():
+    """The packed bytes and quant state of bitsandbytes layers are adopted as they are. (The model is compared with
+    its dequantized twin, not with bitsandbytes' own CPU forward: bitsandbytes 0.50.2's CPU dequantize_4bit kernel
+    returns wrong values for some shapes, e.g. 40×80, where its pure-torch fallback and ours agree.)"""
+    bnb_nn = pytest.importorskip("bitsandbytes.nn")
+    model = tiny()
+    ref = tiny()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name != "lm_head":
+            layer = bnb_nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            layer.load_state_dict(m.state_dict())
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.to("cpu"))  # .to() quantizes
+    packed = {n: m.weight.data.clone() for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    quantize_base(model, "nf4")
+    assert set(nf4_modules(model)) == set(packed)
+    for name, m in nf4_modules(model).items():
+        assert torch.equal(m.weight_packed, packed[name].reshape(-1))  # the same bytes: no requantization
+        assert m.double_quant and m.compute_dtype == torch.float32
+        ref.get_submodule(name).weight.data.copy_(m.dequantized_weight(torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch()).logits, ref(**batch()).logits, rtol=1e-4, atol=1e-4)
+    patch_nf4(model, {"model.layers.0.self_attn.q_proj": [(0, 0)]}, B)
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), NF4SparseBlockLinear)
