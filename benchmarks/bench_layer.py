@@ -298,7 +298,12 @@ def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list
 def _measure_method(method, base, blocks, block_size, rank, bufs, device, args) -> dict:
     def go() -> dict:
         layer, trainable = build_method(method, base, blocks, block_size, rank)
+        if args.compile:
+            torch._dynamo.reset()  # each layer compiled on its own: no recompile limits, no cross-talk
+            layer = torch.compile(layer, mode=None if args.compile == "default" else args.compile)
         res = measure_layer(layer, trainable, bufs, device, args)
+        if args.compile:
+            res["notes"] = (res.get("notes", "") + f"; torch.compile mode={args.compile}").lstrip("; ")
         res["trainable_params"] = sum(p.numel() for p in trainable)
         return res
 
@@ -446,6 +451,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-iters", type=int, default=None, help="timed calls per measurement at least (5; CPU 2)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="time CUDA-graph replays of each step (GPU time without host launch time); CUDA only")
+    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="time every layer under torch.compile with this mode (default: eager)")
     p.add_argument("--name", default="layer", help="CSV base name: <name>.csv and <name>_block_grad.csv")
     args = p.parse_args(argv)
 
