@@ -579,3 +579,30 @@ def test_resume_refuses_other_options(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "state.pt").write_bytes(b"not a checkpoint")
     _fails(capsys, [*args, "--resume", str(tmp_path / "junk")], "is not a readable checkpoint")
+
+
+def test_quickstart_runs_where_the_user_stands(tmp_path):
+    """scripts/quickstart.sh keeps the caller's directory (relative --data/--output-dir work) and forwards args."""
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "bin" / "python").chmod(0o755)
+    log = tmp_path / "calls.log"
+    (venv / "bin" / "activate").write_text(  # stand-ins: nothing is installed or trained
+        f'python() {{ return 0; }}\npip() {{ echo "pip $*" >> {log}; }}\n'
+        f'smt-kernels() {{ echo "cwd=$PWD args=$*" >> {log}; }}\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(["bash", str(root / "scripts" / "quickstart.sh"), "--data", "my.jsonl", "--steps", "2"],
+                          cwd=work, env={"PATH": "/usr/bin:/bin", "SMT_VENV": str(venv)}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert f"pip install -q -e {root}[model]" in calls
+    assert calls[-1] == f"cwd={work} args=finetune --data my.jsonl --steps 2"
+
+
+def test_default_outputs_are_git_ignored():
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "smt-output/" in ignored and "smt-example-output/" in ignored
