@@ -47,6 +47,7 @@ _STATE_HOOKS = (
 
 # names that moved to their own modules, still importable from smt_kernels.patch
 _MOVED = {
+    "_atomic_write": "smt_kernels.block_files",
     "save_blocks": "smt_kernels.block_files",
     "load_blocks": "smt_kernels.block_files",
     "META_FILE": "smt_kernels.block_files",
