@@ -408,6 +408,18 @@ def _read_tensors(path: Path, manifest: _Manifest) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_blocks(path: str | os.PathLike) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(block_size, {module: (block_indices int64 (n, 2), block_weight (n, b, b))}) of a ``save_blocks``
+    directory, without a model, after every check that ``load_blocks`` makes of the files themselves."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    tensors = _read_tensors(path, manifest)
+    return manifest.block_size, {
+        name: (torch.tensor(v["blocks"], dtype=torch.int64).reshape(-1, 2), tensors[f"{name}.block_weight"])
+        for name, v in manifest.modules.items()
+    }
+
+
 def _check_patched_like(cfg, mods, manifest: _Manifest, path: Path) -> None:
     if cfg["block_size"] != manifest.block_size:
         raise ValueError(

@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 from tiny_models import ARCHS, SELECTION, B, assert_unchanged, block_weights, make_batch, snapshot, tiny, train
 
 from smt_kernels import SparseBlockLinear, load_blocks, merge, patch, save_blocks
-from smt_kernels.block_files import META_FILE, V1_BLOCKS_FILE, BlockFileError
+from smt_kernels.block_files import META_FILE, V1_BLOCKS_FILE, BlockFileError, read_blocks
 from smt_kernels.fingerprint import base_fingerprint
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -92,6 +92,12 @@ def test_save_and_load_blocks_round_trip(arch, tmp_path):
     assert meta["modules"][Q] == {"shape": [80, 80], "dtype": "float32", "blocks": [[0, 0], [2, 2]]}
     # only the blocks are stored: 6 blocks of 32×32 fp32 plus a header that holds the layout and fingerprint
     assert blocks_file(tmp_path).stat().st_size < 6 * 32 * 32 * 4 + 8000
+
+    block_size, saved = read_blocks(tmp_path)  # the files alone, no model
+    assert block_size == B and list(saved) == list(SELECTION)
+    for n, (indices, weight) in saved.items():
+        assert indices.tolist() == [list(p) for p in SELECTION[n]]
+        assert torch.equal(weight, model.get_submodule(n).block_weight)
 
     fresh = patch(tiny(arch).eval(), SELECTION, block_size=B, verbose=False)  # onto a fresh patched model
     assert load_blocks(fresh, tmp_path) is fresh
