@@ -61,8 +61,9 @@ def test_single_quant_matches_bitsandbytes(shape, dtype):
 @pytest.mark.parametrize("shape", [(37, 70), (300, 257), (512, 640)])
 def test_double_quant_matches_bitsandbytes(shape, dtype):
     """Packed codes, group scales, offset and code table are bit for bit bitsandbytes'. The 8-bit absmax codes are
-    too, except where bitsandbytes' CPU search does not return the nearest code (its bucketed binary search is
-    off near 0 and near some midpoints; its CUDA kernel is exact): there ours is strictly nearer."""
+    too, except where bitsandbytes' CPU quantizer does not return the nearest code (values within ~1e-4 of a
+    midpoint between two codes, and some values near 0, go to the farther code there): ours is the nearest code,
+    strictly nearer in every such case."""
     w = weight(shape, dtype)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     q = quantize_nf4(w)
