@@ -26,6 +26,28 @@ def build_task(cfg: FinetuneConfig) -> Task:
         raise FinetuneError(str(err)) from None
 
 
+@dataclass
+class TokenizedTask:
+    """A task's examples as token ids: the training items and the pre-collated held-out batches."""
+
+    task: Task
+    fmt: PromptFormat
+    train: list[Encoded]
+    eval_batches: list[dict[str, torch.Tensor]]
+    pad_id: int
+
+    @classmethod
+    def build(cls, task: Task, tokenizer, cfg: FinetuneConfig) -> TokenizedTask:
+        fmt = PromptFormat(tokenizer, task.system, cfg.chat_template)
+        held = [fmt.encode(ex, cfg.max_length) for ex in task.eval]
+        size, pad = cfg.eval_batch_size, tokenizer.pad_token_id
+        batches = [collate(held[i : i + size], pad) for i in range(0, len(held), size)]
+        return cls(task, fmt, [fmt.encode(ex, cfg.max_length) for ex in task.train], batches, pad)
+
+    def stream(self, batch_size: int, seed: int) -> BatchStream:
+        return BatchStream(self.train, batch_size, self.pad_id, seed)
+
+
 def data_fingerprint(task: Task) -> str:
     """SHA-256 (16 hex digits) of the train and held-out examples: tells which data a result came from."""
     payload = json.dumps([[(e.prompt, e.answer) for e in task.train], [(e.prompt, e.answer) for e in task.eval]])

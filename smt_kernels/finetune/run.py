@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from smt_kernels.finetune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, check_config
-from smt_kernels.finetune.data import BatchStream, PromptFormat, build_task, collate, data_fingerprint
+from smt_kernels.finetune.data import TokenizedTask, build_task, data_fingerprint
 from smt_kernels.finetune.evaluate import EvalResult, eval_loss, evaluate
 from smt_kernels.finetune.loop import TrainingRun, TrainLog, check_converged
 from smt_kernels.finetune.methods import Prepared, prepare_method, smt_budget
@@ -18,9 +21,22 @@ from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, pick_devi
 from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
 from smt_kernels.patch import trainable_parameters
-from smt_kernels.tasks import Task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    """What the checks and the loading produced."""
+
+    device: torch.device
+    data: TokenizedTask
+    data_sha256: str
+    resume: Checkpoint | None
+    model: nn.Module
+    tokenizer: Any
+    total_params: int
+    load_seconds: float
 
 
 def run_finetune(
@@ -33,153 +49,126 @@ def run_finetune(
     base model's evaluation on the same held-out set, if already known (returned as ``result.before``).
     """
     t_start = time.perf_counter()
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    if model is None:
-        model_dir = resolve_model_source(cfg.model, cfg.gguf_file)[0]
-    elif tokenizer is None:
-        raise ValueError("a model passed in needs its tokenizer")
-    check_outputs(cfg, model_dir if model is None else None)
-    task = build_task(cfg)
-    resume = _load_resume(cfg, task)
-    if model is None:
-        log.info("loading model %s ...", cfg.model or DEFAULT_MODEL_NAME)
-        model, tokenizer = load_model(cfg.model, cfg.gguf_file)
-    total = trainable_parameters(model)[1]
-    if cfg.method != "full":
-        smt_budget(model, cfg)  # a budget that does not fit fails before the slow part
-    load_seconds = time.perf_counter() - t_start
-
-    model.to(device)
-    model.config.use_cache = True
-    fmt = PromptFormat(tokenizer, task.system, cfg.chat_template)
-    train_items = [fmt.encode(ex, cfg.max_length) for ex in task.train]
-    log.info(
-        "task %s: %d train / %d held-out examples; method %s on %s",
-        task.name,
-        len(task.train),
-        len(task.eval),
-        cfg.method,
-        device,
-    )
-    for ex in task.train[: cfg.show_examples]:
-        log.info("  e.g. %r -> %r", ex.prompt, ex.answer)
-    eval_kwargs = dict(
-        max_new_tokens=task.max_new_tokens,
-        device=device,
-        max_length=cfg.max_length,
-        batch_size=cfg.eval_batch_size,
-        progress=cfg.progress,
+    job = _check_and_load(cfg, model, tokenizer)
+    task = job.data.task
+    evaluate_ = partial(
+        evaluate, tokenizer=job.tokenizer, fmt=job.data.fmt, examples=task.eval, max_new_tokens=task.max_new_tokens,
+        device=job.device, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, progress=cfg.progress,
         metric=task.metric,
-    )
-    if resume is not None:
-        before = resume.before
+    )  # fmt: skip
+    if job.resume is not None:
+        before = job.resume.before
     elif before is None or len(before.predictions) != len(task.eval):
-        before = evaluate(model, tokenizer, fmt, task.eval, desc="eval (before)", **eval_kwargs)
+        before = evaluate_(job.model, desc="eval (before)")
     log.info("before: held-out loss %.4f, accuracy %.1f%%", before.loss, 100 * before.accuracy)
 
-    # warm-up batches for selection: the same training data in another seeded order
-    warmup = BatchStream(train_items, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + 1)
-    select_batches = [next(warmup) for _ in range(cfg.select_batches)] if cfg.method == "smt" and not resume else []
-    torch.manual_seed(cfg.seed)  # LoRA's initialisation; the same in every run of this seed
-    prepared = prepare_method(model, cfg, select_batches, device, resume.selection if resume else None)
-    model = prepared.model.to(device)
-    trainable = trainable_parameters(model)[0]
-    _log_trainable(prepared, trainable, total)
-
-    eval_batches = [
-        collate(
-            [fmt.encode(ex, cfg.max_length) for ex in task.eval[i : i + cfg.eval_batch_size]], tokenizer.pad_token_id
-        )
-        for i in range(0, len(task.eval), cfg.eval_batch_size)
-    ]
-    stream = BatchStream(train_items, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
-    run = TrainingRun(model, cfg, device, stream, eval_batches, TrainLog(eval_curve=[{"step": 0, "loss": before.loss}]))
-    if resume is not None:
-        run.load_state_dict(resume.training)
-        log.info("resumed from %s at step %d of %d", resume.path, resume.step, cfg.steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    ckpt = checkpoint_dir(cfg)
-    data_sha = data_fingerprint(task)
-
-    def on_step(step: int) -> None:
-        if ckpt is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt, cfg, run.state_dict(), prepared.selection, before, data_sha)
-            log.info("checkpoint at step %d: %s", step, ckpt)
-
-    train_log = run.run(on_step)
-    check_converged(train_log, before.loss, eval_loss(model, eval_batches, device), cfg)
-    peak_mib, peak_what = peak_memory(device)
-    after = evaluate(model, tokenizer, fmt, task.eval, desc="eval (after)", **eval_kwargs)
+    prepared = _prepare(cfg, job)
+    trainable = trainable_parameters(prepared.model)[0]
+    _log_trainable(prepared, trainable, job.total_params)
+    train_log = _train(cfg, job, prepared, before)
+    check_converged(train_log, before.loss, eval_loss(prepared.model, job.data.eval_batches, job.device), cfg)
+    peak = peak_memory(job.device)
+    after = evaluate_(prepared.model, desc="eval (after)")
     train_log.eval_curve.append({"step": cfg.steps, "loss": after.loss})
     log.info("after:  held-out loss %.4f, accuracy %.1f%%", after.loss, 100 * after.accuracy)
 
-    saved = save_outputs(model, tokenizer, cfg, prepared.selection) if cfg.output_dir else {}
+    saved = save_outputs(prepared.model, job.tokenizer, cfg, prepared.selection) if cfg.output_dir else {}
     if cfg.output_json:
         saved["summary_json"] = str(cfg.output_json)
-    first, last = train_log.tail_means()
-    summary = prepared.summary
-    result = FinetuneResult(
-        method=cfg.method,
-        task=task.name,
-        model=cfg.model or DEFAULT_MODEL_NAME,
-        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        seed=cfg.seed,
-        steps=cfg.steps,
-        lr=cfg.peak_lr,
-        trainable_params=trainable,
-        total_params=total,
-        target_params=prepared.target_params,
-        num_blocks=summary.num_blocks if summary else None,
-        blocks_per_kind=summary.per_kind() if summary else None,
-        blocks_per_layer={("-" if k is None else str(k)): v for k, v in summary.per_layer().items()}
-        if summary
-        else None,
-        lora_rank=prepared.lora_rank,
-        train_loss_first=first,
-        train_loss_last=last,
-        eval_loss_before=before.loss,
-        eval_loss_after=after.loss,
-        accuracy_before=before.accuracy,
-        accuracy_after=after.accuracy,
-        num_eval=len(task.eval),
-        metric=task.metric,
-        data_sha256=data_sha,
-        peak_memory_mib=peak_mib,
-        peak_memory_kind=peak_what,
-        tokens_per_second=train_log.tokens / max(train_log.train_seconds, 1e-9),
-        train_seconds=train_log.train_seconds,
-        select_seconds=prepared.select_seconds,
-        load_seconds=load_seconds,
-        total_seconds=time.perf_counter() - t_start,
-        resumed_from_step=resume.step if resume else None,
-        saved=saved,
-        examples=[
-            {"prompt": ex.prompt, "answer": ex.answer, "before": b, "after": a}
-            for ex, b, a in zip(task.eval, before.predictions, after.predictions, strict=True)
-        ],
-        loss_curve=train_log.curve,
-        eval_loss_curve=train_log.eval_curve,
-        config=cfg.to_dict(),
-        before=before,
-    )
+    result = _result(cfg, job, prepared, trainable, train_log, before, after, peak, saved, t_start)
     if cfg.output_json:
         result.write_json(cfg.output_json)
     return result
 
 
-def _load_resume(cfg: FinetuneConfig, task: Task) -> Checkpoint | None:
-    if cfg.resume is None:
-        return None
-    resume = load_checkpoint(cfg.resume, cfg)
-    if resume.data_sha256 != data_fingerprint(task):
-        raise FinetuneError(
-            f"--resume: the checkpoint was trained on other data (fingerprint {resume.data_sha256}, "
-            f"this run's {data_fingerprint(task)})"
-        )
-    return resume
+def _check_and_load(cfg: FinetuneConfig, model: nn.Module | None, tokenizer) -> _Job:
+    """Options, devices, output paths, data and checkpoint first (fast), then the model (slow)."""
+    t_start = time.perf_counter()
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    if model is not None and tokenizer is None:
+        raise ValueError("a model passed in needs its tokenizer")
+    check_outputs(cfg, resolve_model_source(cfg.model, cfg.gguf_file)[0] if model is None else None)
+    task = build_task(cfg)
+    data_sha = data_fingerprint(task)
+    resume = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
+    if resume is not None and resume.data_sha256 != data_sha:
+        raise FinetuneError(f"--resume: the checkpoint was trained on other data (fingerprint {resume.data_sha256}, "
+                            f"this run's {data_sha})")  # fmt: skip
+    if model is None:
+        log.info("loading model %s ...", cfg.model or DEFAULT_MODEL_NAME)
+        model, tokenizer = load_model(cfg.model, cfg.gguf_file)
+    total = trainable_parameters(model)[1]  # of the base model, before adapters
+    if cfg.method != "full":
+        smt_budget(model, cfg)  # a budget that does not fit fails before the slow part
+    load_seconds = time.perf_counter() - t_start
+    model.to(device)
+    model.config.use_cache = True
+    data = TokenizedTask.build(task, tokenizer, cfg)
+    log.info("task %s: %d train / %d held-out examples; method %s on %s", task.name, len(task.train),
+             len(task.eval), cfg.method, device)  # fmt: skip
+    for ex in task.train[: cfg.show_examples]:
+        log.info("  e.g. %r -> %r", ex.prompt, ex.answer)
+    return _Job(device, data, data_sha, resume, model, tokenizer, total, load_seconds)
+
+
+def _prepare(cfg: FinetuneConfig, job: _Job) -> Prepared:
+    """The method's trainable model; SMT selects on warm-up batches (the training data in another seeded order),
+    unless a resumed run brings its selection."""
+    selection = job.resume.selection if job.resume else None
+    warmup = job.data.stream(cfg.batch_size, cfg.seed + 1)
+    batches = [next(warmup) for _ in range(cfg.select_batches)] if cfg.method == "smt" and not selection else []
+    torch.manual_seed(cfg.seed)  # LoRA's initialisation: the same in every run of this seed
+    prepared = prepare_method(job.model, cfg, batches, job.device, selection)
+    prepared.model.to(job.device)
+    return prepared
+
+
+def _train(cfg: FinetuneConfig, job: _Job, prepared: Prepared, before: EvalResult) -> TrainLog:
+    """The training steps left (all, or those after the resumed checkpoint), checkpointing as asked."""
+    stream = job.data.stream(cfg.batch_size, cfg.seed)
+    start = TrainLog(eval_curve=[{"step": 0, "loss": before.loss}])
+    run = TrainingRun(prepared.model, cfg, job.device, stream, job.data.eval_batches, start)
+    if job.resume is not None:
+        run.load_state_dict(job.resume.training)
+        log.info("resumed from %s at step %d of %d", job.resume.path, job.resume.step, cfg.steps)
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
+        torch.cuda.reset_peak_memory_stats(job.device)
+    directory = checkpoint_dir(cfg)
+
+    def checkpoint(step: int) -> None:
+        if directory is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(directory, cfg, run.state_dict(), prepared.selection, before, job.data_sha256)
+            log.info("checkpoint at step %d: %s", step, directory)
+
+    return run.run(checkpoint)
+
+
+def _result(cfg: FinetuneConfig, job: _Job, prepared: Prepared, trainable: int, train_log: TrainLog,
+            before: EvalResult, after: EvalResult, peak: tuple[float, str], saved: dict[str, str],
+            t_start: float) -> FinetuneResult:  # fmt: skip
+    task, summary, device = job.data.task, prepared.summary, job.device
+    first, last = train_log.tail_means()
+    return FinetuneResult(
+        method=cfg.method, task=task.name, model=cfg.model or DEFAULT_MODEL_NAME,
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), seed=cfg.seed,
+        steps=cfg.steps, lr=cfg.peak_lr, trainable_params=trainable, total_params=job.total_params,
+        target_params=prepared.target_params, num_blocks=summary.num_blocks if summary else None,
+        blocks_per_kind=summary.per_kind() if summary else None,
+        blocks_per_layer={("-" if k is None else str(k)): v for k, v in summary.per_layer().items()}
+        if summary else None,
+        lora_rank=prepared.lora_rank, train_loss_first=first, train_loss_last=last, eval_loss_before=before.loss,
+        eval_loss_after=after.loss, accuracy_before=before.accuracy, accuracy_after=after.accuracy,
+        num_eval=len(task.eval), metric=task.metric, data_sha256=job.data_sha256, peak_memory_mib=peak[0],
+        peak_memory_kind=peak[1], tokens_per_second=train_log.tokens / max(train_log.train_seconds, 1e-9),
+        train_seconds=train_log.train_seconds, select_seconds=prepared.select_seconds,
+        load_seconds=job.load_seconds, total_seconds=time.perf_counter() - t_start,
+        resumed_from_step=job.resume.step if job.resume else None, saved=saved,
+        examples=[{"prompt": ex.prompt, "answer": ex.answer, "before": b, "after": a}
+                  for ex, b, a in zip(task.eval, before.predictions, after.predictions, strict=True)],
+        loss_curve=train_log.curve, eval_loss_curve=train_log.eval_curve, config=cfg.to_dict(), before=before,
+    )  # fmt: skip
 
 
 def _log_trainable(prepared: Prepared, trainable: int, total: int) -> None:
@@ -188,6 +177,5 @@ def _log_trainable(prepared: Prepared, trainable: int, total: int) -> None:
         extra += f", {100 * trainable / prepared.target_params:.2f}% of the target weights"
     if prepared.lora_rank is not None:
         extra += f", LoRA rank {prepared.lora_rank}"
-    log.info(
-        "trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total, extra
-    )
+    log.info("trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             extra)  # fmt: skip
