@@ -155,6 +155,16 @@ def test_load_sharded_bf16_into_4bit_shard_by_shard(sharded, monkeypatch):
         assert torch.equal(model(**batch(device=DEVICE)).logits, reference.eval()(**batch(device=DEVICE)).logits)
 
 
+def test_load_tied_embeddings(tmp_path):
+    """A checkpoint without lm_head.weight (tied to the input embedding) loads with the two tied."""
+    tiny(torch.bfloat16, seed=4, tie_word_embeddings=True).save_pretrained(tmp_path, max_shard_size="100KB")
+    model = load_nf4_pretrained(tmp_path, device="cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = quantize_base(LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16), "nf4").eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, reference(**batch()).logits)
+
+
 def test_load_missing_tensor_is_an_error(sharded, tmp_path):
     directory, _ = sharded
     for f in directory.iterdir():
