@@ -15,6 +15,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, flag
@@ -130,6 +131,18 @@ def _show_progress_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    from smt_kernels.finetune.checkpoint import STATE_FILE
+    from smt_kernels.finetune.outputs import CHECKPOINT_DIR
+
+    if not getattr(args, "checkpoint_every", 0) or not args.output_dir:
+        return ""
+    directory = Path(args.output_dir) / CHECKPOINT_DIR
+    if not (directory / STATE_FILE).is_file():
+        return " before the first checkpoint"
+    return f"; continue with the same options and --resume {directory}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smt-kernels`` console script; returns the exit status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -148,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smt-kernels {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"smt-kernels {args.command}: interrupted", file=sys.stderr)
+        print(f"smt-kernels {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

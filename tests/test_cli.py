@@ -551,6 +551,7 @@ def test_resume_equals_uninterrupted_run(method, tiny_model_dir, tmp_path, monke
 
     monkeypatch.setattr(loop.TrainingRun, "_step", crash_at_third_step)
     assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2"]) == 130
+    assert f"interrupted; continue with the same options and --resume {b / 'checkpoint'}" in capsys.readouterr().err
     monkeypatch.undo()
     assert (b / "checkpoint" / "state.pt").is_file() and not (b / "merged").exists()
     assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2", "--resume", str(b / "checkpoint"),
