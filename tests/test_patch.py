@@ -228,23 +228,32 @@ def test_integer_indices_of_every_kind_are_accepted():
         assert model.get_submodule(q).block_indices.tolist() == [[0, 1]]
 
 
-@pytest.mark.parametrize("target", ["lm_head", "model.embed_tokens"])
-def test_tied_weights_are_refused(target):
+def test_a_tied_lm_head_is_refused():
+    """Issue 12 item 7: patching a tied lm_head used to copy its weight and silently untie it."""
     model = tiny(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     snap = snapshot(model)
-    if target == "model.embed_tokens":  # an nn.Embedding is refused anyway; a Linear sharing its weight with it too
-        model.model.embed_tokens = nn.Linear(80, 96, bias=False)
-        model.model.embed_tokens.weight = model.lm_head.weight
-        snap = snapshot(model)
-        target = "lm_head"
     with pytest.raises(ValueError, match=r"'lm_head': its weight is tied to \['model.embed_tokens.weight'\]"):
-        patch(model, {target: [(0, 0)], "model.layers.0.self_attn.q_proj": [(0, 0)]}, block_size=B, verbose=False)
+        patch(model, {"lm_head": [(0, 0)], "model.layers.0.self_attn.q_proj": [(0, 0)]}, block_size=B, verbose=False)
     assert_unchanged(model, snap)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     untied = tiny(tie_word_embeddings=False)
     patch(untied, {"lm_head": [(0, 0)]}, block_size=B, verbose=False)  # untied: fine
     assert isinstance(untied.lm_head, SparseBlockLinear)
+
+
+def test_linears_sharing_a_weight_are_refused():
+    model = tiny()
+    layers = model.model.layers
+    layers[1].self_attn.q_proj.weight = layers[0].self_attn.q_proj.weight  # cross-layer sharing (ALBERT-style)
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"'model.layers.1.self_attn.q_proj': its weight is tied to "
+        r"\['model.layers.0.self_attn.q_proj.weight'\]",
+    ):
+        patch(model, {"model.layers.1.self_attn.q_proj": [(0, 0)]}, block_size=B, verbose=False)
+    assert_unchanged(model, snap)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the frozen input needs no gradient
