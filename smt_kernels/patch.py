@@ -78,6 +78,10 @@ class _Plan:
 
 def _index(value: Any, where: str) -> int:
     # bool is an Integral, and True would silently become block 1; floats and strings would be truncated/split
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{where}: block index {value!r} is a {value.dtype} tensor, not an integer")
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{where}: block index {value!r} is a {type(value).__name__}, not an int")
     return int(value)

@@ -204,6 +204,8 @@ def test_patch_rolls_back_when_a_swap_fails(monkeypatch):
         (torch.tensor([[0.0, 1.0]]), "torch.float32"),  # was truncated by patch
         (torch.tensor([[True, False]]), "torch.bool"),
         ([torch.tensor([0.5, 1.0])], "torch.float32"),
+        ([(torch.tensor(0), torch.tensor(True))], "torch.bool"),
+        ([(torch.tensor(0), torch.tensor(1.0))], "tensor(1.)"),
     ],
 )
 def test_block_indices_must_be_integers(blocks, shown):
@@ -223,6 +225,7 @@ def test_integer_indices_of_every_kind_are_accepted():
         [[np.int64(0), np.int32(1)]],
         torch.tensor([[0, 1]], dtype=torch.int32),
         [torch.tensor([0, 1])],
+        [(torch.tensor(0), torch.tensor(1, dtype=torch.int32))],
     ):
         model = patch(tiny(), {q: blocks}, block_size=B, verbose=False)
         assert model.get_submodule(q).block_indices.tolist() == [[0, 1]]
