@@ -87,6 +87,18 @@ def test_quantize_patch_train_merge():
         torch.testing.assert_close(merged(**batch(device=DEVICE)).logits, logits, rtol=tol, atol=tol)
 
 
+def test_hf_gradient_checkpointing_gives_the_same_block_gradients():
+    model = patch_nf4(quantize_base(tiny(), "nf4"), SELECTION, B)
+    model.train()
+    model(**batch()).loss.backward()
+    want = {n: m.block_weight.grad.clone() for n, m in nf4_modules(model, trainable=True).items()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(**batch()).loss.backward()
+    for n, m in nf4_modules(model, trainable=True).items():
+        torch.testing.assert_close(m.block_weight.grad, want[n], rtol=1e-5, atol=1e-7)
+
+
 def test_patch_nf4_refuses_bad_selection_without_changing_anything():
     model = quantize_base(tiny(), "nf4", skip=("v_proj",))
     types = {n: type(m) for n, m in model.named_modules()}

@@ -177,3 +177,15 @@ def test_state_dict_round_trip():
     merged = layer.to_linear()
     assert isinstance(merged, nn.Linear) and torch.equal(merged.weight, layer.dequantized_weight())
     torch.testing.assert_close(merged(x), layer(x))
+
+
+def test_dtype_casts_keep_the_quantized_weight():
+    """model.to(bfloat16) / .half() cast the bias and blocks but never the codes or fp32 scales."""
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    before = {k: v.clone() for k, v in layer.nf4.tensors().items()}
+    layer.to(torch.bfloat16)
+    for k, v in layer.nf4.tensors().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert layer.bias.dtype == torch.bfloat16 and layer.block_weight.dtype == torch.bfloat16
+    assert layer.block_map.dtype == torch.int32  # the index buffers keep their dtypes as always
+    assert torch.isfinite(layer(torch.randn(2, 100))).all()

@@ -91,6 +91,18 @@ class NF4Linear(nn.Module):
             setattr(self, _BUFFER_NAMES[field], t)
         self.weight_dtype = q.dtype
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() must not round the fp32 scales (nor touch the codes): the quantized weight
+        # moves to the device fn maps to and keeps its dtypes; the bias (and any blocks) follow fn as usual
+        quant = {name: self._buffers.pop(name) for name in _BUFFER_NAMES.values() if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in quant.items():
+                target = fn(torch.empty(0, device=buf.device)).device
+                self._buffers[name] = buf if buf.device == target else buf.to(target)
+        return self
+
     @property
     def double_quant(self) -> bool:
         return not hasattr(self, "weight_absmax")
