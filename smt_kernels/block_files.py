@@ -408,12 +408,26 @@ def _read_tensors(path: Path, manifest: _Manifest) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _read_saved(path: Path) -> tuple[_Manifest, dict[str, torch.Tensor]]:
+    """The manifest and the tensors it names. A save into the same directory may replace both between the two
+    reads (and remove the file the old manifest named): then the new pair is read."""
+    manifest = _read_manifest(path)
+    for _ in range(2):
+        try:
+            return manifest, _read_tensors(path, manifest)
+        except FileNotFoundError:
+            newer = _read_manifest(path)
+            if newer == manifest:
+                raise
+            manifest = newer
+    return manifest, _read_tensors(path, manifest)
+
+
 def read_blocks(path: str | os.PathLike) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(block_size, {module: (block_indices int64 (n, 2), block_weight (n, b, b))}) of a ``save_blocks``
     directory, without a model, after every check that ``load_blocks`` makes of the files themselves."""
     path = Path(path)
-    manifest = _read_manifest(path)
-    tensors = _read_tensors(path, manifest)
+    manifest, tensors = _read_saved(path)
     return manifest.block_size, {
         name: (torch.tensor(v["blocks"], dtype=torch.int64).reshape(-1, 2), tensors[f"{name}.block_weight"])
         for name, v in manifest.modules.items()
@@ -485,8 +499,7 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
     path = Path(path)
-    manifest = _read_manifest(path)
-    tensors = _read_tensors(path, manifest)
+    manifest, tensors = _read_saved(path)
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is not None:
         cfg, mods = require_patched(model, "load_blocks")

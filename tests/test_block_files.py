@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tiny_models import ARCHS, SELECTION, B, assert_unchanged, block_weights, make_batch, snapshot, tiny, train
 
-from smt_kernels import SparseBlockLinear, load_blocks, merge, patch, save_blocks
+from smt_kernels import SparseBlockLinear, block_files, load_blocks, merge, patch, save_blocks
 from smt_kernels.block_files import META_FILE, V1_BLOCKS_FILE, BlockFileError, read_blocks
 from smt_kernels.fingerprint import base_fingerprint
 
@@ -402,6 +402,24 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_save(tmp_path, monkeypatc
         path = save_blocks(new_model, tmp_path / f"crash{k}")
         assert len(os.listdir(path)) == 2, os.listdir(path)
         assert_loaded(load_blocks(tiny(), path), new)
+
+
+def test_a_save_between_reading_the_manifest_and_the_blocks_is_followed(tmp_path, monkeypatch):
+    """A reader that got the old manifest just before a save replaced it (and removed the old blocks file) reads
+    the new pair instead of failing."""
+    old_model, new_model = trained(steps=1), trained(steps=2, seed=5)
+    path = save_blocks(old_model, tmp_path)
+    stale = block_files._read_manifest(path)
+    save_blocks(new_model, path)
+    real, calls = block_files._read_manifest, []
+
+    def first_stale(p):
+        calls.append(p)
+        return stale if len(calls) == 1 else real(p)
+
+    monkeypatch.setattr(block_files, "_read_manifest", first_stale)
+    assert_loaded(load_blocks(tiny(), path), block_weights(new_model))
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
