@@ -14,7 +14,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import smt_kernels.quant.checkpoint as ckpt
 from smt_kernels.quant.checkpoint import fold_blocks_into_checkpoint, load_nf4_pretrained
-from smt_kernels.quant.model import merge_nf4, nf4_modules, patch_nf4, quantize_base, trained_blocks
+from smt_kernels.quant.model import (
+    merge_nf4,
+    nf4_modules,
+    nf4_weight_gradients,
+    patch_nf4,
+    quantize_base,
+    trained_blocks,
+)
 from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"  # the training and loading paths run on the GPU when there is one
@@ -97,6 +104,33 @@ def test_hf_gradient_checkpointing_gives_the_same_block_gradients():
     model(**batch()).loss.backward()
     for n, m in nf4_modules(model, trainable=True).items():
         torch.testing.assert_close(m.block_weight.grad, want[n], rtol=1e-5, atol=1e-7)
+
+
+def test_dense_weight_gradients_for_selection():
+    """nf4_weight_gradients hands each target's dL/dW to its callback, equal to autograd's on the dequantized twin;
+    the first layer's q_proj (whose input needs no gradient) included."""
+    model = quantize_base(tiny(), "nf4")
+    twin = tiny()
+    for name, m in nf4_modules(model).items():
+        twin.get_submodule(name).weight.data.copy_(m.dequantized_weight(torch.float32))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with nf4_weight_gradients(model, {n: got[n].append for n in names}):
+        model(**batch()).loss.backward()
+    assert all(m.weight_grad_fold is None for m in nf4_modules(model).values())
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        twin.get_submodule(n).weight.requires_grad_(True)
+    twin(**batch()).loss.backward()
+    for n in names:
+        assert len(got[n]) == 1
+        torch.testing.assert_close(got[n][0], twin.get_submodule(n).weight.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="frozen NF4Linear"):
+        with nf4_weight_gradients(model, {"lm_head": print}):
+            pass
 
 
 def test_patch_nf4_refuses_bad_selection_without_changing_anything():

@@ -8,8 +8,9 @@ everything else (the ``patch`` of a 4-bit model); ``merge_nf4`` gives plain ``nn
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -202,3 +203,25 @@ def trained_blocks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     CPU: what ``fold_blocks_into_checkpoint`` takes (with the block size) without going through a file."""
     return {n: (m.block_indices.detach().cpu(), m.block_weight.detach().cpu())
             for n, m in nf4_modules(model, trainable=True).items()}
+
+
+@contextlib.contextmanager
+def nf4_weight_gradients(model: nn.Module, folds: Mapping[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """Within the block, every backward hands each named frozen ``NF4Linear``'s dense weight gradient dL/dW
+    ((N, K), compute dtype; summed over the tokens of that backward) to ``folds[name]`` and drops it: one dense
+    gradient exists at a time, as in gradient-based block selection on a 16-bit model (``select_blocks``'
+    post-accumulate-grad hooks). Nothing else of the model gets a gradient from these layers.
+    """
+    modules = nf4_modules(model)
+    bad = [n for n in folds if n not in modules or isinstance(modules[n], NF4SparseBlockLinear)]
+    if bad:
+        raise ValueError(f"nf4_weight_gradients needs frozen NF4Linear modules; not such: {bad[:5]}")
+    try:
+        for name, fold in folds.items():
+            m = modules[name]
+            anchor = torch.zeros(0, device=m.weight_packed.device, requires_grad=True)
+            m.weight_grad_fold = (fold, anchor)
+        yield
+    finally:
+        for name in folds:
+            modules[name].weight_grad_fold = None

@@ -9,7 +9,7 @@ from smt_kernels.kernels import torch_blocks
 from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
 from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch
 from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weight, quantize_nf4
-from smt_kernels.quant.ops import nf4_block_linear
+from smt_kernels.quant.ops import nf4_block_linear, nf4_weight_grad_linear
 
 # NF4Weight field -> buffer name on the module (state_dict keys "<module>.weight_packed", ...)
 _BUFFER_NAMES = {"packed": "weight_packed", "absmax": "weight_absmax", "absmax_q": "weight_absmax_q",
@@ -113,7 +113,13 @@ class NF4Linear(nn.Module):
         fields = {f: getattr(self, name) for f, name in _BUFFER_NAMES.items() if hasattr(self, name)}
         return NF4Weight(shape=(self.out_features, self.in_features), dtype=self.weight_dtype, **fields)
 
+    # (fold, anchor) while ``smt_kernels.quant.model.nf4_weight_gradients`` is active on this layer, else None
+    weight_grad_fold = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_grad_fold is not None:
+            fold, anchor = self.weight_grad_fold
+            return nf4_weight_grad_linear(x, self.nf4, self.compute_dtype, self.bias, anchor, fold)
         return nf4_block_linear(x, self.nf4, self.compute_dtype, self.bias)
 
     @torch.no_grad()

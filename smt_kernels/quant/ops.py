@@ -92,3 +92,41 @@ def nf4_block_linear(
     with torch.autocast(device_type, enabled=False):
         y = _NF4BlockLinearFunction.apply(x.to(dtype), *args)
     return y if autocast or y.dtype == x.dtype else y.to(x.dtype)
+
+
+class _NF4WeightGradFunction(torch.autograd.Function):
+    """Selection warm-up on a frozen NF4 layer: y = x·Wᵀ + bias; backward hands the dense dL/dW = dYᵀ·X (N, K, in
+    the compute dtype, as autograd computes it for a 16-bit weight) to ``fold`` and drops it, so one dense weight
+    gradient exists at a time. ``anchor`` is a 0-element tensor that requires grad: it makes autograd run this
+    backward even where x needs no gradient (the first layer)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, bias, q, compute_dtype, fold):
+        kernels = kernels_for(x.device)
+        w = kernels.dequantize_overlay(q, shared_buffer(x.device, q.shape, compute_dtype))
+        y = F.linear(x, w, bias)
+        ctx.save_for_backward(x)
+        ctx.q, ctx.compute_dtype, ctx.kernels, ctx.fold = q, compute_dtype, kernels, fold
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        ctx.fold(dy.t().matmul(x.reshape(-1, x.shape[-1])))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.kernels.dequantize_overlay(ctx.q, shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype))
+            grad_x = grad_out.matmul(w)
+        return grad_x, None, None, None, None, None
+
+
+def nf4_weight_grad_linear(x: torch.Tensor, q: NF4Weight, compute_dtype: torch.dtype, bias: torch.Tensor | None,
+                           anchor: torch.Tensor, fold) -> torch.Tensor:
+    """``nf4_block_linear`` without blocks whose backward also calls ``fold(dL/dW)`` (see _NF4WeightGradFunction)."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else compute_dtype
+    with torch.autocast(device_type, enabled=False):
+        y = _NF4WeightGradFunction.apply(x.to(dtype), anchor, None if bias is None else bias.to(dtype), q, dtype, fold)
+    return y if autocast or y.dtype == x.dtype else y.to(x.dtype)
