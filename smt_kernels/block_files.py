@@ -61,6 +61,11 @@ class BlockFileError(ValueError):
     """A blocks directory that is not exactly what ``save_blocks`` wrote (corrupt, truncated, edited, mixed)."""
 
 
+class BlockFileTypeError(BlockFileError, TypeError):
+    """A field of a blocks file with the wrong JSON type (e.g. a block index 2.0, true or "2"): a bad file, so a
+    ``BlockFileError``, and a ``TypeError`` like the same index passed to ``patch``."""
+
+
 @dataclass(frozen=True)
 class _Manifest:
     version: int
@@ -200,25 +205,25 @@ def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def _fail(where: str, msg: str) -> BlockFileError:
-    return BlockFileError(f"{where}: {msg}")
+def _fail(where: str, msg: str, error: type[BlockFileError] = BlockFileError) -> BlockFileError:
+    return error(f"{where}: {msg}")
 
 
 def _int(value: Any, where: str) -> int:
     if type(value) is not int:  # JSON true/false and 1.0 are not indices or sizes
-        raise _fail(where, f"must be an integer, got {value!r} ({type(value).__name__})")
+        raise _fail(where, f"must be an integer, got {value!r} ({type(value).__name__})", BlockFileTypeError)
     return value
 
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise _fail(where, f"must be a string, got {value!r:.60} ({type(value).__name__})")
+        raise _fail(where, f"must be a string, got {value!r:.60} ({type(value).__name__})", BlockFileTypeError)
     return value
 
 
 def _dict(value: Any, where: str, keys: set[str] | None = None) -> dict:
     if not isinstance(value, dict):
-        raise _fail(where, f"must be an object, got {type(value).__name__}")
+        raise _fail(where, f"must be an object, got {type(value).__name__}", BlockFileTypeError)
     if keys is not None and set(value) != keys:
         missing, extra = sorted(keys - set(value)), sorted(set(value) - keys)
         raise _fail(where, f"has the wrong keys: missing {missing}, unexpected {extra}")
@@ -227,7 +232,7 @@ def _dict(value: Any, where: str, keys: set[str] | None = None) -> dict:
 
 def _list(value: Any, where: str) -> list:
     if not isinstance(value, list):
-        raise _fail(where, f"must be a list, got {value!r:.60} ({type(value).__name__})")
+        raise _fail(where, f"must be a list, got {value!r:.60} ({type(value).__name__})", BlockFileTypeError)
     return value
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import stat
 import struct
@@ -342,8 +343,11 @@ def test_every_json_field_is_type_checked(saved, tmp_path):
         path = tmp_path / f"case{i}"
         shutil.copytree(saved, path)
         edit_json(path, edit)
-        with pytest.raises(BlockFileError, match=pattern):
+        with pytest.raises(BlockFileError, match=pattern) as err:
             load_blocks(model, path)
+        # a wrongly typed field is also a TypeError, as the same value passed to patch() is
+        typed = re.search(r"must be an? (integer|string|object|list),", pattern) is not None
+        assert isinstance(err.value, TypeError) == typed, pattern
         assert_unchanged(model, snap)
 
 
