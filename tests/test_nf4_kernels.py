@@ -21,6 +21,7 @@ CASES = {
     "edge_corner": (70, 100, 16, [(4, 6), (0, 0), (2, 3)]),
     "b32_ragged_row": (40, 150, 32, [(1, c) for c in range(5)]),
     "aligned_many_groups": (128, 320, 64, [(1, 4), (0, 2)]),  # 40960 values: 640 absmax blocks, 3 groups
+    "rows_wider_than_a_tile": (5, 2100, 64, [(0, 32), (0, 0), (0, 16)]),  # K >= 2048: the one-division row path
 }
 
 

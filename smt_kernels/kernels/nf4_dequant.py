@@ -28,12 +28,12 @@ def _nf4_dequant_overlay_kernel(
     out_ptr, bw_ptr, map_ptr,
     numel, K, n_col_blocks,
     DOUBLE_QUANT: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, QBLOCKS: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    qb = pid * QBLOCKS + tl.arange(0, QBLOCKS)
     if WIDE:  # element indices past 2^31
-        qb = qb.to(tl.int64)
+        pid = pid.to(tl.int64)
+    qb = pid * QBLOCKS + tl.arange(0, QBLOCKS)
     n_qblocks = (numel + 63) // 64
     q_ok = qb < n_qblocks
     byte = qb[:, None] * 32 + tl.arange(0, 32)[None, :]
@@ -52,7 +52,11 @@ def _nf4_dequant_overlay_kernel(
     elem = qb[:, None] * 64 + tl.arange(0, 64)[None, :]
     e_ok = elem < numel
     if HAS_BLOCKS:
-        row = elem // K
+        if WIDE_ROWS:  # K >= the tile: a tile spans at most two rows, found with one division per program
+            row0 = (pid * (QBLOCKS * 64)) // K
+            row = row0 + (elem >= (row0 + 1) * K).to(row0.dtype)
+        else:
+            row = elem // K
         col = elem - row * K
         slot = tl.load(map_ptr + (row // BLOCK_SIZE) * n_col_blocks + col // BLOCK_SIZE, mask=e_ok, other=-1)
         in_block = slot >= 0
@@ -92,7 +96,7 @@ def dequantize_overlay(q, out: torch.Tensor, block_weight: torch.Tensor | None =
         out, bw, bmap,
         numel, q.shape[1], bmap.shape[1] if has_blocks else 1,
         DOUBLE_QUANT=dq, HAS_BLOCKS=has_blocks, BLOCK_SIZE=block_size if has_blocks else 16, QBLOCKS=QBLOCKS,
-        WIDE=numel + QBLOCKS * 64 >= 2**31, num_warps=4, **options,
+        WIDE=numel + QBLOCKS * 64 >= 2**31, WIDE_ROWS=q.shape[1] >= QBLOCKS * 64, num_warps=4, **options,
     )
     return out
 
