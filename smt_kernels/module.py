@@ -117,11 +117,11 @@ class SparseBlockLinear(nn.Module):
         self._adopt_layout(layout)
 
     def _apply(self, fn, *args, **kwargs):
-        # a move to another device (or dtype) may change the backend; the indices keep their values
+        # a move to another device may change the backend; the moved indices are new tensors, so the next eager
+        # forward validates them once (and anything written to them before the move)
         out = super()._apply(fn, *args, **kwargs)
         if hasattr(self, "layout"):
             self.backend = resolve_backend(self.weight.device)
-            self._indices_seen = (self.block_indices, self.block_indices._version)
         return out
 
     @property

@@ -93,6 +93,14 @@ def _scatter_and_gather_kernel(
 _launch_scatter_and_gather = DirectLauncher(_scatter_and_gather_kernel)
 
 
+def _launch(launcher: DirectLauncher, traced: bool, grid: tuple[int, ...], *args, **meta) -> None:
+    if traced:
+        # Inductor sees the kernel itself and launches it from its generated code (no Python op per call)
+        torch.library.wrap_triton(launcher.kernel)[grid](*args, **meta)
+    else:
+        launcher(grid, *args, **meta)
+
+
 def scatter_blocks_and_gather_columns(
     weight: torch.Tensor | None,
     block_weight: torch.Tensor | None,
@@ -100,12 +108,15 @@ def scatter_blocks_and_gather_columns(
     x: torch.Tensor | None,
     col_blocks: torch.Tensor | None,
     block_size: int,
+    *,
+    traced: bool = False,
 ) -> torch.Tensor | None:
     """In one launch: write block_weight (n, b, b) into weight (N, K) at block_indices (n, 2), in place, and
     copy the block-columns col_blocks (u,) of x (M, K) into a new contiguous (M, u·b) tensor, which is returned.
 
     Pass ``weight=None`` to skip the scatter, ``x=None`` to skip the gather (then None is returned).
     Columns past K of a clipped edge block-column are zero in the copy; x and weight may have any strides.
+    ``traced=True`` launches through ``torch.library.wrap_triton`` (inside a ``triton_op`` that Inductor traces).
     """
     b = block_size
     do_scatter = weight is not None and block_weight.shape[0] > 0
@@ -129,7 +140,7 @@ def scatter_blocks_and_gather_columns(
     ref = weight if do_scatter else x
     w, bw, idx = (weight, block_weight, block_indices) if do_scatter else (ref, ref, ref)
     xs, cb, xc = (x, col_blocks, x_cols) if do_gather else (ref, ref, ref)
-    _launch_scatter_and_gather((programs,),
+    _launch(_launch_scatter_and_gather, traced, (programs,),
         w, bw, idx, w.shape[0], w.shape[-1],
         w.stride(0), w.stride(-1),
         xs, cb, xc, xs.shape[0],
@@ -149,9 +160,11 @@ def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: 
     return scatter_blocks_and_gather_columns(None, None, None, x, col_blocks, block_size)
 
 
-def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indices: torch.Tensor) -> None:
+def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indices: torch.Tensor, *,
+                   traced: bool = False) -> None:
     """Write block_weight (n, b, b) into weight (N, K) in place at block_indices (n, 2); edges clipped."""
-    scatter_blocks_and_gather_columns(weight, block_weight, block_indices, None, None, block_weight.shape[-1])
+    scatter_blocks_and_gather_columns(weight, block_weight, block_indices, None, None, block_weight.shape[-1],
+                                      traced=traced)
 
 
 @triton.jit
@@ -245,6 +258,8 @@ def block_weight_grad(
     rescatter: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: dict | None = None,
     splits: int | None = None,
+    *,
+    traced: bool = False,
 ) -> torch.Tensor:
     """Gradient of every block: dB_k = dY[:, rows_k]ᵀ · X[:, cols_k], reduced over all M tokens.
 
@@ -257,6 +272,7 @@ def block_weight_grad(
         rescatter: optional (weight (N, K), block_weight (n, b, b)): also write the blocks into weight in the
             same launch (``scatter_blocks``), done before any later work on the stream.
         config, splits: override the tile configuration / number of token splits (for tuning).
+        traced: launch through ``torch.library.wrap_triton`` (inside a ``triton_op`` that Inductor traces).
     Returns:
         (n, b, b) gradient; rows past N and columns past K of clipped edge blocks are zero. Deterministic.
     """
@@ -265,7 +281,7 @@ def block_weight_grad(
     b = block_size
     if n == 0 or M == 0:
         if rescatter is not None:
-            scatter_blocks(rescatter[0], rescatter[1], block_indices)
+            scatter_blocks(rescatter[0], rescatter[1], block_indices, traced=traced)
         return torch.zeros((n, b, b), device=grad_out.device, dtype=out_dtype)
     cfg = {**_default_grad_config(b), **(config or {})}
     tiles = n * (b // cfg["TILE_R"]) * (b // cfg["TILE_C"])
@@ -289,7 +305,7 @@ def block_weight_grad(
     scatter_programs = n * (b // scatter_rows) if rescatter is not None else 0
     if x_cols.stride(1) != 1:
         x_cols = x_cols.contiguous()
-    _launch_block_weight_grad((tiles + scatter_programs, splits),
+    _launch(_launch_block_weight_grad, traced, (tiles + scatter_programs, splits),
         grad_out, x_cols, partial, block_indices, col_slot,
         M, N, tokens_per_split,
         grad_out.stride(0), grad_out.stride(1), x_cols.stride(0), n * b * b,
