@@ -21,11 +21,9 @@ case "$phase" in
     echo "host rc=$?" >> "$log"
     ;;
   small)
-    python -m benchmarks.bench_compile --sections model --presets smollm2-135m --no-results --out "$out" \
-      --name compile_smollm > "$out/bench_smollm.log" 2>&1; echo "smollm rc=$?" >> "$log"
-    python -m benchmarks.bench_compile --sections model --presets smollm2-135m --methods smt,frozen \
-      --modes reduce-overhead --no-results --out "$out" --name compile_smollm_ro > "$out/bench_smollm_ro.log" 2>&1
-    echo "smollm reduce-overhead rc=$?" >> "$log"
+    python -m benchmarks.bench_compile --sections model --presets smollm2-135m --methods "${METHODS:-frozen,full,lora,smt}" \
+      --modes "${MODES:-eager,default,reduce-overhead}" --no-results --out "$out" --name compile_smollm \
+      > "$out/bench_smollm.log" 2>&1; echo "smollm rc=$?" >> "$log"
     ;;
   large)
     python -m benchmarks.bench_compile --sections model --presets "${PRESETS:-llama-1.1b-1x1024,llama-1.1b-8x1024,llama2-7b-1x1024,llama2-7b-8x1024}" \
@@ -45,4 +43,4 @@ esac
 date -u >> "$log"
 tar -czf "${OUT:-/tmp/out}/$phase.tgz" -C "${OUT:-/tmp/out}" "$phase"
 cp "$log" "${OUT:-/tmp/out}/${phase}_run.log"
-tail -40 "$out"/*.log
+for f in "$out"/*.log; do echo "== $f"; tail -n 25 "$f"; done
