@@ -87,7 +87,7 @@ def test_double_quant_matches_bitsandbytes(shape, dtype):
 def test_dequantizes_bitsandbytes_state_bit_for_bit(dtype, double_quant):
     """A weight bitsandbytes quantized (its bytes and quant state, as in a bitsandbytes checkpoint) dequantizes
     here exactly as bitsandbytes dequantizes it."""
-    from smt_kernels.quant.model import nf4_from_bnb
+    from smt_kernels.quant.bnb import nf4_from_bnb
 
     w = weight((300, 257), dtype, seed=3)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")

@@ -93,7 +93,7 @@ except ImportError:  # pragma: no cover
 @pytest.mark.skipif(bnbf is None, reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_matches_bitsandbytes(dtype):
-    from smt_kernels.quant.model import nf4_from_bnb
+    from smt_kernels.quant.bnb import nf4_from_bnb
 
     w = (torch.randn(37, 70, generator=torch.Generator().manual_seed(2)) * 0.05).to(dtype)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

@@ -292,15 +292,8 @@ def test_bitsandbytes_linear4bit_model_is_taken_over_without_requantizing():
     its dequantized twin, not with bitsandbytes' own CPU forward: bitsandbytes 0.50.2's CPU dequantize_4bit kernel
     returns wrong values for some shapes, e.g. 40×80, where its pure-torch fallback and ours agree.)"""
     bnb_nn = pytest.importorskip("bitsandbytes.nn")
-    model = tiny()
+    model = bnb_model(bnb_nn)
     ref = tiny()
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and name != "lm_head":
-            layer = bnb_nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-            layer.load_state_dict(m.state_dict())
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, layer.to("cpu"))  # .to() quantizes
     packed = {n: m.weight.data.clone() for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
     quantize_base(model, "nf4")
     assert set(nf4_modules(model)) == set(packed)
@@ -312,3 +305,43 @@ def test_bitsandbytes_linear4bit_model_is_taken_over_without_requantizing():
         torch.testing.assert_close(model(**batch()).logits, ref(**batch()).logits, rtol=1e-4, atol=1e-4)
     patch_nf4(model, {"model.layers.0.self_attn.q_proj": [(0, 0)]}, B)
     assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), NF4SparseBlockLinear)
+
+
+def bnb_model(bnb_nn, seed=0):
+    """The tiny model with bitsandbytes Linear4bit layers (NF4, double quantization) quantized on the CPU."""
+    model = tiny(seed=seed)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name != "lm_head":
+            layer = bnb_nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            layer.load_state_dict(m.state_dict())
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.to("cpu"))  # .to() quantizes
+    return model
+
+
+def test_load_checkpoint_bitsandbytes_quantized(tmp_path):
+    """A checkpoint saved from a bitsandbytes 4-bit model (its packed weights and quant states) loads without
+    requantizing: the same NF4 tensors as taking the live bitsandbytes model over."""
+    bnb_nn = pytest.importorskip("bitsandbytes.nn")
+    from safetensors.torch import save_file
+
+    model = bnb_model(bnb_nn, seed=5)
+    model.config.save_pretrained(tmp_path)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in state)
+    keys = sorted(state)
+    half = len(keys) // 2  # two shards; a layer's pieces may sit in different shards
+    save_file({k: state[k] for k in keys[:half]}, tmp_path / "model-00001-of-00002.safetensors", {"format": "pt"})
+    save_file({k: state[k] for k in keys[half:]}, tmp_path / "model-00002-of-00002.safetensors", {"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors"
+                                            for i, k in enumerate(keys)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = load_nf4_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32)
+    reference = quantize_base(model, "nf4").eval()
+    got, want = loaded.state_dict(), reference.state_dict()
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, reference(**batch()).logits)

@@ -20,6 +20,7 @@ from torch import nn
 
 from smt_kernels.kernels import torch_blocks
 from smt_kernels.layout import BlockLayout
+from smt_kernels.quant.bnb import bnb_state_keys, nf4_from_bnb_state
 from smt_kernels.quant.model import ALWAYS_SKIPPED, _matches
 from smt_kernels.quant.module import NF4Linear
 from smt_kernels.quant.nf4 import quantize_nf4
@@ -76,6 +77,9 @@ def load_nf4_pretrained(
 ) -> nn.Module:
     """Load a (sharded) 16-bit Hugging Face safetensors checkpoint as a model whose linears are ``NF4Linear``.
 
+    A checkpoint that bitsandbytes already quantized to NF4 (saved from a ``load_in_4bit`` model) loads too: its
+    packed weights and quant states are adopted without requantizing (bitsandbytes need not be installed).
+
     Tensors are read one at a time from each shard (memory-mapped), moved to ``device`` and, for the linears,
     quantized there; so the 16-bit model is never whole in CPU or GPU memory (peak: the 4-bit model plus one
     16-bit tensor and its quantization temporaries). Every linear except ``lm_head`` and ``skip`` is quantized
@@ -97,22 +101,37 @@ def load_nf4_pretrained(
     # an NF4 layer's weight arrives as one checkpoint tensor but lives in several buffers
     expected -= {f"{n}.{b}" for n, m in modules.items() if isinstance(m, NF4Linear) for b, _ in m.named_buffers()}
     expected |= set(nf4_weights)
+    # a checkpoint bitsandbytes quantized: packed weights and their quant state, adopted without requantizing
+    bnb_parts = {k: w for w in nf4_weights for k in bnb_state_keys(w)}
+    prequantized: dict[str, dict[str, torch.Tensor]] = {}
     seen, unexpected = set(), []
     for shard in shards:
         with safe_open(str(shard), framework="pt", device="cpu") as f:
             for key in f.keys():
+                if key in bnb_parts:
+                    prequantized.setdefault(bnb_parts[key], {})[key] = f.get_tensor(key).to(device)
+                    continue
                 if key not in expected:
                     unexpected.append(key)
                     continue
                 t = f.get_tensor(key).to(device)
-                if key in nf4_weights:
-                    layer = nf4_weights[key]
-                    layer.set_nf4(quantize_nf4(t, double_quant=double_quant))
+                if key in nf4_weights and not t.is_floating_point():
+                    prequantized.setdefault(key, {})[key] = t  # packed bytes; the quant state may follow
+                elif key in nf4_weights:
+                    nf4_weights[key].set_nf4(quantize_nf4(t, double_quant=double_quant))
+                elif not t.is_floating_point() and t.dtype == torch.uint8 and key.endswith(".weight"):
+                    raise ValueError(f"{key} is 4-bit packed in the checkpoint but its module is not quantized here "
+                                     "(is it in `skip`?)")
                 else:
                     _assign(model, key, t if not t.is_floating_point() else t.to(compute_dtype))
                 del t
                 seen.add(key)
         logger.info("load_nf4_pretrained: %s done (%d/%d tensors)", shard.name, len(seen), len(expected))
+    for key, parts in prequantized.items():
+        nf4_weights[key].set_nf4(nf4_from_bnb_state(parts, key))
+    if prequantized:
+        logger.info("load_nf4_pretrained: %d weights were 4-bit (bitsandbytes) in the checkpoint, adopted as they are",
+                    len(prequantized))
     tied = _tie(model)
     missing = sorted(expected - seen - tied)
     if missing:

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from smt_kernels.layout import BlockLayout, check_block_size
+from smt_kernels.quant.bnb import is_bnb_linear4bit, nf4_from_bnb
 from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
-from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
+from smt_kernels.quant.nf4 import SUPPORTED_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -28,38 +29,6 @@ ALWAYS_SKIPPED = ("lm_head",)
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     # a pattern names a module fully ("model.layers.0.mlp.down_proj") or by its last parts ("mlp.down_proj")
     return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _is_bnb_linear4bit(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
-
-
-def nf4_from_bnb(module: nn.Module) -> NF4Weight:
-    """The ``NF4Weight`` of a bitsandbytes ``Linear4bit`` (packed bytes and quant state, no requantization)."""
-    weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        raise ValueError("this bitsandbytes Linear4bit has no quant_state (it was never moved to a device, so it is "
-                         "not quantized yet); call .to(device) on the model first")
-    if state.quant_type != "nf4" or state.blocksize != 64:
-        raise ValueError(f"only NF4 with blocksize 64 is supported, the layer has quant_type={state.quant_type!r} "
-                         f"blocksize={state.blocksize}")
-    packed = weight.data.reshape(-1)
-    if packed.dtype != torch.uint8:  # quant_storage other than uint8: the same bytes
-        packed = packed.view(torch.uint8)
-    shape = tuple(int(s) for s in state.shape)
-    q = NF4Weight(packed=packed, shape=shape, dtype=state.dtype)
-    if state.nested:
-        if state.state2.blocksize != 256:
-            raise ValueError(f"double-quantized absmax in groups of {state.state2.blocksize}; only 256 is supported")
-        q.absmax_q = state.absmax.reshape(-1)
-        q.absmax_scale = state.state2.absmax.float().reshape(-1)
-        q.absmax_offset = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(())
-        q.absmax_code = state.state2.code.float().to(packed.device)
-    else:
-        q.absmax = state.absmax.float().reshape(-1)
-    return q.check()
 
 
 def quantize_base(
@@ -87,16 +56,16 @@ def quantize_base(
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("the model is already patched for SMT; quantize the base before patching")
     targets = [(n, m) for n, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or _is_bnb_linear4bit(m)) and not _matches(n, ALWAYS_SKIPPED)
+               if (isinstance(m, nn.Linear) or is_bnb_linear4bit(m)) and not _matches(n, ALWAYS_SKIPPED)
                and not _matches(n, skip)]
     bad = [f"{n} ({m.weight.dtype})" for n, m in targets
-           if not _is_bnb_linear4bit(m) and m.weight.dtype not in SUPPORTED_DTYPES]
+           if not is_bnb_linear4bit(m) and m.weight.dtype not in SUPPORTED_DTYPES]
     if bad:
         raise TypeError(f"quantize_base: these linears are not float32/float16/bfloat16: {bad[:5]}")
     modules = dict(model.named_modules())
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     for name, m in targets:
-        if _is_bnb_linear4bit(m):
+        if is_bnb_linear4bit(m):
             dtype = compute_dtype or getattr(m, "compute_dtype", None) or torch.bfloat16
             new = NF4Linear.from_nf4(nf4_from_bnb(m), m.bias, dtype)
         else:

@@ -79,16 +79,15 @@ class NF4Linear(nn.Module):
         return layer
 
     def set_nf4(self, q: NF4Weight) -> None:
-        """Replace the stored weight by ``q`` (same shape and double-quantization setting)."""
+        """Replace the stored weight by ``q`` (same shape; with or without double quantization)."""
         q.check()
         if q.shape != (self.out_features, self.in_features):
             raise ValueError(f"NF4 weight of shape {q.shape} does not fit a {self.out_features}×{self.in_features} "
                              "layer")
-        if q.double_quant != self.double_quant:
-            raise ValueError(f"the layer was built with double_quant={self.double_quant}, the weight has "
-                             f"double_quant={q.double_quant}")
+        for name in _BUFFER_NAMES.values():
+            self._buffers.pop(name, None)
         for field, t in q.tensors().items():
-            setattr(self, _BUFFER_NAMES[field], t)
+            self.register_buffer(_BUFFER_NAMES[field], t)
         self.weight_dtype = q.dtype
 
     def _apply(self, fn, recurse=True):
