@@ -189,3 +189,14 @@ def test_dtype_casts_keep_the_quantized_weight():
     assert layer.bias.dtype == torch.bfloat16 and layer.block_weight.dtype == torch.bfloat16
     assert layer.block_map.dtype == torch.int32  # the index buffers keep their dtypes as always
     assert torch.isfinite(layer(torch.randn(2, 100))).all()
+
+
+def test_no_blocks_and_no_input_gradient():
+    base = NF4Linear.from_linear(nn.Linear(40, 24))
+    empty = NF4SparseBlockLinear.from_nf4_linear(base, [], 16)
+    x = torch.randn(3, 40, requires_grad=True)
+    empty(x).sum().backward()
+    assert empty.block_weight.grad.shape == (0, 16, 16) and x.grad is not None
+    _, layer = make("aligned", torch.float32, "cpu")
+    layer(torch.randn(2, 96)).sum().backward()  # the input needs no gradient: only the blocks get one
+    assert torch.isfinite(layer.block_weight.grad).all() and layer.block_weight.grad.abs().sum() > 0

@@ -32,7 +32,7 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
             x_cols = kernels.gather_column_blocks(x.reshape(-1, x.shape[-1]), col_blocks, block_size)
         y = F.linear(x, w, bias)
         # block_weight is saved so that an in-place update before backward is caught by autograd
-        ctx.save_for_backward(x_cols, block_weight if has_blocks else None, block_indices, block_map, col_slot)
+        ctx.save_for_backward(x_cols, block_weight, block_indices, block_map, col_slot)
         ctx.q, ctx.block_size, ctx.compute_dtype, ctx.kernels = q, block_size, compute_dtype, kernels
         return y
 
@@ -40,12 +40,13 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_cols, block_weight, block_indices, block_map, col_slot = ctx.saved_tensors
         grad_x = grad_blocks = None
+        has_blocks = block_weight is not None and block_weight.shape[0] > 0
         if ctx.needs_input_grad[1]:
             grad_blocks = ctx.kernels.block_weight_grad(
                 grad_out.reshape(-1, grad_out.shape[-1]), x_cols, block_indices, col_slot, ctx.block_size,
-                block_weight.dtype)
+                block_weight.dtype) if has_blocks else torch.zeros_like(block_weight)
         if ctx.needs_input_grad[0]:
-            blocks = block_weight.detach() if block_weight is not None else None
+            blocks = block_weight.detach() if has_blocks else None
             w = ctx.kernels.dequantize_overlay(ctx.q, shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype),
                                                blocks, block_indices, block_map, ctx.block_size)
             grad_x = grad_out.matmul(w)
