@@ -99,7 +99,9 @@ class NF4Linear(nn.Module):
         finally:
             for name, buf in quant.items():
                 target = fn(torch.empty(0, device=buf.device)).device
-                self._buffers[name] = buf if buf.device == target else buf.to(target)
+                if buf.device != target:  # a meta shell (to_empty) gets uninitialised memory of its own dtype
+                    buf = torch.empty_like(buf, device=target) if buf.is_meta else buf.to(target)
+                self._buffers[name] = buf
         return self
 
     @property
