@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import HAS_CUDA
 
+from smt_kernels.kernels.launcher import interpreting
 from smt_kernels.kernels.nf4_dequant import dequantize_overlay
-from smt_kernels.kernels.triton_blocks import interpreting
 from smt_kernels.layout import BlockLayout
 from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, kernels_for
 from smt_kernels.quant.nf4 import dequantize_nf4, quantize_nf4

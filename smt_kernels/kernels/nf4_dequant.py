@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smt_kernels.kernels.triton_blocks import interpreting
+from smt_kernels.kernels.launcher import interpreting
 
 # absmax blocks (of 64 values) per program: 2048 values, 1 KiB of packed input, 4 KiB of bf16 output
 QBLOCKS = 32
