@@ -104,9 +104,11 @@ class NF4Weight:
         """float32 (ceil(n/64),) block scales; undoes double quantization as bitsandbytes does (multiply, then add)."""
         if self.absmax is not None:
             return self.absmax
-        groups = torch.arange(self.absmax_q.numel(), device=self.device) // ABSMAX_GROUP
+        n = self.absmax_q.numel()
+        codes = self.absmax_code.index_select(0, self.absmax_q.int())
+        codes = torch.cat([codes, codes.new_zeros((-n) % ABSMAX_GROUP)]).view(-1, ABSMAX_GROUP)
         # two roundings (product, then sum), never a fused multiply-add: bitsandbytes' values exactly
-        scaled = self.absmax_code[self.absmax_q.long()] * self.absmax_scale[groups]
+        scaled = (codes * self.absmax_scale.view(-1, 1)).view(-1)[:n]
         return scaled + self.absmax_offset
 
     def check(self) -> NF4Weight:
@@ -211,6 +213,18 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Weight:
     return out
 
 
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """float32 (256, 2): the two NF4 values a packed byte holds (high nibble first); one lookup per byte."""
+    t = _PAIR_TABLES.get(device)
+    if t is None:
+        byte = torch.arange(256)
+        t = _PAIR_TABLES[device] = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 15]], dim=1).to(device)
+    return t
+
+
 @torch.no_grad()
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The reference dequantization: (N, K) in ``dtype`` (default the original), value = code[q]·absmax in fp32,
@@ -220,12 +234,14 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         out = torch.empty(q.shape, device=q.device, dtype=dtype)
     flat_out = out.view(-1)
     absmax = q.absmax_fp32()
-    code = NF4_CODE.to(q.device)
+    table = _pair_table(q.device)
     n = q.numel
-    for start in range(0, n, CHUNK):
+    for start in range(0, n, CHUNK):  # start is a multiple of 64: chunks hold whole absmax blocks
         stop = min(start + CHUNK, n)
-        b = q.packed[start // 2:(stop + 1) // 2]
-        codes = torch.stack([b >> 4, b & 15], dim=1).view(-1)[: stop - start].long()
-        scale = absmax[start // BLOCK:-(-stop // BLOCK)].repeat_interleave(BLOCK)[: stop - start]
-        flat_out[start:stop] = code[codes] * scale
+        values = table.index_select(0, q.packed[start // 2:(stop + 1) // 2].int()).view(-1)[: stop - start]
+        scale = absmax[start // BLOCK:-(-stop // BLOCK)]
+        full = (stop - start) // BLOCK * BLOCK
+        flat_out[start:start + full] = (values[:full].view(-1, BLOCK) * scale[: full // BLOCK].view(-1, 1)).view(-1)
+        if full < stop - start:
+            flat_out[start + full:stop] = values[full:] * scale[-1]
     return out
