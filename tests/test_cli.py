@@ -54,22 +54,40 @@ def test_reverse_answers_are_right():
         assert ex.answer.split() == words[::-1]
 
 
-@pytest.mark.parametrize("pred, answer, ok", [
-    ("42", "42", True), (" 42.\n", "42", True), ("42\nbecause 40 + 2", "42", True), ("1,200", "1200", True),
-    ("Stone River apple", "stone river apple", True), ("stone  river\tapple.", "stone river apple", True),
-    ("The answer is 42", "42", False), ("420", "42", False), ("", "42", False), ("41", "42", False),
-    ("stone river", "stone river apple", False),
-])
+@pytest.mark.parametrize(
+    "pred, answer, ok",
+    [
+        ("42", "42", True),
+        (" 42.\n", "42", True),
+        ("42\nbecause 40 + 2", "42", True),
+        ("1,200", "1200", True),
+        ("Stone River apple", "stone river apple", True),
+        ("stone  river\tapple.", "stone river apple", True),
+        ("The answer is 42", "42", False),
+        ("420", "42", False),
+        ("", "42", False),
+        ("41", "42", False),
+        ("stone river", "stone river apple", False),
+    ],
+)
 def test_exact_match(pred, answer, ok):
     assert tasks.exact_match(pred, answer) is ok
 
 
-@pytest.mark.parametrize("pred, answer, ok", [
-    ("3 + 4 = 7", "3 + 4 = 7", True), ("4 + 3 = 7", "3 + 4 = 7", True), ("7", "3 + 4 = 7", True),
-    ("3 + 4 = 7.\n8", "3 + 4 = 7", True), ("1,200", "600 * 2 = 1200", True),
-    ("3 + 4 = 8", "3 + 4 = 7", False), ("3 + 4 =", "3 + 4 = 7", False), ("To solve this", "3 + 4 = 7", False),
-    ("3 + 4 = 8\n7", "3 + 4 = 7", False),  # only the first (non-blank) line counts
-])
+@pytest.mark.parametrize(
+    "pred, answer, ok",
+    [
+        ("3 + 4 = 7", "3 + 4 = 7", True),
+        ("4 + 3 = 7", "3 + 4 = 7", True),
+        ("7", "3 + 4 = 7", True),
+        ("3 + 4 = 7.\n8", "3 + 4 = 7", True),
+        ("1,200", "600 * 2 = 1200", True),
+        ("3 + 4 = 8", "3 + 4 = 7", False),
+        ("3 + 4 =", "3 + 4 = 7", False),
+        ("To solve this", "3 + 4 = 7", False),
+        ("3 + 4 = 8\n7", "3 + 4 = 7", False),  # only the first (non-blank) line counts
+    ],
+)
 def test_final_number_metric(pred, answer, ok):
     assert tasks.score(pred, answer, "final_number") is ok
 
@@ -91,13 +109,16 @@ def test_load_jsonl(tmp_path):
     assert len(t.eval) == 1 and len(t.train) == 1
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "answer": ', "not valid JSON"),
-    ('["a", "b"]', "expected a JSON object"),
-    ('{"prompt": "a"}', "missing key(s) 'answer'"),
-    ('{"prompt": "a", "answer": ["b"]}', "must be strings"),
-    ('{"prompt": "", "answer": "b"}', "must not be empty"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "answer": ', "not valid JSON"),
+        ('["a", "b"]', "expected a JSON object"),
+        ('{"prompt": "a"}', "missing key(s) 'answer'"),
+        ('{"prompt": "a", "answer": ["b"]}', "must be strings"),
+        ('{"prompt": "", "answer": "b"}', "must not be empty"),
+    ],
+)
 def test_load_jsonl_names_the_bad_line(tmp_path, line, message):
     f = tmp_path / "d.jsonl"
     f.write_text('{"prompt": "a", "answer": "b"}\n\n' + line + "\n")
@@ -143,27 +164,30 @@ def test_missing_data_file(capsys, tmp_path):
     _fails(capsys, ["--data", str(tmp_path / "none.jsonl")], "does not exist")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--task", "poetry"], "invalid choice: 'poetry'"),
-    (["--method", "dora"], "invalid choice: 'dora'"),
-    (["--ratio", "1.5"], "--ratio must be <= 1, got 1.5"),
-    (["--ratio", "0"], "--ratio must be in (0, 1]"),
-    (["--block-size", "48"], "power of two"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--steps", "1.5"], "argument --steps: not an integer: '1.5'"),
-    (["--targets", ","], "--targets is empty"),
-    (["--device", "tpu"], "device"),
-    (["--score", "fisher"], "invalid choice: 'fisher'"),
-    (["--strategy", "random"], "invalid choice: 'random'"),
-    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
-    (["--num-blocks", "4", "--ratio", "0.1"], "--ratio 0.1 and --num-blocks 4 both set the budget"),
-    (["--method", "lora", "--score", "l2"], "--score is not used by --method lora"),
-    (["--method", "full", "--ratio", "0.1"], "--ratio is not used by --method full"),
-    (["--method", "full", "--targets", "q_proj"], "--targets is not used by --method full"),
-    (["--output-dir", "", "--save-merged"], "--save-merged needs an --output-dir"),
-    (["--output-dir", "", "--checkpoint-every", "2"], "--checkpoint-every needs an --output-dir"),
-    (["--checkpoint-every", "40"], "no checkpoint would be written"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--task", "poetry"], "invalid choice: 'poetry'"),
+        (["--method", "dora"], "invalid choice: 'dora'"),
+        (["--ratio", "1.5"], "--ratio must be <= 1, got 1.5"),
+        (["--ratio", "0"], "--ratio must be in (0, 1]"),
+        (["--block-size", "48"], "power of two"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--steps", "1.5"], "argument --steps: not an integer: '1.5'"),
+        (["--targets", ","], "--targets is empty"),
+        (["--device", "tpu"], "device"),
+        (["--score", "fisher"], "invalid choice: 'fisher'"),
+        (["--strategy", "random"], "invalid choice: 'random'"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+        (["--num-blocks", "4", "--ratio", "0.1"], "--ratio 0.1 and --num-blocks 4 both set the budget"),
+        (["--method", "lora", "--score", "l2"], "--score is not used by --method lora"),
+        (["--method", "full", "--ratio", "0.1"], "--ratio is not used by --method full"),
+        (["--method", "full", "--targets", "q_proj"], "--targets is not used by --method full"),
+        (["--output-dir", "", "--save-merged"], "--save-merged needs an --output-dir"),
+        (["--output-dir", "", "--checkpoint-every", "2"], "--checkpoint-every needs an --output-dir"),
+        (["--checkpoint-every", "40"], "no checkpoint would be written"),
+    ],
+)
 def test_bad_options(capsys, argv, needle):
     _fails(capsys, argv, needle)
 
@@ -194,8 +218,13 @@ def test_non_utf8_jsonl(capsys, tmp_path):
 def test_help_shows_every_default_once(capsys):
     assert main(["finetune", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option, default in [("--steps N", "32"), ("--batch-size N", "8"), ("--seed N", "0"),
-                            ("--method {smt,full,lora}", "smt"), ("--block-size N", "64")]:
+    for option, default in [
+        ("--steps N", "32"),
+        ("--batch-size N", "8"),
+        ("--seed N", "0"),
+        ("--method {smt,full,lora}", "smt"),
+        ("--block-size N", "64"),
+    ]:
         part = text.rsplit(option + " ", 1)[1].split(" --", 1)[0]
         assert part.count("(default:") == 1 and f"(default: {default})" in part, part
     for switch in ("--no-progress", "--save-merged", "--allow-divergence"):
@@ -216,8 +245,12 @@ def test_no_command_prints_help(capsys):
 
 
 def test_python_dash_m_reports_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "smt_kernels", "finetune", "--model", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "smt_kernels", "finetune", "--model", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -250,8 +283,9 @@ def _char_tokenizer(chat: bool):
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.add_special_tokens(specials)
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -263,21 +297,52 @@ def tiny_model_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     tok = _char_tokenizer(chat=True)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
     d = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
 
 
-TINY = ["--steps", "3", "--batch-size", "4", "--num-train", "24", "--num-eval", "4", "--eval-batch-size", "4",
-        "--block-size", "16", "--select-batches", "2", "--max-length", "160", "--no-progress", "--task", "reverse"]
+TINY = [
+    "--steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--num-train",
+    "24",
+    "--num-eval",
+    "4",
+    "--eval-batch-size",
+    "4",
+    "--block-size",
+    "16",
+    "--select-batches",
+    "2",
+    "--max-length",
+    "160",
+    "--no-progress",
+    "--task",
+    "reverse",
+]
 # the options each method uses (the others are refused): TINY minus what the method ignores
-TINY_FOR = {"smt": TINY, "lora": [a for a in TINY if a not in ("--select-batches", "2")],
-            "full": [a for a in TINY if a not in ("--select-batches", "2", "--block-size", "16")]}
+TINY_FOR = {
+    "smt": TINY,
+    "lora": [a for a in TINY if a not in ("--select-batches", "2")],
+    "full": [a for a in TINY if a not in ("--select-batches", "2", "--block-size", "16")],
+}
 
 
 def test_prompt_masking(tiny_model_dir):
@@ -298,8 +363,12 @@ def test_budget_larger_than_the_model(capsys, tiny_model_dir):
 
 
 def test_per_matrix_budget_larger_than_a_matrix(capsys, tiny_model_dir):
-    _fails(capsys, ["--model", str(tiny_model_dir), "--strategy", "per_matrix", "--num-blocks", "17", *TINY],
-           "larger than the model", "q_proj has only 16 blocks")
+    _fails(
+        capsys,
+        ["--model", str(tiny_model_dir), "--strategy", "per_matrix", "--num-blocks", "17", *TINY],
+        "larger than the model",
+        "q_proj has only 16 blocks",
+    )
 
 
 def test_unknown_target(capsys, tiny_model_dir):
@@ -313,16 +382,21 @@ def _copy_model_dir(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
-    (lambda d: (d / "config.json").write_text("[1, 2]"), "is not a Hugging Face model config"),
-    (lambda d: (d / "config.json").write_bytes(b'{"model_type": "caf\xe9"}'), "config.json is not UTF-8"),
-    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
-     "model.safetensors is truncated"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4), "truncated or not a safetensors file"),
-    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "only pickle weights"),
-    (lambda d: (d / "model.safetensors").unlink(), "no weights"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda d: (d / "config.json").write_text("[1, 2]"), "is not a Hugging Face model config"),
+        (lambda d: (d / "config.json").write_bytes(b'{"model_type": "caf\xe9"}'), "config.json is not UTF-8"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+            "model.safetensors is truncated",
+        ),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4), "truncated or not a safetensors file"),
+        (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "only pickle weights"),
+        (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+    ],
+)
 def test_damaged_model_dir(capsys, tiny_model_dir, tmp_path, damage, needle):
     d = _copy_model_dir(tiny_model_dir, tmp_path / "m")
     damage(d)
@@ -345,12 +419,17 @@ def test_unwritable_output_fails_before_any_work(capsys, tiny_model_dir, tmp_pat
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     monkeypatch.setattr(run_mod, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
-    _fails(capsys, ["--model", str(tiny_model_dir), *TINY, option, str(blocker / "sub" / "x.json")],
-           "is a file, not a directory")
+    _fails(
+        capsys,
+        ["--model", str(tiny_model_dir), *TINY, option, str(blocker / "sub" / "x.json")],
+        "is a file, not a directory",
+    )
 
 
-@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
-                    reason="root writes into read-only directories")
+@pytest.mark.skipif(
+    hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+    reason="root writes into read-only directories",
+)
 def test_read_only_output_dir(capsys, tiny_model_dir, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -363,11 +442,25 @@ def test_read_only_output_dir(capsys, tiny_model_dir, tmp_path):
 
 def test_divergence_is_an_error_and_saves_nothing(capsys, tiny_model_dir, tmp_path):
     out, js = tmp_path / "out", tmp_path / "s.json"
-    _fails(capsys, ["--model", str(tiny_model_dir), *TINY, "--lr", "1e30", "--output-dir", str(out),
-                    "--output-json", str(js)], "nothing was saved")
+    _fails(
+        capsys,
+        ["--model", str(tiny_model_dir), *TINY, "--lr", "1e30", "--output-dir", str(out), "--output-json", str(js)],
+        "nothing was saved",
+    )
     assert not out.exists() and not js.exists()
-    code = main(["finetune", "--model", str(tiny_model_dir), *TINY, "--lr", "1e30", "--output-dir", str(out),
-                 "--allow-divergence"])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            *TINY,
+            "--lr",
+            "1e30",
+            "--output-dir",
+            str(out),
+            "--allow-divergence",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
 
@@ -376,8 +469,24 @@ def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     js = tmp_path / "summary.json"
     budget = ["--ratio", "0.1"] if method != "full" else []
-    code = main(["finetune", "--model", str(tiny_model_dir), "--method", method, *budget, "--output-dir", str(out),
-                 "--output-json", str(js), "--save-merged", "--eval-every", "2", *TINY_FOR[method]])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--method",
+            method,
+            *budget,
+            "--output-dir",
+            str(out),
+            "--output-json",
+            str(js),
+            "--save-merged",
+            "--eval-every",
+            "2",
+            *TINY_FOR[method],
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "accuracy" in captured.out and "trainable" in captured.out
@@ -416,10 +525,18 @@ def test_lora_budget_matches_smt(tiny_model_dir, strategy, ratio):
 
     opts = dict(model=str(tiny_model_dir), ratio=ratio, strategy=strategy, block_size=16, progress=False)
     ids = torch.randint(7, 100, (2, 12))
-    smt = prepare_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), FinetuneConfig(method="smt", **opts),
-                         [{"input_ids": ids, "labels": ids}], torch.device("cpu"))
-    lora = prepare_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), FinetuneConfig(method="lora", **opts),
-                          [], torch.device("cpu"))
+    smt = prepare_method(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        FinetuneConfig(method="smt", **opts),
+        [{"input_ids": ids, "labels": ids}],
+        torch.device("cpu"),
+    )
+    lora = prepare_method(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        FinetuneConfig(method="lora", **opts),
+        [],
+        torch.device("cpu"),
+    )
     n_smt, n_lora = trainable_parameters(smt.model)[0], trainable_parameters(lora.model)[0]
     per_rank = n_lora // lora.lora_rank
     assert abs(n_lora - n_smt) <= per_rank / 2, (n_smt, n_lora, lora.lora_rank)
@@ -432,9 +549,24 @@ def test_trained_blocks_reload(tiny_model_dir, tmp_path):
     import smt_kernels
 
     out = tmp_path / "o"
-    cfg = FinetuneConfig(model=str(tiny_model_dir), task="reverse", steps=2, batch_size=4, num_train=8, num_eval=2,
-                         eval_batch_size=2, block_size=16, select_batches=1, max_length=160, ratio=0.2,
-                         output_dir=str(out), save_merged=True, progress=False, show_examples=0, lr=1e-2)
+    cfg = FinetuneConfig(
+        model=str(tiny_model_dir),
+        task="reverse",
+        steps=2,
+        batch_size=4,
+        num_train=8,
+        num_eval=2,
+        eval_batch_size=2,
+        block_size=16,
+        select_batches=1,
+        max_length=160,
+        ratio=0.2,
+        output_dir=str(out),
+        save_merged=True,
+        progress=False,
+        show_examples=0,
+        lr=1e-2,
+    )
     run_finetune(cfg)
     fresh = smt_kernels.load_blocks(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
@@ -478,8 +610,26 @@ def test_quality_grid_tiny(tiny_model_dir, tmp_path):
 
     from benchmarks import quality
 
-    common = ["--model-dir", str(tiny_model_dir), "--steps", "2", "--batch-size", "4", "--num-train", "16",
-              "--num-eval", "2", "--block-size", "16", "--seeds", "0", "--eval-every", "1", "--tasks", "reverse"]
+    common = [
+        "--model-dir",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-train",
+        "16",
+        "--num-eval",
+        "2",
+        "--block-size",
+        "16",
+        "--seeds",
+        "0",
+        "--eval-every",
+        "1",
+        "--tasks",
+        "reverse",
+    ]
     assert quality.main([*common, "--out", str(tmp_path / "a"), "--methods", "smt@0.05,smt@0.05/1e-2"]) == 0
     assert quality.main([*common, "--out", str(tmp_path / "b"), "--methods", "full"]) == 0
     assert quality.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
@@ -497,22 +647,53 @@ def test_quality_best_lr_picks_highest_mean_accuracy_then_lowest_loss(tmp_path):
     from benchmarks import quality
 
     rows = [  # (label, method, ratio, seed, accuracy, loss)
-        ("smt@0.01 lr=0.001", "smt", "0.01", 0, 0.50, 1.0), ("smt@0.01 lr=0.001", "smt", "0.01", 1, 0.10, 1.0),
-        ("smt@0.01 lr=0.01", "smt", "0.01", 0, 0.40, 0.9), ("smt@0.01 lr=0.01", "smt", "0.01", 1, 0.40, 0.9),
-        ("smt@0.05 lr=0.001", "smt", "0.05", 0, 0.40, 0.8), ("smt@0.05 lr=0.01", "smt", "0.05", 0, 0.40, 0.7),
+        ("smt@0.01 lr=0.001", "smt", "0.01", 0, 0.50, 1.0),
+        ("smt@0.01 lr=0.001", "smt", "0.01", 1, 0.10, 1.0),
+        ("smt@0.01 lr=0.01", "smt", "0.01", 0, 0.40, 0.9),
+        ("smt@0.01 lr=0.01", "smt", "0.01", 1, 0.40, 0.9),
+        ("smt@0.05 lr=0.001", "smt", "0.05", 0, 0.40, 0.8),
+        ("smt@0.05 lr=0.01", "smt", "0.05", 0, 0.40, 0.7),
         ("full", "full", "", 0, 0.9, 0.1),
     ]
     path = tmp_path / "quality.csv"
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["label", "method", "ratio", "task", "seed", "accuracy_after",
-                                          "eval_loss_after", "trainable_params", "trainable_pct",
-                                          "accuracy_before", "eval_loss_before", "peak_memory_mib",
-                                          "tokens_per_second"])
+        w = csv.DictWriter(
+            f,
+            fieldnames=[
+                "label",
+                "method",
+                "ratio",
+                "task",
+                "seed",
+                "accuracy_after",
+                "eval_loss_after",
+                "trainable_params",
+                "trainable_pct",
+                "accuracy_before",
+                "eval_loss_before",
+                "peak_memory_mib",
+                "tokens_per_second",
+            ],
+        )
         w.writeheader()
         for lab, method, ratio, seed, acc, loss in rows:
-            w.writerow(dict(label=lab, method=method, ratio=ratio, task="t", seed=seed, accuracy_after=acc,
-                            eval_loss_after=loss, trainable_params=10, trainable_pct=1, accuracy_before=0,
-                            eval_loss_before=5, peak_memory_mib=1, tokens_per_second=1))
+            w.writerow(
+                dict(
+                    label=lab,
+                    method=method,
+                    ratio=ratio,
+                    task="t",
+                    seed=seed,
+                    accuracy_after=acc,
+                    eval_loss_after=loss,
+                    trainable_params=10,
+                    trainable_pct=1,
+                    accuracy_before=0,
+                    eval_loss_before=5,
+                    peak_memory_mib=1,
+                    tokens_per_second=1,
+                )
+            )
     best = quality.best_lr_labels(path)
     assert best[("t", "smt@0.01")][0] == "smt@0.01 lr=0.01"  # mean 0.40 beats mean 0.30
     assert best[("t", "smt@0.05")][0] == "smt@0.05 lr=0.01"  # same accuracy: lower loss wins
@@ -537,8 +718,21 @@ def test_resume_equals_uninterrupted_run(method, tiny_model_dir, tmp_path, monke
     """4 steps in one run == 2 steps, a crash, and 2 more after --resume: the same losses and weights, bit for bit."""
     from smt_kernels.finetune import loop
 
-    args = ["finetune", "--model", str(tiny_model_dir), "--method", method, *TINY_FOR[method], "--steps", "4",
-            "--eval-every", "2", "--save-merged", "--lr", "1e-2" if method != "full" else "1e-3"]
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        method,
+        *TINY_FOR[method],
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-merged",
+        "--lr",
+        "1e-2" if method != "full" else "1e-3",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([*args, "--output-dir", str(a), "--output-json", str(a / "r.json")]) == 0, capsys.readouterr().err
 
@@ -554,8 +748,22 @@ def test_resume_equals_uninterrupted_run(method, tiny_model_dir, tmp_path, monke
     assert f"interrupted; continue with the same options and --resume {b / 'checkpoint'}" in capsys.readouterr().err
     monkeypatch.undo()
     assert (b / "checkpoint" / "state.pt").is_file() and not (b / "merged").exists()
-    assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2", "--resume", str(b / "checkpoint"),
-                 "--output-json", str(b / "r.json")]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                *args,
+                "--output-dir",
+                str(b),
+                "--checkpoint-every",
+                "2",
+                "--resume",
+                str(b / "checkpoint"),
+                "--output-json",
+                str(b / "r.json"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
 
     ra, rb = json.loads((a / "r.json").read_text()), json.loads((b / "r.json").read_text())
     assert rb["resumed_from_step"] == 2 and ra["resumed_from_step"] is None
@@ -574,8 +782,11 @@ def test_resume_refuses_other_options(tiny_model_dir, tmp_path, capsys):
     args = ["--model", str(tiny_model_dir), *TINY, "--output-dir", str(out), "--checkpoint-every", "1"]
     assert main(["finetune", *args]) == 0, capsys.readouterr().err
     capsys.readouterr()
-    _fails(capsys, [*args, "--resume", str(out / "checkpoint"), "--lr", "3e-3"],
-           "the checkpoint was made with --lr None, this run has 0.003")
+    _fails(
+        capsys,
+        [*args, "--resume", str(out / "checkpoint"), "--lr", "3e-3"],
+        "the checkpoint was made with --lr None, this run has 0.003",
+    )
     _fails(capsys, [*args, "--resume", str(tmp_path / "nothing")], "no checkpoint there")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "state.pt").write_bytes(b"not a checkpoint")
@@ -592,12 +803,18 @@ def test_quickstart_runs_where_the_user_stands(tmp_path):
     log = tmp_path / "calls.log"
     (venv / "bin" / "activate").write_text(  # stand-ins: nothing is installed or trained
         f'python() {{ return 0; }}\npip() {{ echo "pip $*" >> {log}; }}\n'
-        f'smt-kernels() {{ echo "cwd=$PWD args=$*" >> {log}; }}\n')
+        f'smt-kernels() {{ echo "cwd=$PWD args=$*" >> {log}; }}\n'
+    )
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run(["bash", str(root / "scripts" / "quickstart.sh"), "--data", "my.jsonl", "--steps", "2"],
-                          cwd=work, env={"PATH": "/usr/bin:/bin", "SMT_VENV": str(venv)}, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "quickstart.sh"), "--data", "my.jsonl", "--steps", "2"],
+        cwd=work,
+        env={"PATH": "/usr/bin:/bin", "SMT_VENV": str(venv)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
     assert f"pip install -q -e {root}[model]" in calls

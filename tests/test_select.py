@@ -17,8 +17,15 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 def tiny(arch="llama", seed=0):
     torch.manual_seed(seed)
-    kw = dict(vocab_size=96, hidden_size=80, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+    kw = dict(
+        vocab_size=96,
+        hidden_size=80,
+        intermediate_size=136,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))
 
 
@@ -39,7 +46,7 @@ def clipped_blocks(t, b):
     """Yield (r, c, block) over the clipped b×b blocks of a 2-D tensor."""
     for r in range(-(-t.shape[0] // b)):
         for c in range(-(-t.shape[1] // b)):
-            yield r, c, t[r * b:(r + 1) * b, c * b:(c + 1) * b]
+            yield r, c, t[r * b : (r + 1) * b, c * b : (c + 1) * b]
 
 
 def reference_grad_scores(model, batches, score, targets=QKV):
@@ -54,16 +61,24 @@ def reference_grad_scores(model, batches, score, targets=QKV):
             g = m.weight.grad.double()
             s = torch.zeros(-(-g.shape[0] // B), -(-g.shape[1] // B), dtype=torch.float64)
             for r, c, blk in clipped_blocks(g, B):
-                s[r, c] = {"abs_mean": blk.mean().abs(), "mean_abs": blk.abs().mean(), "l1": blk.abs().sum(),
-                           "l2": blk.square().sum().sqrt()}[score]
+                s[r, c] = {
+                    "abs_mean": blk.mean().abs(),
+                    "mean_abs": blk.abs().mean(),
+                    "l1": blk.abs().sum(),
+                    "l2": blk.square().sum().sqrt(),
+                }[score]
             out[name] = s
     model.zero_grad(set_to_none=True)
     return out
 
 
 def top_global(scores, k):
-    flat = [(float(s[r, c]), i, r, c) for i, (n, s) in enumerate(scores.items())
-            for r in range(s.shape[0]) for c in range(s.shape[1])]
+    flat = [
+        (float(s[r, c]), i, r, c)
+        for i, (n, s) in enumerate(scores.items())
+        for r in range(s.shape[0])
+        for c in range(s.shape[1])
+    ]
     flat.sort(key=lambda t: (-t[0], t[1], t[2], t[3]))
     names = list(scores)
     out = {}
@@ -72,8 +87,17 @@ def top_global(scores, k):
     return {n: sorted(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("arch, score", [("llama", "abs_mean"), ("llama", "mean_abs"), ("llama", "l1"),
-                                         ("llama", "l2"), ("qwen2", "abs_mean"), ("qwen2", "l2")])
+@pytest.mark.parametrize(
+    "arch, score",
+    [
+        ("llama", "abs_mean"),
+        ("llama", "mean_abs"),
+        ("llama", "l1"),
+        ("llama", "l2"),
+        ("qwen2", "abs_mean"),
+        ("qwen2", "l2"),
+    ],
+)
 def test_gradient_scores_match_reference(arch, score):
     model, batches = tiny(arch), make_batches()
     sel = select_blocks(model, batches, num_blocks=7, score=score, block_size=B, progress=False)
@@ -89,8 +113,11 @@ def test_activation_score_matches_reference_and_ignores_padding():
     model, batches = tiny(), make_batches(pad=True)
     sel = select_blocks(model, batches, num_blocks=5, score="activation", block_size=B, progress=False)
     seen = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].detach()))
-             for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in QKV]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].detach()))
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in QKV
+    ]
     with torch.no_grad():
         for batch in batches:
             model(**batch)
@@ -120,7 +147,7 @@ class Planted(nn.Module):
         out = self.lm(**batch)
         r, c = self.block
         w = self.lm.get_submodule(self.name).weight
-        out.loss = out.loss + self.scale * w[r * B:(r + 1) * B, c * B:(c + 1) * B].sum()
+        out.loss = out.loss + self.scale * w[r * B : (r + 1) * B, c * B : (c + 1) * B].sum()
         return out
 
 
@@ -130,8 +157,9 @@ def test_finds_planted_gradient(score):
     model = Planted(tiny(), name, (1, 2), 10.0)  # (1, 2) is the clipped 8×16 corner block of the 40×80 k_proj
     sel = select_blocks(model, make_batches(), num_blocks=1, score=score, block_size=B, progress=False)
     assert dict(sel) == {f"lm.{name}": [(1, 2)]}
-    per = select_blocks(model, make_batches(), num_blocks=1, score=score, strategy="per_matrix", block_size=B,
-                        progress=False)
+    per = select_blocks(
+        model, make_batches(), num_blocks=1, score=score, strategy="per_matrix", block_size=B, progress=False
+    )
     assert per[f"lm.{name}"] == [(1, 2)] and len(per) == 6
 
 
@@ -185,12 +213,20 @@ def test_budgets():
     assert r.num_blocks > round(0.25 * target_elems / B**2)  # clipped blocks are small: more of them are needed
     tiny_ratio = select_blocks(model, batches, ratio=1e-6, strategy="per_matrix", block_size=B, progress=False)
     assert all(len(v) == 1 for v in tiny_ratio.values()) and len(tiny_ratio) == 6  # at least one block each
-    mlp = select_blocks(model, batches, num_blocks=3, targets=("gate_proj", "up_proj", "down_proj", "o_proj"),
-                        block_size=B, progress=False)
-    assert mlp.num_blocks == 3 and all(n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj", "o_proj")
-                                       for n in mlp)
-    full_name = select_blocks(model, batches, num_blocks=2, targets=("model.layers.1.mlp.down_proj",),
-                              block_size=B, progress=False)
+    mlp = select_blocks(
+        model,
+        batches,
+        num_blocks=3,
+        targets=("gate_proj", "up_proj", "down_proj", "o_proj"),
+        block_size=B,
+        progress=False,
+    )
+    assert mlp.num_blocks == 3 and all(
+        n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj", "o_proj") for n in mlp
+    )
+    full_name = select_blocks(
+        model, batches, num_blocks=2, targets=("model.layers.1.mlp.down_proj",), block_size=B, progress=False
+    )
     assert list(full_name) == ["model.layers.1.mlp.down_proj"]
 
 
@@ -223,10 +259,12 @@ def test_only_target_weights_get_gradients(monkeypatch, score):
     real_fold = select_mod._GradientAccumulator.fold
 
     def spy(self, grad):
-        seen.append((
-            {id(p) for p in model.parameters() if p.requires_grad} == targets,
-            sum(p.grad is not None for p in model.parameters()),
-        ))
+        seen.append(
+            (
+                {id(p) for p in model.parameters() if p.requires_grad} == targets,
+                sum(p.grad is not None for p in model.parameters()),
+            )
+        )
         real_fold(self, grad)
 
     monkeypatch.setattr(select_mod._GradientAccumulator, "fold", spy)
@@ -241,8 +279,9 @@ def test_training_mode_with_gradient_checkpointing_gives_same_selection():
     model = tiny().eval()
     plain = select_blocks(model, make_batches(), num_blocks=6, block_size=B, progress=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ckpt = select_blocks(model, make_batches(), num_blocks=6, block_size=B, training=True, progress=False,
-                         accumulate_device="cpu")
+    ckpt = select_blocks(
+        model, make_batches(), num_blocks=6, block_size=B, training=True, progress=False, accumulate_device="cpu"
+    )
     assert dict(ckpt) == dict(plain)
     assert not model.training
 
@@ -305,8 +344,12 @@ def test_summary_and_heat_map(tmp_path, capsys):
     assert s.per_kind() == {k: sum(len(v) for n, v in sel.items() if n.endswith(k)) for k in QKV}
     assert set(s.per_layer()) == {0, 1}
     assert sum(sum(row.values()) for row in s.per_layer().values()) == 8
-    expected = sum(min(B, m.out_features - r * B) * min(B, m.in_features - c * B)
-                   for n, v in sel.items() for m in [model.get_submodule(n)] for r, c in v)
+    expected = sum(
+        min(B, m.out_features - r * B) * min(B, m.in_features - c * B)
+        for n, v in sel.items()
+        for m in [model.get_submodule(n)]
+        for r, c in v
+    )
     assert s.trainable == expected and s.target_params == 2 * (80 * 80 + 2 * 40 * 80)
     text = str(s)
     assert "8 blocks of 32×32" in text and f"{expected:,} trainable" in text and "v_proj" in text
@@ -326,8 +369,17 @@ def test_summary_and_heat_map(tmp_path, capsys):
 def test_budget_elements_is_what_select_blocks_trains(strategy, budget):
     """Known before any warm-up, and exact when the dimensions are multiples of b (q 64×64, k/v 32×64, b = 16)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     sel = select_blocks(model, make_batches(1), strategy=strategy, block_size=16, progress=False, **budget)
     want = select_mod.budget_elements(model, strategy=strategy, block_size=16, **budget)
     assert want == summarize_selection(model, sel).trainable
