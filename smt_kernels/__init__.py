@@ -1,12 +1,14 @@
 """smt_kernels: fast, memory-lean Sparse Matrix Tuning (SMT) for LLaMA-family models."""
 
+from smt_kernels.block_files import BlockFileError, load_blocks, read_blocks, save_blocks
 from smt_kernels.layout import BlockLayout
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import sparse_block_linear
-from smt_kernels.patch import load_blocks, merge, patch, save_blocks, trainable_parameters
+from smt_kernels.patch import merge, patch, patched_modules, trainable_parameters
 from smt_kernels.select import Selection, SelectionSummary, select_blocks, summarize_selection
 
 __all__ = [
+    "BlockFileError",
     "BlockLayout",
     "Selection",
     "SelectionSummary",
@@ -14,6 +16,8 @@ __all__ = [
     "load_blocks",
     "merge",
     "patch",
+    "patched_modules",
+    "read_blocks",
     "save_blocks",
     "select_blocks",
     "sparse_block_linear",

@@ -36,7 +36,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from smt_kernels.fingerprint import base_fingerprint, compare_fingerprints
-from smt_kernels.kernels import torch_blocks
+from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.layout import BlockLayout, check_block_size, num_blocks_along
 from smt_kernels.patch import CONFIG_ATTR, patch, plan_patch, require_patched
 
@@ -523,5 +523,5 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
     for name, m in mods.items():
         m.block_weight.copy_(tensors[f"{name}.block_weight"])
         # keep the dense weight consistent with the blocks even before the next forward
-        torch_blocks.scatter_blocks(m.weight.data, m.block_weight.detach(), m.block_indices)
+        scatter_blocks(m.weight.data, m.block_weight.detach(), m.block_indices)
     return model

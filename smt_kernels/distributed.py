@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from smt_kernels.kernels import torch_blocks
+from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.patch import CONFIG_ATTR, patched_modules, save_blocks
 from smt_kernels.select import DEFAULT_TARGETS, GRADIENT_SCORES, Selection, find_target_linears, select_blocks
@@ -246,7 +246,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in mods:
         # the gathered FSDP2 weight comes from shards that never saw the blocks: write them in
         w = state[f"{name}.weight"].clone()
-        torch_blocks.scatter_blocks(w, state.pop(f"{name}.block_weight"), state.pop(f"{name}.block_indices"))
+        scatter_blocks(w, state.pop(f"{name}.block_weight"), state.pop(f"{name}.block_indices"))
         state[f"{name}.weight"] = w
     return state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smt_kernels.kernels.backend import extract_blocks, resolve_backend, scatter_blocks
+from smt_kernels.kernels.backend import extract_blocks, resolve_backend, scatter_blocks, triton_runs_on
 from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
 from smt_kernels.ops import SUPPORTED_DTYPES, apply_sparse_block_linear, check_input, check_parameters
 
@@ -97,7 +97,7 @@ class SparseBlockLinear(nn.Module):
         # everything that does not change between calls, derived once: the layout, the backend, the check that
         # the indices are the ones validated (tensor identity and version counter)
         self.layout = layout
-        self.backend = resolve_backend(self.weight.device)
+        self.backend = resolve_backend(self.weight.device, strict=False)
         self._indices_seen = (self.block_indices, self.block_indices._version)
         check_parameters(self.weight, self.block_weight, self.bias, self.block_indices, self.block_size)
 
@@ -121,7 +121,7 @@ class SparseBlockLinear(nn.Module):
         # forward validates them once (and anything written to them before the move)
         out = super()._apply(fn, *args, **kwargs)
         if hasattr(self, "layout"):
-            self.backend = resolve_backend(self.weight.device)
+            self.backend = resolve_backend(self.weight.device, strict=False)
         return out
 
     @property
@@ -134,6 +134,8 @@ class SparseBlockLinear(nn.Module):
             if self.block_indices is not seen or seen._version != version:
                 self._refresh_layout()
             check_input(x, self.weight)
+            if self.backend == "triton" and x.device.type != "cuda" and not triton_runs_on(x.device):
+                resolve_backend(x.device)  # raises the error that says what to do
         bw = self.block_weight.shape
         if bw[0] != self.block_indices.shape[0] or bw[1] != self.block_size:
             raise ValueError(

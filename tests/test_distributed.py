@@ -55,7 +55,7 @@ for _layer in range(2):
 TOL = dict(rtol=1e-4, atol=2e-6)
 
 # the package's `patch` attribute is the function; the module is needed to count save_blocks' writes
-patch_mod = importlib.import_module("smt_kernels.patch")
+patch_mod = importlib.import_module("smt_kernels.block_files")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

@@ -82,9 +82,10 @@ def kernels(name: str) -> KernelBackend:
         raise ValueError(f"unknown kernel backend {name!r}; use one of {', '.join(BACKENDS)}") from None
 
 
-def resolve_backend(device: torch.device | str) -> str:
+def resolve_backend(device: torch.device | str, strict: bool = True) -> str:
     """Name of the backend for tensors on ``device``: "triton" on CUDA, "torch" elsewhere, or what
-    ``SMT_KERNELS_BACKEND`` forces. Raises if Triton is forced onto CPU tensors without the interpreter."""
+    ``SMT_KERNELS_BACKEND`` forces. With ``strict``, raises if Triton is forced onto CPU tensors without the
+    interpreter; layers pass ``strict=False`` (built on the CPU, they may run on CUDA) and check when they run."""
     device = torch.device(device)
     choice = os.environ.get(BACKEND_ENV, "").strip().lower()
     if choice not in ("", *BACKENDS):
@@ -92,12 +93,17 @@ def resolve_backend(device: torch.device | str) -> str:
     if choice == "torch":
         return "torch"
     if choice == "triton" or device.type == "cuda":
-        if device.type not in ("cuda", "meta") and not interpreting():
+        if strict and not triton_runs_on(device):
             raise RuntimeError(
                 f"{BACKEND_ENV}=triton needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 to run on the CPU"
             )
         return "triton"
     return "torch"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can take tensors on ``device`` (CUDA, or any device under the interpreter)."""
+    return device.type in ("cuda", "meta") or interpreting()
 
 
 def extract_blocks(weight: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
