@@ -327,7 +327,11 @@ def test_load_checkpoint_bitsandbytes_quantized(tmp_path):
     from safetensors.torch import save_file
 
     model = bnb_model(bnb_nn, seed=5)
+    # what transformers writes for a load_in_4bit model; the loader reads the tensors, not this
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     model.config.save_pretrained(tmp_path)
+    assert "quantization_config" in json.loads((tmp_path / "config.json").read_text())
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in state)
     keys = sorted(state)
