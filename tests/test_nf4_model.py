@@ -63,6 +63,27 @@ def test_quantize_base_replaces_linears_except_lm_head_and_skip():
         quantize_base(tiny(), "int8")
 
 
+def test_qwen2_biases_are_kept():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=80, intermediate_size=136, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    model, twin = Qwen2ForCausalLM(cfg), Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    twin.load_state_dict(model.state_dict())
+    quantize_base(model, "nf4")
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, NF4Linear) and q.bias is not None and not q.bias.requires_grad
+    for name, m in nf4_modules(model).items():
+        twin.get_submodule(name).weight.data.copy_(m.dequantized_weight(torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch()).logits, twin(**batch()).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_quantize_patch_train_merge():
     model = quantize_base(tiny(torch.bfloat16).to(DEVICE), "nf4", compute_dtype=torch.bfloat16)
     patch_nf4(model, SELECTION, B, block_dtype=torch.float32)
