@@ -177,10 +177,11 @@ def _unpatchable(name: str, m: nn.Linear, owners: Mapping[Any, list[str]]) -> st
             )
     if parametrize.is_parametrized(m):
         return "it has a torch.nn.utils.parametrize parametrization, which patch cannot carry over"
-    if getattr(m, "_hf_hook", None) is not None:
+    hook = getattr(m, "_hf_hook", None)
+    if hook is not None and not _placement_only(hook):
         return (
-            "it has an accelerate hook (device_map dispatch or offloading), which patch cannot carry over; "
-            "load the model on one device"
+            f"it has an accelerate hook ({type(hook).__name__}) that offloads or is unknown, which patch cannot "
+            "carry over; load the model without offloading (device_map onto GPUs is fine)"
         )
     state_hooks = [a for a in _STATE_HOOKS if getattr(m, a, None)]
     if state_hooks:
@@ -240,11 +241,25 @@ def _resolve_block_size(selection: Any, block_size: int | None) -> int:
     return check_block_size(block_size if block_size is not None else own if own is not None else 256)
 
 
+def _placement_only(hook) -> bool:
+    """Whether an accelerate hook only moves inputs to its module's device (``device_map`` over GPUs, no
+    offloading): such a hook carries over to the replacing module unchanged."""
+    if type(hook).__name__ == "SequentialHook":
+        return all(_placement_only(h) for h in getattr(hook, "hooks", ()))
+    return (type(hook).__name__ == "AlignDevicesHook" and not getattr(hook, "offload", True)
+            and getattr(hook, "weights_map", None) is None)
+
+
 def _replace(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` in ``old``'s place, with ``old``'s forward/backward hooks (the same registries, so handles
-    the caller holds still remove them)."""
+    the caller holds still remove them) and its accelerate placement hook (``device_map``), if any."""
     for hooks in _CALL_HOOKS:
         setattr(new, hooks, getattr(old, hooks))
+    hf_hook = getattr(old, "_hf_hook", None)
+    if hf_hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hf_hook)
     new._is_full_backward_hook = old._is_full_backward_hook
     new.train(old.training)
     setattr(parent, attr, new)

@@ -549,3 +549,37 @@ def test_compiles_to_one_graph_when_blocks_align():
     torch.testing.assert_close(loss, ref_loss)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r)
+
+
+def test_accelerate_placement_hooks_carry_over_and_offloading_is_refused():
+    """device_map dispatch puts an AlignDevicesHook on every linear: patch and merge keep it on the new module."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    name = "model.layers.1.self_attn.q_proj"
+    q = model.get_submodule(name)
+    hook = hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True)
+    hooks.add_hook_to_module(q, hook)
+    calls = []
+    pre_forward = hook.pre_forward
+    hook.pre_forward = lambda module, *a, **k: (calls.append(type(module).__name__), pre_forward(module, *a, **k))[1]
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model = patch(model, {name: [(0, 1), (3, 3)]}, block_size=16)
+    patched = model.get_submodule(name)
+    assert isinstance(patched, SparseBlockLinear) and patched._hf_hook is hook
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want)
+    assert calls[-1] == "SparseBlockLinear"
+    merge(model)
+    assert model.get_submodule(name)._hf_hook is hook
+
+    offloaded = LlamaForCausalLM(cfg)
+    hooks.add_hook_to_module(offloaded.get_submodule(name), hooks.AlignDevicesHook(execution_device="cpu",
+                                                                                   offload=True))
+    with pytest.raises(ValueError, match="AlignDevicesHook.*offloads"):
+        patch(offloaded, {name: [(0, 1)]}, block_size=16)
+    assert not any(isinstance(m, SparseBlockLinear) for m in offloaded.modules())
