@@ -5,6 +5,7 @@ from smt_kernels.layout import BlockLayout
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import sparse_block_linear
 from smt_kernels.patch import merge, patch, patched_modules, trainable_parameters
+from smt_kernels.quant import fold_blocks_into_checkpoint, load_nf4_pretrained, quantize_base
 from smt_kernels.select import Selection, SelectionSummary, select_blocks, summarize_selection
 
 __all__ = [
@@ -13,10 +14,13 @@ __all__ = [
     "Selection",
     "SelectionSummary",
     "SparseBlockLinear",
+    "fold_blocks_into_checkpoint",
     "load_blocks",
+    "load_nf4_pretrained",
     "merge",
     "patch",
     "patched_modules",
+    "quantize_base",
     "read_blocks",
     "save_blocks",
     "select_blocks",

@@ -38,7 +38,8 @@ from torch import nn
 from smt_kernels.fingerprint import base_fingerprint, compare_fingerprints
 from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.layout import BlockLayout, check_block_size, num_blocks_along
-from smt_kernels.patch import CONFIG_ATTR, patch, plan_patch, require_patched
+from smt_kernels.patch import CONFIG_ATTR, _patch, plan_patch, require_patched
+from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 
 logger = logging.getLogger(__name__)
 
@@ -472,8 +473,15 @@ def _check_patched_like(cfg, mods, manifest: _Manifest, path: Path) -> None:
             )
 
 
+def _nf4_block_dtypes(model: nn.Module, manifest: _Manifest) -> dict[str, torch.dtype]:
+    """{module: saved block dtype} of the file's modules that are 4-bit NF4Linear layers in ``model``: their
+    blocks take the file's dtype (an nn.Linear's blocks have its weight's dtype, checked in _check_plain_fits)."""
+    modules = dict(model.named_modules())
+    return {n: _DTYPES[v["dtype"]] for n, v in manifest.modules.items() if isinstance(modules.get(n), NF4Linear)}
+
+
 def _check_plain_fits(model: nn.Module, manifest: _Manifest) -> None:
-    for p in plan_patch(model, manifest.selection, manifest.block_size):
+    for p in plan_patch(model, manifest.selection, manifest.block_size, _nf4_block_dtypes(model, manifest)):
         lin = getattr(p.parent, p.attr)
         shape = manifest.modules[p.name]["shape"]
         if [lin.out_features, lin.in_features] != shape:
@@ -482,7 +490,7 @@ def _check_plain_fits(model: nn.Module, manifest: _Manifest) -> None:
                 f"file's {shape[0]}×{shape[1]}"
             )
         dtype = manifest.modules[p.name]["dtype"]
-        if _dtype_name(lin.weight.dtype) != dtype:
+        if not isinstance(lin, NF4Linear) and _dtype_name(lin.weight.dtype) != dtype:
             raise ValueError(
                 f"{p.name}: the model's weight is {_dtype_name(lin.weight.dtype)} but the blocks "
                 f"were saved as {dtype}; convert the model first"
@@ -494,9 +502,11 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
     """Load blocks written by ``save_blocks`` onto ``model``; returns the model.
 
     ``model`` is either patched with the same selection (same modules, same blocks in the same order, same
-    block size and dtype) or a plain model, which is then patched with the saved selection. Everything is
-    checked before anything changes: every JSON field's type and range, the blocks file's SHA-256, that the
-    JSON's layout is the one stored with the tensors, tensor names/shapes/dtypes, the model's fit, and
+    block size and dtype) or a plain model, which is then patched with the saved selection (4-bit ``NF4Linear``
+    targets of a ``quantize_base`` model get blocks of the saved dtype). Blocks trained on a 16-bit base do not
+    load onto a 4-bit one, nor the reverse, unless ``strict=False``: the error says which base they came from.
+    Everything is checked before anything changes: every JSON field's type and range, the blocks file's SHA-256,
+    that the JSON's layout is the one stored with the tensors, tensor names/shapes/dtypes, the model's fit, and
     (``strict``) the fingerprint of the base weights outside the blocks. A bad file raises ``BlockFileError``
     (a ValueError), a missing one FileNotFoundError, a model that does not fit ValueError; the model is then
     unchanged.
@@ -518,10 +528,11 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
         )
 
     if mods is None:
-        patch(model, manifest.selection, manifest.block_size, verbose=False)
+        _patch(model, manifest.selection, manifest.block_size, False, _nf4_block_dtypes(model, manifest))
         _, mods = require_patched(model, "load_blocks")
     for name, m in mods.items():
         m.block_weight.copy_(tensors[f"{name}.block_weight"])
-        # keep the dense weight consistent with the blocks even before the next forward
-        scatter_blocks(m.weight.data, m.block_weight.detach(), m.block_indices)
+        if not isinstance(m, NF4SparseBlockLinear):  # an NF4 layer has no dense weight: its forward overlays them
+            # keep the dense weight consistent with the blocks even before the next forward
+            scatter_blocks(m.weight.data, m.block_weight.detach(), m.block_indices)
     return model

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from smt_kernels.layout import num_blocks_along
-from smt_kernels.module import SparseBlockLinear
-from smt_kernels.patch import canonical_selection
+from smt_kernels.patch import PATCHED_TYPES, canonical_selection
 
 # elements sampled per tensor: enough that another checkpoint (or another fine-tune of the same one) differs
 # somewhere in the sample, cheap enough for an 8B model in seconds
@@ -44,7 +43,7 @@ def base_fingerprint(
     sel = canonical_selection(selection)
     skip = set()
     for name, m in model.named_modules():
-        if isinstance(m, SparseBlockLinear):
+        if isinstance(m, PATCHED_TYPES):
             skip.update({f"{name}.block_weight", f"{name}.block_indices"})
     out = {}
     for key, t in model.state_dict().items():
@@ -67,8 +66,48 @@ def base_fingerprint(
     return out
 
 
+NF4_KEY = ".weight_packed"  # an NF4Linear's state holds weight_packed, weight_absmax*, never weight
+
+
+def base_kinds(fingerprint: Mapping[str, str]) -> dict[str, str]:
+    """{module: "4-bit NF4" or "16-bit"} for every module whose weight a fingerprint covers."""
+    out = {}
+    for key in fingerprint:
+        if key.endswith(NF4_KEY):
+            out[key.removesuffix(NF4_KEY)] = "4-bit NF4"
+        elif key.endswith(".weight"):
+            out.setdefault(key.removesuffix(".weight"), "16-bit")
+    return out
+
+
+def _base_mismatch(saved: Mapping[str, str], now: Mapping[str, str]) -> str | None:
+    """A sentence saying which modules were trained on another kind of base (16-bit vs 4-bit NF4), or None."""
+    was, now_kinds = base_kinds(saved), base_kinds(now)
+    differ = [n for n in was if n in now_kinds and was[n] != now_kinds[n]]
+    if not differ:
+        return None
+    first = differ[0]
+    advice = (
+        "fold them into the original 16-bit checkpoint with fold_blocks_into_checkpoint (exact), or "
+        if was[first] == "4-bit NF4"
+        else ""
+    )
+    return (
+        f"the blocks were trained on a {was[first]} base, but this model's base is {now_kinds[first]} "
+        f"({len(differ)} modules, e.g. {differ[:3]}). SMT blocks are absolute weight values, so they can be put "
+        f"over the other base: {advice}pass strict=False to load them anyway (outside the blocks this model "
+        "then keeps its own weights, which differ from the training base by the NF4 rounding)"
+    )
+
+
 def compare_fingerprints(saved: Mapping[str, str], now: Mapping[str, str]) -> None:
-    """Raise ValueError naming the tensors that differ, are missing or are new; return if all digests match."""
+    """Raise ValueError naming the tensors that differ, are missing or are new; return if all digests match.
+
+    Blocks trained on a 16-bit base and checked against a 4-bit NF4 one (or the reverse) get an error that says so.
+    """
+    mismatch = _base_mismatch(saved, now)
+    if mismatch is not None:
+        raise ValueError(mismatch)
     missing = [k for k in saved if k not in now]
     extra = [k for k in now if k not in saved]
     differ = [k for k in saved if k in now and saved[k] != now[k]]

@@ -1,7 +1,8 @@
 """Patch a Hugging Face model for SMT and merge it back.
 
-``patch`` swaps the selected ``nn.Linear`` modules for ``SparseBlockLinear`` and freezes everything else;
-``merge`` turns them back into plain ``nn.Linear`` with the trained blocks folded in. Saving and loading the
+``patch`` swaps the selected ``nn.Linear`` modules for ``SparseBlockLinear`` (and the selected 4-bit ``NF4Linear``
+modules of a ``quantize_base`` model for ``NF4SparseBlockLinear``) and freezes everything else; ``merge`` turns
+them back into plain ``nn.Linear`` with the trained blocks folded in. Saving and loading the
 blocks live in ``smt_kernels.block_files``, base-weight fingerprints in ``smt_kernels.fingerprint``; their names
 stay importable from here.
 """
@@ -21,9 +22,12 @@ from torch.nn.utils import parametrize
 from smt_kernels.layout import BlockLayout, check_block_size
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import SUPPORTED_DTYPES
+from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 
 logger = logging.getLogger(__name__)
 
+# the layers patch creates: 16-bit base, 4-bit NF4 base (same attribute names: block_weight, block_indices, ...)
+PATCHED_TYPES = (SparseBlockLinear, NF4SparseBlockLinear)
 CONFIG_ATTR = "smt_config"
 # the per-module hook registries that patch and merge move onto the replacing module. Moving the dicts
 # themselves (not their entries) keeps the user's RemovableHandles working: a handle holds a weak reference
@@ -74,6 +78,14 @@ class _Plan:
     parent: nn.Module
     attr: str
     layout: BlockLayout
+    block_dtype: torch.dtype | None = None  # NF4 targets: dtype of the trainable blocks; None for nn.Linear
+
+    def build(self, old: nn.Module) -> SparseBlockLinear | NF4SparseBlockLinear:
+        if isinstance(old, NF4Linear):  # shares old's 4-bit buffers: nothing is copied
+            return NF4SparseBlockLinear.from_nf4_linear(
+                old, self.layout.indices, self.layout.block_size, self.block_dtype
+            )
+        return SparseBlockLinear.from_linear(old, self.layout.indices, self.layout.block_size)
 
 
 def _index(value: Any, where: str) -> int:
@@ -137,10 +149,11 @@ def canonical_selection(selection: Mapping[str, Any]) -> dict[str, list[list[int
 
 
 def _describe_linears(model: nn.Module) -> str:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | NF4Linear)]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    kinds = "nn.Linear/NF4Linear" if any(isinstance(m, NF4Linear) for m in model.modules()) else "nn.Linear"
     return (
-        f"the model has {len(names)} nn.Linear modules named {leaves}, e.g. {names[:3]}"
+        f"the model has {len(names)} {kinds} modules named {leaves}, e.g. {names[:3]}"
         if names
         else "the model has no nn.Linear modules"
     )
@@ -163,9 +176,10 @@ def _tensor_owners(model: nn.Module) -> dict[Any, list[str]]:
     return owners
 
 
-def _unpatchable(name: str, m: nn.Linear, owners: Mapping[Any, list[str]]) -> str | None:
+def _unpatchable(name: str, m: nn.Linear | NF4Linear, owners: Mapping[Any, list[str]]) -> str | None:
     """Why ``m`` cannot be swapped without changing the model's behaviour, or None."""
-    for pname in ("weight", "bias"):
+    # an NF4SparseBlockLinear shares its base's buffers and bias Parameter (no copies), so ties survive patching
+    for pname in () if isinstance(m, NF4Linear) else ("weight", "bias"):
         t = getattr(m, pname)
         if t is None:
             continue
@@ -189,29 +203,54 @@ def _unpatchable(name: str, m: nn.Linear, owners: Mapping[Any, list[str]]) -> st
     return None
 
 
-def plan_patch(model: nn.Module, selection: Mapping[str, Any], block_size: int) -> list[_Plan]:
-    """Check every selected module and block; raise one ValueError listing all problems. Changes nothing."""
+def plan_patch(
+    model: nn.Module,
+    selection: Mapping[str, Any],
+    block_size: int,
+    block_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
+    nf4_only: bool = False,
+) -> list[_Plan]:
+    """Check every selected module and block; raise one ValueError listing all problems. Changes nothing.
+
+    ``block_dtype`` (one dtype, or one per module name) applies to NF4Linear targets; an nn.Linear target's
+    blocks have its weight's dtype, so another dtype for one is a problem. ``nf4_only`` refuses nn.Linear targets.
+    """
     sel = canonical_selection(selection)
     if not sel:
         raise ValueError("the selection selects no blocks (it is empty or every module has an empty list)")
-    if getattr(model, CONFIG_ATTR, None) is not None or any(isinstance(m, SparseBlockLinear) for m in model.modules()):
+    if getattr(model, CONFIG_ATTR, None) is not None or any(isinstance(m, PATCHED_TYPES) for m in model.modules()):
         raise ValueError("the model is already patched for SMT; merge(model) first or load blocks onto it")
     modules = dict(model.named_modules())
     owners = _tensor_owners(model)
     problems, plans = [], []
     for name, blocks in sel.items():
         m = modules.get(name)
+        dtype = block_dtype.get(name) if isinstance(block_dtype, Mapping) else block_dtype
         if m is None:
             problems.append(f"{name!r}: no such module")
             continue
-        if not isinstance(m, nn.Linear):
-            problems.append(f"{name!r}: is a {type(m).__name__}, not an nn.Linear")
+        if not isinstance(m, nn.Linear | NF4Linear):
+            problems.append(f"{name!r}: is a {type(m).__name__}, not an nn.Linear or NF4Linear")
             continue
-        if m.weight.dtype not in SUPPORTED_DTYPES:
-            problems.append(
-                f"{name!r}: weight dtype {m.weight.dtype} is not float32/float16/bfloat16 "
-                "(quantised layers cannot be patched)"
-            )
+        if isinstance(m, nn.Linear):
+            if nf4_only:
+                problems.append(f"{name!r}: is an nn.Linear, not an NF4Linear (quantize_base(model) first)")
+                continue
+            if m.weight.dtype not in SUPPORTED_DTYPES:
+                problems.append(
+                    f"{name!r}: weight dtype {m.weight.dtype} is not float32/float16/bfloat16 "
+                    "(quantised layers other than smt_kernels' NF4Linear cannot be patched; quantize_base "
+                    "takes bitsandbytes Linear4bit models over)"
+                )
+                continue
+            if dtype is not None and dtype != m.weight.dtype:
+                problems.append(
+                    f"{name!r}: block dtype {dtype} asked for, but the blocks of an nn.Linear have its weight's "
+                    f"dtype {m.weight.dtype}"
+                )
+                continue
+        elif dtype is not None and dtype not in SUPPORTED_DTYPES:
+            problems.append(f"{name!r}: block dtype {dtype} is not float32/float16/bfloat16")
             continue
         why = _unpatchable(name, m, owners)
         if why is not None:
@@ -223,7 +262,7 @@ def plan_patch(model: nn.Module, selection: Mapping[str, Any], block_size: int) 
             problems.append(f"{name!r}: {err}")
             continue
         parent_name, _, attr = name.rpartition(".")
-        plans.append(_Plan(name, modules[parent_name], attr, layout))
+        plans.append(_Plan(name, modules[parent_name], attr, layout, dtype if isinstance(m, NF4Linear) else None))
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise ValueError(
@@ -246,8 +285,11 @@ def _placement_only(hook) -> bool:
     offloading): such a hook carries over to the replacing module unchanged."""
     if type(hook).__name__ == "SequentialHook":
         return all(_placement_only(h) for h in getattr(hook, "hooks", ()))
-    return (type(hook).__name__ == "AlignDevicesHook" and not getattr(hook, "offload", True)
-            and getattr(hook, "weights_map", None) is None)
+    return (
+        type(hook).__name__ == "AlignDevicesHook"
+        and not getattr(hook, "offload", True)
+        and getattr(hook, "weights_map", None) is None
+    )
 
 
 def _replace(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module) -> None:
@@ -265,20 +307,22 @@ def _replace(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module) -> No
     setattr(parent, attr, new)
 
 
-def patched_modules(model: nn.Module) -> dict[str, SparseBlockLinear]:
-    """``{name: module}`` of every SparseBlockLinear in ``model``, in model order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SparseBlockLinear)}
+def patched_modules(model: nn.Module) -> dict[str, SparseBlockLinear | NF4SparseBlockLinear]:
+    """``{name: module}`` of every SparseBlockLinear and NF4SparseBlockLinear in ``model``, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PATCHED_TYPES)}
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable weight elements, all parameters).
 
     For a patched model, trainable counts the weight elements the blocks cover (clipped edge blocks count
-    clipped) and ``block_weight`` storage is not counted twice in the total.
+    clipped) and ``block_weight`` storage is not counted twice in the total. A 4-bit ``NF4Linear`` weight (held
+    in buffers, not parameters) counts its out × in elements, so the percentage is the same as on the 16-bit model.
     """
     patched = patched_modules(model)
     block_ids = {id(m.block_weight) for m in patched.values()}
     total = sum(p.numel() for p in model.parameters() if id(p) not in block_ids)
+    total += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
     trainable = sum(m.trainable_elements() for m in patched.values() if m.block_weight.requires_grad)
     trainable += sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in block_ids)
     return trainable, total
@@ -289,44 +333,62 @@ def patch(
     selection: Mapping[str, Sequence[Sequence[int]]],
     block_size: int | None = None,
     verbose: bool = True,
+    block_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Swap every selected ``nn.Linear`` for a ``SparseBlockLinear``; only the block weights stay trainable.
+    """Swap every selected ``nn.Linear`` for a ``SparseBlockLinear`` and every selected 4-bit ``NF4Linear`` (of a
+    ``quantize_base`` model) for an ``NF4SparseBlockLinear``; only the block weights stay trainable.
 
     Args:
-        model: e.g. LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (biases are kept).
+        model: e.g. LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (biases are kept), 16-bit, 4-bit
+            (``quantize_base`` / ``load_nf4_pretrained``) or a mix of the two.
         selection: {module_name: [(row_block, col_block), ...]} as from ``select_blocks`` (or its JSON);
             modules with an empty list are left alone. Indices must be ints (or an integer tensor).
         block_size: b; defaults to the selection's own ``block_size`` if it has one, else 256.
         verbose: log the trainable parameter count at INFO (else at DEBUG) on the ``smt_kernels.patch`` logger.
+        block_dtype: dtype of the trainable blocks of NF4 targets (default: each layer's compute dtype; e.g.
+            float32 blocks over a bf16 compute dtype). An nn.Linear target's blocks always have its weight's
+            dtype; another ``block_dtype`` for one is an error.
     Returns:
         the same model object, patched in place. The selection, block size and the original ``requires_grad``
         flags (restored by ``merge``) are kept in ``model.smt_config``. Forward (pre-)hooks and backward hooks
-        registered on a replaced module move to its ``SparseBlockLinear``.
+        registered on a replaced module move to its new layer.
     Raises:
-        TypeError for a block index that is not an int; ValueError naming every unknown module, non-Linear,
+        TypeError for a block index that is not an int; ValueError naming every unknown module, non-linear,
         tied, parametrized or hooked-for-state-dict module and out-of-range or duplicate block, before
         anything is changed.
     """
+    return _patch(model, selection, block_size, verbose, block_dtype)
+
+
+def _patch(
+    model: nn.Module,
+    selection: Mapping[str, Any],
+    block_size: int | None,
+    verbose: bool,
+    block_dtype: torch.dtype | Mapping[str, torch.dtype] | None,
+    nf4_only: bool = False,
+) -> nn.Module:
     block_size = _resolve_block_size(selection, block_size)
-    plans = plan_patch(model, selection, block_size)
+    plans = plan_patch(model, selection, block_size, block_dtype, nf4_only)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    swapped: list[tuple[_Plan, SparseBlockLinear]] = []
+    # (plan, new layer, the old layer where keeping it is free: an NF4 layer shares its buffers with the new one)
+    swapped: list[tuple[_Plan, nn.Module, nn.Module | None]] = []
     try:
         for plan in plans:
             old = getattr(plan.parent, plan.attr)
-            new = SparseBlockLinear.from_linear(old, plan.layout.indices, block_size)
-            _replace(plan.parent, plan.attr, old, new)  # the old layer is freed here, so the copy costs one matrix
-            swapped.append((plan, new))
+            new = plan.build(old)
+            _replace(plan.parent, plan.attr, old, new)  # a dropped nn.Linear is freed here: the copy costs one matrix
+            swapped.append((plan, new, old if isinstance(old, NF4Linear) else None))
     except BaseException:
-        # only allocation can fail after validation; put plain layers back (exact: no block was trained)
-        for plan, new in reversed(swapped):
-            _replace(plan.parent, plan.attr, new, new.to_linear())
+        # only allocation can fail after validation; put the old layers back (exact: no block was trained)
+        for plan, new, old in reversed(swapped):
+            _replace(plan.parent, plan.attr, new, old if old is not None else new.to_linear())
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, new in swapped:
+    for _, new, _ in swapped:
         new.block_weight.requires_grad_(True)
     setattr(
         model,
@@ -339,10 +401,13 @@ def patch(
     )
     trainable, total = trainable_parameters(model)
     n_blocks = sum(p.layout.num_blocks for p in plans)
+    n_nf4 = sum(isinstance(new, NF4SparseBlockLinear) for _, new, _ in swapped)
     logger.log(
         logging.INFO if verbose else logging.DEBUG,
-        "%d modules, %d blocks of %d×%d; trainable params: %s || all params: %s || trainable%%: %.4f",
+        "%d modules (%d on a 4-bit base), %d blocks of %d×%d; trainable params: %s || all params: %s || "
+        "trainable%%: %.4f",
         len(plans),
+        n_nf4,
         n_blocks,
         block_size,
         block_size,
@@ -353,7 +418,9 @@ def patch(
     return model
 
 
-def require_patched(model: nn.Module, what: str) -> tuple[dict[str, Any], dict[str, SparseBlockLinear]]:
+def require_patched(
+    model: nn.Module, what: str
+) -> tuple[dict[str, Any], dict[str, SparseBlockLinear | NF4SparseBlockLinear]]:
     """(``model.smt_config``, ``patched_modules(model)``); ValueError naming ``what`` if they are missing or
     disagree."""
     cfg = getattr(model, CONFIG_ATTR, None)
@@ -361,11 +428,11 @@ def require_patched(model: nn.Module, what: str) -> tuple[dict[str, Any], dict[s
     if not mods:
         raise ValueError(
             f"{what} needs a model patched with smt_kernels.patch; this {type(model).__name__} has "
-            "no SparseBlockLinear modules"
+            "no SparseBlockLinear (or NF4SparseBlockLinear) modules"
         )
     if cfg is None:
         raise ValueError(
-            f"{what}: the model has SparseBlockLinear modules but no model.{CONFIG_ATTR}; "
+            f"{what}: the model has patched (SparseBlockLinear) modules but no model.{CONFIG_ATTR}; "
             "patch it with smt_kernels.patch"
         )
     if set(mods) != set(cfg["selection"]):
@@ -378,19 +445,32 @@ def require_patched(model: nn.Module, what: str) -> tuple[dict[str, Any], dict[s
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
-    """Fold the trained blocks back: every SparseBlockLinear becomes a plain ``nn.Linear`` (same device, dtype).
+def merge(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
+    """Fold the trained blocks back: every patched layer becomes a plain ``nn.Linear`` (same device).
 
-    Outputs equal the patched model's; ``save_pretrained``/``from_pretrained`` then work as for any HF model.
-    The ``requires_grad`` flags from before ``patch`` are restored, and forward/backward hooks move back onto
-    the ``nn.Linear``. Returns the same model object.
+    A ``SparseBlockLinear`` keeps its dtype and outputs equal the patched model's bit for bit; an
+    ``NF4SparseBlockLinear`` becomes an ``nn.Linear`` in its compute dtype holding the dequantized 4-bit base with
+    the trained blocks in place (outputs equal up to the GEMM's rounding). ``frozen`` says what happens to the
+    frozen 4-bit ``NF4Linear`` layers of a ``quantize_base`` model: "dequantize" (default) makes them
+    ``nn.Linear`` too, so the result is an ordinary model (``save_pretrained``/``from_pretrained`` then work as
+    for any HF model); "keep" leaves them 4-bit. It does not matter for a 16-bit model.
+    The ``requires_grad`` flags from before ``patch`` are restored (parameters that did not exist then, such as
+    a dequantized weight, are left trainable, as a new ``nn.Linear``'s are), and forward/backward hooks move
+    back onto the ``nn.Linear``. Returns the same model object.
+
+    Merging into a 4-bit base is lossy in the base only (its NF4 rounding); for the original 16-bit base with the
+    trained blocks, fold them into the original checkpoint (``fold_blocks_into_checkpoint``).
     """
+    if frozen not in ("dequantize", "keep"):
+        raise ValueError(f"frozen must be 'dequantize' or 'keep', got {frozen!r}")
     cfg, mods = require_patched(model, "merge")
     modules = dict(model.named_modules())
     flags = cfg.get("requires_grad", {})
+    if frozen == "dequantize":
+        mods = {n: m for n, m in modules.items() if n in mods or isinstance(m, NF4Linear)}
     for name, m in mods.items():
         parent_name, _, attr = name.rpartition(".")
-        _replace(modules[parent_name], attr, m, m.to_linear())
+        _replace(modules[parent_name] if parent_name else model, attr, m, m.to_linear())
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
     delattr(model, CONFIG_ATTR)

@@ -175,19 +175,6 @@ def _tie(model: nn.Module) -> set[str]:
 BlocksLike = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def read_block_file(path: str | os.PathLike) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(block_size, {module: (block_indices int64 (n, 2), block_weight (n, b, b))}) of a ``save_blocks`` directory,
-    with all of the block-file checks (checksum, layout, names, shapes)."""
-    from smt_kernels import block_files
-
-    path = Path(path)
-    manifest = block_files._read_manifest(path)
-    tensors = block_files._read_tensors(path, manifest)
-    blocks = {name: (torch.tensor(v["blocks"], dtype=torch.int64).reshape(-1, 2), tensors[f"{name}.block_weight"])
-              for name, v in manifest.modules.items()}
-    return manifest.block_size, blocks
-
-
 @torch.no_grad()
 def fold_blocks_into_checkpoint(
     blocks: str | os.PathLike | BlocksLike,
@@ -210,7 +197,9 @@ def fold_blocks_into_checkpoint(
     not in the checkpoint or its weight shape does not fit the blocks.
     """
     if isinstance(blocks, (str, os.PathLike)):
-        file_block_size, blocks = read_block_file(blocks)
+        from smt_kernels.block_files import read_blocks  # block_files imports this package (through patch)
+
+        file_block_size, blocks = read_blocks(blocks)
         if block_size is not None and block_size != file_block_size:
             raise ValueError(f"block_size={block_size} but the block file has block_size {file_block_size}")
         block_size = file_block_size

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from smt_kernels.layout import BlockLayout, check_block_size
+from smt_kernels.layout import check_block_size
 from smt_kernels.quant.bnb import is_bnb_linear4bit, nf4_from_bnb
 from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 from smt_kernels.quant.nf4 import SUPPORTED_DTYPES
@@ -91,54 +91,20 @@ def patch_nf4(
     block_size: int,
     block_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Make the selected blocks of a ``quantize_base``-d model trainable; everything else is frozen.
+    """``smt_kernels.patch`` restricted to 4-bit targets: every selected module must be an ``NF4Linear``.
 
     Args:
         selection: {module name: [(row_block, col_block), ...]}, each name an ``NF4Linear`` (empty lists ignored).
         block_size: b, a power of two in [16, 256].
         block_dtype: dtype of the trainable blocks; default each layer's compute dtype.
     Returns:
-        the same model; ``model.smt_config`` records block size, selection and the previous ``requires_grad``
-        flags, as ``smt_kernels.patch`` does. Raises ValueError naming every bad entry before changing anything.
+        the same model, patched as ``smt_kernels.patch`` patches it (validation, hooks, ``model.smt_config``,
+        rollback). Raises ValueError naming every bad entry, an ``nn.Linear`` target included, before changing
+        anything.
     """
-    check_block_size(block_size)
-    if getattr(model, CONFIG_ATTR, None) is not None or nf4_modules(model, trainable=True):
-        raise ValueError("the model is already patched for SMT; merge_nf4(model) first")
-    modules = dict(model.named_modules())
-    problems, plans = [], []
-    for name, blocks in selection.items():
-        blocks = blocks.tolist() if isinstance(blocks, torch.Tensor) else list(blocks)
-        if not blocks:
-            continue
-        m = modules.get(name)
-        if not isinstance(m, NF4Linear):
-            what = "no such module" if m is None else f"is a {type(m).__name__}, not an NF4Linear"
-            hint = " (quantize_base(model) first)" if isinstance(m, nn.Linear) else ""
-            problems.append(f"{name!r}: {what}{hint}")
-            continue
-        try:
-            plans.append((name, BlockLayout.build(blocks, m.out_features, m.in_features, block_size)))
-        except (TypeError, ValueError) as err:
-            problems.append(f"{name!r}: {err}")
-    if problems:
-        raise ValueError(f"the selection does not fit this 4-bit {type(model).__name__} (block_size {block_size}); "
-                         "nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems[:10]))
-    if not plans:
-        raise ValueError("the selection selects no blocks")
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layout in plans:
-        parent, _, attr = name.rpartition(".")
-        owner = modules[parent] if parent else model
-        new = NF4SparseBlockLinear.from_nf4_linear(getattr(owner, attr), layout.indices, block_size, block_dtype)
-        setattr(owner, attr, new)
-    setattr(model, CONFIG_ATTR, {"block_size": block_size,
-                                 "selection": {n: layout.to_list() for n, layout in plans},
-                                 "requires_grad": flags})
-    n_blocks = sum(layout.num_blocks for _, layout in plans)
-    logger.info("patch_nf4: %d modules, %d blocks of %d×%d", len(plans), n_blocks, block_size, block_size)
-    return model
+    from smt_kernels.patch import _patch  # smt_kernels.patch imports this package
+
+    return _patch(model, selection, check_block_size(block_size), True, block_dtype, nf4_only=True)
 
 
 @torch.no_grad()
@@ -146,24 +112,23 @@ def merge_nf4(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
     """Fold the trained blocks back: every ``NF4SparseBlockLinear`` becomes a plain ``nn.Linear`` in its compute
     dtype (dequantized base with the blocks in place). ``frozen="dequantize"`` (default) turns the frozen
     ``NF4Linear`` layers into ``nn.Linear`` too, so the result is an ordinary model; ``frozen="keep"`` leaves
-    them 4-bit. Restores the ``requires_grad`` flags from before ``patch_nf4``; returns the same model.
+    them 4-bit. On a patched model this is ``smt_kernels.merge(model, frozen)`` (flags restored, hooks moved
+    back); on an unpatched 4-bit model it only dequantizes. Returns the same model.
 
     This is lossy only in the base (the NF4 rounding of the original weights); to keep the original 16-bit base,
     fold the saved blocks into the original checkpoint with ``fold_blocks_into_checkpoint``.
     """
+    from smt_kernels.patch import _replace, merge
+
     if frozen not in ("dequantize", "keep"):
         raise ValueError(f"frozen must be 'dequantize' or 'keep', got {frozen!r}")
-    modules = dict(model.named_modules())
-    for name, m in nf4_modules(model).items():
-        if isinstance(m, NF4SparseBlockLinear) or frozen == "dequantize":
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        return merge(model, frozen)
+    if frozen == "dequantize":
+        modules = dict(model.named_modules())
+        for name, m in nf4_modules(model).items():
             parent, _, attr = name.rpartition(".")
-            setattr(modules[parent] if parent else model, attr, m.to_linear())
-    cfg = getattr(model, CONFIG_ATTR, None)
-    if cfg is not None:
-        flags = cfg.get("requires_grad", {})
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, True))
-        delattr(model, CONFIG_ATTR)
+            _replace(modules[parent], attr, m, m.to_linear())
     return model
 
 
