@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from smt_kernels.layout import check_block_size, num_blocks_along
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import SUPPORTED_DTYPES
+from smt_kernels.quant.model import nf4_weight_gradients
+from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 
 GRADIENT_SCORES = ("abs_mean", "mean_abs", "l1", "l2")
 SCORES = (*GRADIENT_SCORES, "activation")
@@ -101,7 +103,8 @@ class Selection(dict):
 def find_target_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, nn.Module]:
     """``{name: module}`` of the nn.Linear modules whose last name component (or full name) is in ``targets``.
 
-    Modules already patched into ``SparseBlockLinear`` match too (so summaries work on patched models).
+    Modules already patched into ``SparseBlockLinear`` match too (so summaries work on patched models), and so
+    do the 4-bit ``NF4Linear`` layers of a ``quantize_base`` model.
     Raises ValueError listing the projection names the model has if nothing matches.
     """
     if isinstance(targets, str):
@@ -112,7 +115,8 @@ def find_target_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGE
     found = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear | SparseBlockLinear) and (name.rsplit(".", 1)[-1] in targets or name in targets)
+        if isinstance(m, nn.Linear | SparseBlockLinear | NF4Linear)
+        and (name.rsplit(".", 1)[-1] in targets or name in targets)
     }
     if not found:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -200,7 +204,8 @@ class _ActivationAccumulator:
     """Σ over real tokens of x_j² for every input feature j of one target (forward hook)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.sq = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
+        device = (module.weight_packed if isinstance(module, NF4Linear) else module.weight).device
+        self.sq = torch.zeros(module.in_features, dtype=torch.float64, device=device)
         self.mask: torch.Tensor | None = None  # (batch, seq) attention mask of the batch being run
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -344,10 +349,11 @@ def select_blocks(
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
 
     found = find_target_linears(model, targets)
-    patched = [n for n, m in found.items() if isinstance(m, SparseBlockLinear)]
+    patched = [n for n, m in found.items() if isinstance(m, SparseBlockLinear | NF4SparseBlockLinear)]
     if patched:
         raise ValueError(
-            f"select_blocks needs an unpatched model; {patched[0]} is already a SparseBlockLinear (merge it first)"
+            f"select_blocks needs an unpatched model; {patched[0]} is already a "
+            f"{type(found[patched[0]]).__name__} (merge it first)"
         )
     if isinstance(batches, Mapping):
         batches = [batches]
@@ -436,12 +442,20 @@ def _gradient_scores(model, found, batches, score, block_size, accumulate_device
     acc: dict[str, _GradientAccumulator] = {}
     handles = []
     used = 0
-    with _ModelState(model):
+    # 4-bit targets have no weight Parameter: their backward hands each dense dL/dW to the accumulator's fold and
+    # drops it, so one target's dense gradient exists at a time, as with the hooks below (an NF4Weight has the
+    # .shape and .device the accumulator reads)
+    for name, m in found.items():
+        if isinstance(m, NF4Linear):
+            acc[name] = _GradientAccumulator(m.nf4, score, block_size, accumulate_device)
+    with _ModelState(model), nf4_weight_gradients(model, {n: a.fold for n, a in acc.items()}):
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
         seen: dict[int, str] = {}
         for name, m in found.items():
+            if name in acc:
+                continue
             w = m.weight
             if id(w) in seen:
                 raise ValueError(f"{name} and {seen[id(w)]} share one weight tensor; select one of them only")
@@ -496,7 +510,11 @@ def _activation_scores(model, found, batches, block_size, total, training, progr
                 h.remove()
             for a in acc.values():
                 a.mask = None
-    return {n: acc[n].scores(m.weight, block_size) for n, m in found.items()}, used
+    # a 4-bit target is dequantized (fp32) for its score, one target at a time
+    return {
+        n: acc[n].scores(m.dequantized_weight(torch.float32) if isinstance(m, NF4Linear) else m.weight, block_size)
+        for n, m in found.items()
+    }, used
 
 
 _SUMMARY_NAMES = ("ModuleChoice", "SelectionSummary", "summarize_selection")
