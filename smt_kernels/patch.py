@@ -404,10 +404,9 @@ def _patch(
     n_nf4 = sum(isinstance(new, NF4SparseBlockLinear) for _, new, _ in swapped)
     logger.log(
         logging.INFO if verbose else logging.DEBUG,
-        "%d modules (%d on a 4-bit base), %d blocks of %d×%d; trainable params: %s || all params: %s || "
-        "trainable%%: %.4f",
+        "%d modules%s, %d blocks of %d×%d; trainable params: %s || all params: %s || trainable%%: %.4f",
         len(plans),
-        n_nf4,
+        f" ({n_nf4} on a 4-bit base)" if n_nf4 else "",
         n_blocks,
         block_size,
         block_size,
