@@ -34,14 +34,14 @@ class SparseBlockLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        blocks: BlocksLike,
+        blocks: BlocksLike | BlockLayout,
         block_size: int = 256,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        layout = BlockLayout.build(blocks, out_features, in_features, block_size)
+        layout = _layout_for(blocks, out_features, in_features, block_size)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; use one of float32, float16, bfloat16")
@@ -61,8 +61,11 @@ class SparseBlockLinear(nn.Module):
         self.register_state_dict_pre_hook(_write_blocks_into_weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocks: BlocksLike, block_size: int = 256) -> SparseBlockLinear:
-        """Copy ``linear`` (any dtype/device) and make ``blocks`` of its weight trainable.
+    def from_linear(
+        cls, linear: nn.Linear, blocks: BlocksLike | BlockLayout, block_size: int = 256
+    ) -> SparseBlockLinear:
+        """Copy ``linear`` (any dtype/device) and make ``blocks`` (pairs, an (n, 2) int tensor, or a ``BlockLayout``
+        already validated for this shape) of its weight trainable.
 
         The result computes exactly what ``linear`` computes until the blocks are trained.
         """
@@ -71,7 +74,7 @@ class SparseBlockLinear(nn.Module):
         w = linear.weight
         if w.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"linear weight dtype {w.dtype} is not supported; use float32, float16 or bfloat16")
-        layout = BlockLayout.build(blocks, linear.out_features, linear.in_features, block_size)
+        layout = _layout_for(blocks, linear.out_features, linear.in_features, block_size)
         # build the shell on the meta device, then adopt copies of the real tensors
         layer = cls(linear.in_features, linear.out_features, [], block_size,
                     bias=linear.bias is not None, device="meta", dtype=w.dtype)
@@ -176,6 +179,19 @@ class SparseBlockLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, num_blocks={self.num_blocks} ({pct:.2f}% of the weight)"
         )
+
+
+def _layout_for(blocks: BlocksLike | BlockLayout, out_features: int, in_features: int, block_size: int) -> BlockLayout:
+    # a layout validated by the caller (patch plans every module first) is taken as is, if it is for this shape
+    if isinstance(blocks, BlockLayout):
+        have = (blocks.out_features, blocks.in_features, blocks.block_size)
+        if have != (out_features, in_features, block_size):
+            raise ValueError(
+                f"the layout is for a {have[0]}×{have[1]} weight with block_size {have[2]}, not "
+                f"{out_features}×{in_features} with block_size {block_size}"
+            )
+        return blocks
+    return BlockLayout.build(blocks, out_features, in_features, block_size)
 
 
 def _check_loaded_blocks(layer: SparseBlockLinear, state_dict, prefix, *unused) -> None:

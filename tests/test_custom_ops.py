@@ -242,3 +242,11 @@ def test_compiled_patched_model_on_cuda_matches_eager_across_steps(mode):
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_validated_layout_is_taken_as_is_and_must_fit():
+    layout = BlockLayout.build([(2, 3), (0, 1)], 40, 50, 16)
+    layer = SparseBlockLinear.from_linear(nn.Linear(50, 40), layout, block_size=16)
+    assert layer.layout is layout
+    with pytest.raises(ValueError, match=r"layout is for a 40×50 weight with block_size 16, not 40×60"):
+        SparseBlockLinear.from_linear(nn.Linear(60, 40), layout, block_size=16)
