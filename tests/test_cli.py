@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -841,3 +842,47 @@ def test_default_gguf_model_is_trainable_and_savable():
     model, _ = load_model()
     validate_quantization_for_training(model)  # raises for a model transformers believes quantised
     assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None
+
+
+def test_fake_gguf_file(capsys, tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"PK\x03\x04 not gguf")
+    _fails(capsys, ["--model", str(tmp_path)], "is not a GGUF file")
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(method="dora"), "--method: invalid choice 'dora'"),
+        (dict(score="fisher"), "--score: invalid choice 'fisher'"),
+        (dict(steps=0), "--steps must be >= 1, got 0"),
+        (dict(ratio=0.1, num_blocks=3), "both set the budget"),
+        (dict(block_size=48), "--block-size: block_size must be a power of two"),
+    ],
+)
+def test_config_is_checked_without_the_cli(change, needle):
+    """run_finetune (the API the quality grid uses) applies the same checks as the command line."""
+    from smt_kernels.finetune import FinetuneError
+
+    with pytest.raises(FinetuneError, match=re.escape(needle)):
+        run_finetune(FinetuneConfig(**change))
+
+
+def test_resume_refuses_other_data(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "say {w}", "answer": "{w}"}}\n' for w in "abcdefghijkl"))
+    out = tmp_path / "o"
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        *[a for a in TINY if a not in ("--task", "reverse", "--num-train", "24")],
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--checkpoint-every",
+        "1",
+        "--allow-divergence",
+    ]
+    assert main(["finetune", *args]) == 0, capsys.readouterr().err
+    data.write_text("".join(f'{{"prompt": "say {w}", "answer": "{w}{w}"}}\n' for w in "abcdefghijkl"))
+    _fails(capsys, [*args, "--resume", str(out / "checkpoint")], "the checkpoint was trained on other data")
