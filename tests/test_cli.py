@@ -786,7 +786,7 @@ def test_resume_refuses_other_options(tiny_model_dir, tmp_path, capsys):
     _fails(
         capsys,
         [*args, "--resume", str(out / "checkpoint"), "--lr", "3e-3"],
-        "the checkpoint was made with --lr None, this run has 0.003",
+        "the checkpoint was made with --lr its default, this run has 0.003",
     )
     _fails(capsys, [*args, "--resume", str(tmp_path / "nothing")], "no checkpoint there")
     (tmp_path / "junk").mkdir()

@@ -101,8 +101,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
     for name in sorted(set(saved) | set(now)):
         if name not in FREE_OPTIONS and saved.get(name) != now.get(name):
             raise FinetuneError(
-                f"--resume: the checkpoint was made with {flag(name)} {saved.get(name)!r}, this run "
-                f"has {now.get(name)!r}; resume with the same options"
+                f"--resume: the checkpoint was made with {flag(name)} {_shown(saved.get(name))}, this run "
+                f"has {_shown(now.get(name))}; resume with the same options"
             )
     training = state["training"]
     if not 0 < training["log"]["step"] < cfg.steps:
@@ -110,3 +110,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
     before = EvalResult(**state["before"])
     selection = Selection.from_json(state["selection"]) if state["selection"] is not None else None
     return Checkpoint(file, training["log"]["step"], training, selection, before, state["data_sha256"])
+
+
+def _shown(value: Any) -> str:
+    return "its default" if value is None else repr(value)

@@ -260,7 +260,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError("--eval-data needs --data")
     if cfg.data is not None and cfg.num_train != field_default(_FIELDS["num_train"]):
         raise FinetuneError("--num-train sizes a generated --task; with --data every line is used")
-    if cfg.data is not None and cfg.eval_data is not None and _same_file(cfg.data, cfg.eval_data):
+    if cfg.data is not None and cfg.eval_data is not None and same_path(cfg.data, cfg.eval_data):
         raise FinetuneError(
             f"--eval-data {cfg.eval_data!r} is the --data file: held-out examples must not be trained on"
         )
@@ -275,7 +275,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         )
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or directory (links and relative spellings included)."""
     pa, pb = Path(a), Path(b)
     if pa.exists() and pb.exists():
         return pa.samefile(pb)

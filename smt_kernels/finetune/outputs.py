@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 import smt_kernels
-from smt_kernels.finetune.config import FinetuneConfig, FinetuneError
+from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, same_path
 from smt_kernels.select import Selection
 
 SELECTION_FILE = "selection.json"
@@ -31,7 +31,7 @@ def check_outputs(cfg: FinetuneConfig, model_dir: Path | None = None) -> None:
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         _check_writable_dir(out, "--output-dir")
-        if cfg.save_merged and model_dir is not None and _same(out / MERGED_DIR, model_dir):
+        if cfg.save_merged and model_dir is not None and same_path(out / MERGED_DIR, model_dir):
             raise FinetuneError(f"--save-merged would write over the --model directory {str(model_dir)!r}")
     if cfg.output_json:
         js = Path(cfg.output_json)
@@ -39,7 +39,7 @@ def check_outputs(cfg: FinetuneConfig, model_dir: Path | None = None) -> None:
             raise FinetuneError(f"--output-json {cfg.output_json!r} is a directory; name a file")
         _check_writable_dir(js.parent, "--output-json's directory")
         for name, given in inputs.items():
-            if given and _same(js, Path(given)):
+            if given and same_path(js, Path(given)):
                 raise FinetuneError(f"--output-json {cfg.output_json!r} is the {name} input; it would be overwritten")
             if given and name == "--model" and js.resolve().is_relative_to(Path(given).resolve()):
                 raise FinetuneError(f"--output-json {cfg.output_json!r} lies inside the --model directory")
@@ -50,12 +50,6 @@ def check_outputs(cfg: FinetuneConfig, model_dir: Path | None = None) -> None:
 def _owned(name: str) -> bool:
     # what this command writes directly in OUTPUT_DIR (save_blocks' files all start with "smt_blocks")
     return name in {SELECTION_FILE, LORA_DIR, MERGED_DIR, CHECKPOINT_DIR} or name.startswith("smt_blocks")
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return a.samefile(b)
-    return a.resolve() == b.resolve()
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
