@@ -413,6 +413,12 @@ def test_output_json_equal_to_data_is_refused(capsys, tmp_path):
     assert f.read_text() == original
 
 
+def test_output_dir_would_overwrite_the_data(capsys, tmp_path):
+    f = tmp_path / "selection.json"
+    f.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    _fails(capsys, ["--data", str(f), "--output-dir", str(tmp_path)], "is a file --output-dir")
+
+
 @pytest.mark.parametrize("option", ["--output-json", "--output-dir"])
 def test_unwritable_output_fails_before_any_work(capsys, tiny_model_dir, tmp_path, option, monkeypatch):
     from smt_kernels.finetune import run as run_mod

@@ -33,6 +33,9 @@ def check_outputs(cfg: FinetuneConfig, model_dir: Path | None = None) -> None:
         _check_writable_dir(out, "--output-dir")
         if cfg.save_merged and model_dir is not None and same_path(out / MERGED_DIR, model_dir):
             raise FinetuneError(f"--save-merged would write over the --model directory {str(model_dir)!r}")
+        for name, given in inputs.items():
+            if given and Path(given).resolve().parent == out.resolve() and _owned(Path(given).name):
+                raise FinetuneError(f"{name} {given!r} is a file --output-dir {cfg.output_dir!r} writes over")
     if cfg.output_json:
         js = Path(cfg.output_json)
         if js.is_dir():
