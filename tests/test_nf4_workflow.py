@@ -276,3 +276,26 @@ def test_select_blocks_on_4bit_equals_the_dequantized_twin():
     patch(model, {"model.layers.0.self_attn.q_proj": [(0, 0)]}, B, verbose=False)
     with pytest.raises(ValueError, match="already a NF4SparseBlockLinear"):
         select_blocks(model, batch(1), num_blocks=1, targets=TARGETS, block_size=B, progress=False)
+
+
+@pytest.mark.parametrize("score", ["abs_mean", "mean_abs"])
+def test_select_on_4bit_holds_one_dense_gradient_at_a_time(monkeypatch, score):
+    """Each 4-bit target's dense dL/dW is folded and freed before the next one exists; no parameter gets a .grad."""
+    import weakref
+
+    import smt_kernels.select as select_mod
+
+    model = quantize_base(tiny(torch.float32), "nf4")
+    folded = []
+    real_fold = select_mod._GradientAccumulator.fold
+
+    def spy(self, grad):
+        assert all(ref() is None for ref in folded), "an earlier dense gradient is still alive"
+        assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
+        assert tuple(grad.shape) == self.shape
+        folded.append(weakref.ref(grad))
+        real_fold(self, grad)
+
+    monkeypatch.setattr(select_mod._GradientAccumulator, "fold", spy)
+    select_blocks(model, [batch(1), batch(2)], num_blocks=3, targets=TARGETS, score=score, block_size=B, progress=False)
+    assert len(folded) == 2 * 6

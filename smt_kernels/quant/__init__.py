@@ -1,7 +1,9 @@
 """A 4-bit NF4 frozen base for SMT (QLoRA's format, bitsandbytes' layout): format, kernels, layers, model tools.
 
-See docs/quantization.md. Entry points: ``quantize_base`` / ``load_nf4_pretrained`` (a 4-bit model),
-``patch_nf4`` (trainable blocks on it), ``merge_nf4`` / ``fold_blocks_into_checkpoint`` (the result).
+See docs/quantization.md. Entry points: ``quantize_base`` / ``load_nf4_pretrained`` (a 4-bit model; from there
+``smt_kernels.select_blocks``, ``patch``, ``save_blocks``/``load_blocks`` and ``merge`` work on it as on a 16-bit
+model), ``fold_blocks_into_checkpoint`` (the trained blocks in the original 16-bit checkpoint); ``patch_nf4`` /
+``merge_nf4`` are ``patch`` / ``merge`` for 4-bit targets only.
 """
 
 from smt_kernels.quant.buffers import release_buffers
