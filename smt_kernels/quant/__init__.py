@@ -20,7 +20,18 @@ from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 from smt_kernels.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = [
-    "NF4Linear", "NF4SparseBlockLinear", "NF4Weight", "dequantize_nf4", "fold_blocks_into_checkpoint",
-    "load_nf4_pretrained", "merge_nf4", "nf4_modules", "nf4_weight_gradients", "patch_nf4", "quantize_base",
-    "quantize_nf4", "release_buffers", "trained_blocks",
+    "NF4Linear",
+    "NF4SparseBlockLinear",
+    "NF4Weight",
+    "dequantize_nf4",
+    "fold_blocks_into_checkpoint",
+    "load_nf4_pretrained",
+    "merge_nf4",
+    "nf4_modules",
+    "nf4_weight_gradients",
+    "patch_nf4",
+    "quantize_base",
+    "quantize_nf4",
+    "release_buffers",
+    "trained_blocks",
 ]

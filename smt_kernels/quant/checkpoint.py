@@ -40,12 +40,14 @@ def checkpoint_shards(directory: str | os.PathLike) -> list[Path]:
         return [directory / f for f in dict.fromkeys(weight_map.values())]
     if (directory / SINGLE_FILE).is_file():
         return [directory / SINGLE_FILE]
-    raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE} (only safetensors "
-                            "checkpoints are read)")
+    raise FileNotFoundError(
+        f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE} (only safetensors checkpoints are read)"
+    )
 
 
-def _shell_model(directory: Path, compute_dtype: torch.dtype, skip: Sequence[str], double_quant: bool,
-                 model_class) -> nn.Module:
+def _shell_model(
+    directory: Path, compute_dtype: torch.dtype, skip: Sequence[str], double_quant: bool, model_class
+) -> nn.Module:
     """The model with every parameter on the meta device (no memory), NF4Linear shells in place of the targets."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -59,8 +61,14 @@ def _shell_model(directory: Path, compute_dtype: torch.dtype, skip: Sequence[str
     modules = dict(model.named_modules())
     for name, m in list(modules.items()):
         if isinstance(m, nn.Linear) and not _matches(name, ALWAYS_SKIPPED) and not _matches(name, skip):
-            shell = NF4Linear(m.in_features, m.out_features, bias=m.bias is not None, double_quant=double_quant,
-                              compute_dtype=compute_dtype, device="meta")
+            shell = NF4Linear(
+                m.in_features,
+                m.out_features,
+                bias=m.bias is not None,
+                double_quant=double_quant,
+                compute_dtype=compute_dtype,
+                device="meta",
+            )
             parent, _, attr = name.rpartition(".")
             setattr(modules[parent] if parent else model, attr, shell)
     return model
@@ -120,8 +128,10 @@ def load_nf4_pretrained(
                 elif key in nf4_weights:
                     nf4_weights[key].set_nf4(quantize_nf4(t, double_quant=double_quant))
                 elif not t.is_floating_point() and t.dtype == torch.uint8 and key.endswith(".weight"):
-                    raise ValueError(f"{key} is 4-bit packed in the checkpoint but its module is not quantized here "
-                                     "(is it in `skip`?)")
+                    raise ValueError(
+                        f"{key} is 4-bit packed in the checkpoint but its module is not quantized here "
+                        "(is it in `skip`?)"
+                    )
                 else:
                     _assign(model, key, t if not t.is_floating_point() else t.to(compute_dtype))
                 del t
@@ -130,16 +140,22 @@ def load_nf4_pretrained(
     for key, parts in prequantized.items():
         nf4_weights[key].set_nf4(nf4_from_bnb_state(parts, key))
     if prequantized:
-        logger.info("load_nf4_pretrained: %d weights were 4-bit (bitsandbytes) in the checkpoint, adopted as they are",
-                    len(prequantized))
+        logger.info(
+            "load_nf4_pretrained: %d weights were 4-bit (bitsandbytes) in the checkpoint, adopted as they are",
+            len(prequantized),
+        )
     tied = _tie(model)
     missing = sorted(expected - seen - tied)
     if missing:
-        raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. "
-                         f"{missing[:5]}")
+        raise ValueError(
+            f"{directory}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}"
+        )
     if unexpected:
-        logger.warning("load_nf4_pretrained: %d checkpoint tensors the model does not use, e.g. %s",
-                       len(unexpected), unexpected[:3])
+        logger.warning(
+            "load_nf4_pretrained: %d checkpoint tensors the model does not use, e.g. %s",
+            len(unexpected),
+            unexpected[:3],
+        )
     for name, buf in list(model.named_buffers()):
         if buf.device != device:
             _assign(model, name, buf.to(device), buffer=True)
@@ -228,11 +244,15 @@ def fold_blocks_into_checkpoint(
         except (TypeError, ValueError) as err:
             problems.append(f"{name!r}: {err}")
         if tuple(weight.shape) != (indices.shape[0], block_size, block_size):
-            problems.append(f"{name!r}: block_weight {tuple(weight.shape)} does not match {indices.shape[0]} blocks "
-                            f"of {block_size}×{block_size}")
+            problems.append(
+                f"{name!r}: block_weight {tuple(weight.shape)} does not match {indices.shape[0]} blocks "
+                f"of {block_size}×{block_size}"
+            )
     if problems:
-        raise ValueError(f"the blocks do not fit the checkpoint in {checkpoint_dir}; nothing was written:\n"
-                         + "\n".join(f"  - {p}" for p in problems[:10]))
+        raise ValueError(
+            f"the blocks do not fit the checkpoint in {checkpoint_dir}; nothing was written:\n"
+            + "\n".join(f"  - {p}" for p in problems[:10])
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_names = {s.name for s in shards}
     for item in checkpoint_dir.iterdir():

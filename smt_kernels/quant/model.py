@@ -55,11 +55,18 @@ def quantize_base(
         raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, float16 or bfloat16")
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("the model is already patched for SMT; quantize the base before patching")
-    targets = [(n, m) for n, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or is_bnb_linear4bit(m)) and not _matches(n, ALWAYS_SKIPPED)
-               and not _matches(n, skip)]
-    bad = [f"{n} ({m.weight.dtype})" for n, m in targets
-           if not is_bnb_linear4bit(m) and m.weight.dtype not in SUPPORTED_DTYPES]
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or is_bnb_linear4bit(m))
+        and not _matches(n, ALWAYS_SKIPPED)
+        and not _matches(n, skip)
+    ]
+    bad = [
+        f"{n} ({m.weight.dtype})"
+        for n, m in targets
+        if not is_bnb_linear4bit(m) and m.weight.dtype not in SUPPORTED_DTYPES
+    ]
     if bad:
         raise TypeError(f"quantize_base: these linears are not float32/float16/bfloat16: {bad[:5]}")
     modules = dict(model.named_modules())
@@ -73,16 +80,25 @@ def quantize_base(
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent] if parent else model, attr, new)
     after = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        m.nbytes() for m in model.modules() if isinstance(m, NF4Linear))
-    logger.info("quantize_base: %d linears to NF4 (double_quant=%s); parameters %.1f MB -> %.1f MB",
-                len(targets), double_quant, before / 1e6, after / 1e6)
+        m.nbytes() for m in model.modules() if isinstance(m, NF4Linear)
+    )
+    logger.info(
+        "quantize_base: %d linears to NF4 (double_quant=%s); parameters %.1f MB -> %.1f MB",
+        len(targets),
+        double_quant,
+        before / 1e6,
+        after / 1e6,
+    )
     return model
 
 
 def nf4_modules(model: nn.Module, trainable: bool | None = None) -> dict[str, NF4Linear]:
     """``{name: module}`` of the NF4 layers; ``trainable=True`` only NF4SparseBlockLinear, False only frozen ones."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)
-            and (trainable is None or isinstance(m, NF4SparseBlockLinear) == trainable)}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, NF4Linear) and (trainable is None or isinstance(m, NF4SparseBlockLinear) == trainable)
+    }
 
 
 def patch_nf4(
@@ -135,8 +151,10 @@ def merge_nf4(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
 def trained_blocks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module name: (block_indices (n, 2), block_weight (n, b, b))} of every NF4SparseBlockLinear, detached on the
     CPU: what ``fold_blocks_into_checkpoint`` takes (with the block size) without going through a file."""
-    return {n: (m.block_indices.detach().cpu(), m.block_weight.detach().cpu())
-            for n, m in nf4_modules(model, trainable=True).items()}
+    return {
+        n: (m.block_indices.detach().cpu(), m.block_weight.detach().cpu())
+        for n, m in nf4_modules(model, trainable=True).items()
+    }
 
 
 @contextlib.contextmanager
