@@ -81,11 +81,10 @@ class _Plan:
     block_dtype: torch.dtype | None = None  # NF4 targets: dtype of the trainable blocks; None for nn.Linear
 
     def build(self, old: nn.Module) -> SparseBlockLinear | NF4SparseBlockLinear:
+        # the plan's layout is already validated for this shape: the layers take it as it is
         if isinstance(old, NF4Linear):  # shares old's 4-bit buffers: nothing is copied
-            return NF4SparseBlockLinear.from_nf4_linear(
-                old, self.layout.indices, self.layout.block_size, self.block_dtype
-            )
-        return SparseBlockLinear.from_linear(old, self.layout.indices, self.layout.block_size)
+            return NF4SparseBlockLinear.from_nf4_linear(old, self.layout, self.layout.block_size, self.block_dtype)
+        return SparseBlockLinear.from_linear(old, self.layout, self.layout.block_size)
 
 
 def _index(value: Any, where: str) -> int:

@@ -200,3 +200,18 @@ def test_no_blocks_and_no_input_gradient():
     _, layer = make("aligned", torch.float32, "cpu")
     layer(torch.randn(2, 96)).sum().backward()  # the input needs no gradient: only the blocks get one
     assert torch.isfinite(layer.block_weight.grad).all() and layer.block_weight.grad.abs().sum() > 0
+
+
+def test_from_nf4_linear_takes_a_validated_layout():
+    """A BlockLayout (what patch plans) is taken as is when it is for the layer's shape; another shape is refused."""
+    from smt_kernels.layout import BlockLayout
+
+    out_f, in_f, b, blocks = CASES["edge_corner"]
+    base = NF4Linear.from_linear(nn.Linear(in_f, out_f))
+    from_pairs = NF4SparseBlockLinear.from_nf4_linear(base, blocks, b)
+    layout = BlockLayout.build(blocks, out_f, in_f, b)
+    from_layout = NF4SparseBlockLinear.from_nf4_linear(base, layout, b)
+    assert torch.equal(from_layout.block_indices, from_pairs.block_indices)
+    assert torch.equal(from_layout.block_weight, from_pairs.block_weight)
+    with pytest.raises(ValueError, match=f"layout is for a {out_f}×{in_f + 1} weight with block_size {b}"):
+        NF4SparseBlockLinear.from_nf4_linear(base, BlockLayout.build(blocks, out_f, in_f + 1, b), b)

@@ -162,15 +162,24 @@ class NF4SparseBlockLinear(NF4Linear):
     """
 
     @classmethod
-    def from_nf4_linear(cls, base: NF4Linear, blocks: BlocksLike, block_size: int = 256,
+    def from_nf4_linear(cls, base: NF4Linear, blocks: BlocksLike | BlockLayout, block_size: int = 256,
                         block_dtype: torch.dtype | None = None) -> NF4SparseBlockLinear:
-        """Make ``blocks`` of ``base`` trainable; shares base's buffers (no copy of the 4-bit weight).
+        """Make ``blocks`` (pairs, an (n, 2) int tensor, or a ``BlockLayout`` already validated for this shape) of
+        ``base`` trainable; shares base's buffers (no copy of the 4-bit weight).
 
         The blocks start at the dequantized base values, so the layer computes what ``base`` computes.
         """
         if not isinstance(base, NF4Linear) or isinstance(base, NF4SparseBlockLinear):
             raise TypeError(f"from_nf4_linear expects a frozen NF4Linear, got {type(base).__name__}")
-        layout = BlockLayout.build(blocks, base.out_features, base.in_features, block_size)
+        want = (base.out_features, base.in_features, block_size)
+        if isinstance(blocks, BlockLayout):  # validated by the caller (patch plans every module first)
+            have = (blocks.out_features, blocks.in_features, blocks.block_size)
+            if have != want:
+                raise ValueError(f"the layout is for a {have[0]}×{have[1]} weight with block_size {have[2]}, not "
+                                 f"{want[0]}×{want[1]} with block_size {want[2]}")
+            layout = blocks
+        else:
+            layout = BlockLayout.build(blocks, *want)
         layer = cls(base.in_features, base.out_features, bias=base.bias is not None,
                     double_quant=base.double_quant, compute_dtype=base.compute_dtype,
                     weight_dtype=base.weight_dtype, device="meta")
