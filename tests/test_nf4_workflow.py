@@ -115,6 +115,11 @@ def test_end_to_end_on_a_4bit_base(checkpoint, tmp_path):
     load_blocks(fresh, tmp_path / "blocks")
     assert all(isinstance(m, NF4SparseBlockLinear) for m in patched_modules(fresh).values())
     assert torch.equal(logits(fresh), want)  # the same 4-bit base and blocks: the same bits
+    with torch.no_grad():  # and onto a model already patched with the layout (resuming): only the blocks are copied
+        for m in patched_modules(fresh).values():
+            m.block_weight.zero_()
+    load_blocks(fresh, tmp_path / "blocks")
+    assert torch.equal(logits(fresh), want)
 
     merged = merge(model)
     assert not any(isinstance(m, NF4Linear) for m in merged.modules()) and not hasattr(merged, "smt_config")
@@ -260,6 +265,7 @@ def test_select_blocks_on_4bit_equals_the_dequantized_twin():
     for name, m in smt_kernels.quant.nf4_modules(model).items():
         twin.get_submodule(name).weight.data.copy_(m.dequantized_weight(torch.float32))
     snap = snapshot(model)
+    chosen = {}
     for score in ("abs_mean", "l2", "activation"):
         got = select_blocks(
             model, [batch(1), batch(2)], num_blocks=4, targets=TARGETS, score=score, block_size=B, progress=False
@@ -271,8 +277,16 @@ def test_select_blocks_on_4bit_equals_the_dequantized_twin():
         for n in want.scores:
             torch.testing.assert_close(got.scores[n], want.scores[n], rtol=1e-4, atol=1e-9)
         assert dict(got) == dict(want), score
+        chosen[score] = got
     assert_unchanged(model, snap)
     assert all(m.weight_grad_fold is None for m in smt_kernels.quant.nf4_modules(model).values())
+    # gradient checkpointing recomputes the 4-bit forwards; each target's gradient is still folded once per batch
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    again = select_blocks(
+        model, [batch(1), batch(2)], num_blocks=4, targets=TARGETS, block_size=B, training=True, progress=False
+    )
+    first = chosen["abs_mean"]
+    assert dict(again) == dict(first) and all(torch.equal(again.scores[n], first.scores[n]) for n in first.scores)
     patch(model, {"model.layers.0.self_attn.q_proj": [(0, 0)]}, B, verbose=False)
     with pytest.raises(ValueError, match="already a NF4SparseBlockLinear"):
         select_blocks(model, batch(1), num_blocks=1, targets=TARGETS, block_size=B, progress=False)
