@@ -255,6 +255,15 @@ def test_block_files_across_bases_name_the_base(checkpoint, tmp_path):
     for n, m in patched_modules(target).items():
         assert isinstance(m, NF4SparseBlockLinear) and m.block_weight.dtype == torch.bfloat16
         assert torch.equal(m.block_weight, patched_modules(bf16)[n].block_weight)
+    # and blocks trained on 4 bits (bf16 blocks here, the weights' dtype) over the bf16 base: what folding gives
+    load_blocks(plain, tmp_path / "from_nf4", strict=False)
+    for n, m in patched_modules(plain).items():
+        assert isinstance(m, smt_kernels.SparseBlockLinear)
+        assert torch.equal(m.block_weight, patched_modules(nf4)[n].block_weight)
+    folded = fold_blocks_into_checkpoint(tmp_path / "from_nf4", checkpoint, tmp_path / "folded")
+    folded_state = LlamaForCausalLM.from_pretrained(folded, dtype=torch.bfloat16).state_dict()
+    for k, v in merge(plain).state_dict().items():
+        assert torch.equal(folded_state[k], v), k
 
 
 def test_select_blocks_on_4bit_equals_the_dequantized_twin():
