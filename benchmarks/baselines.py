@@ -37,7 +37,7 @@ class _BlockBase(nn.Module):
         w = linear.weight.detach().clone()
         self.weight = nn.Parameter(w, requires_grad=False)
         b = block_size
-        init = [w[r * b:(r + 1) * b, c * b:(c + 1) * b] for r, c in self.blocks]
+        init = [w[r * b : (r + 1) * b, c * b : (c + 1) * b] for r, c in self.blocks]
         self.block_weight = nn.Parameter(torch.stack(init) if init else w.new_zeros(0, b, b))
 
 
@@ -47,7 +47,7 @@ class _PaperFunction(torch.autograd.Function):
         b = block_size
         # the paper keeps x[..., cols] slices (views) for backward; saving them through save_for_backward
         # (the paper stashes them on ctx) lets the saved-bytes hook see what they pin
-        slices = [x[..., c * b:(c + 1) * b] for _, c in blocks]
+        slices = [x[..., c * b : (c + 1) * b] for _, c in blocks]
         ctx.save_for_backward(weight, *slices)
         ctx.blocks = blocks
         ctx.block_size = b
@@ -60,7 +60,7 @@ class _PaperFunction(torch.autograd.Function):
         grad_t = grad_out.transpose(-1, -2)
         grad_blocks = grad_out.new_empty(len(ctx.blocks), b, b)
         for k, (r, _) in enumerate(ctx.blocks):
-            prod = torch.matmul(grad_t[..., r * b:(r + 1) * b, :], slices[k])
+            prod = torch.matmul(grad_t[..., r * b : (r + 1) * b, :], slices[k])
             # the paper sums the per-sequence products over the batch dimension
             grad_blocks[k] = prod.sum(dim=0) if prod.dim() == 3 else prod
         return torch.matmul(grad_out, weight), grad_blocks, None, None, None
@@ -73,7 +73,7 @@ class PaperBlockLinear(_BlockBase):
         b = self.block_size
         with torch.no_grad():
             for k, (r, c) in enumerate(self.blocks):
-                self.weight[r * b:(r + 1) * b, c * b:(c + 1) * b] = self.block_weight[k]
+                self.weight[r * b : (r + 1) * b, c * b : (c + 1) * b] = self.block_weight[k]
         x3 = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x
         y = _PaperFunction.apply(x3, self.block_weight, self.weight, self.blocks, b)
         return y.reshape(*x.shape[:-1], self.weight.shape[0])
@@ -91,8 +91,8 @@ class _GatherBmmFunction(torch.autograd.Function):
         x_cols, weight, row_blocks, col_slot = ctx.saved_tensors
         b = ctx.block_size
         m = grad_out.shape[0]
-        dy = grad_out.reshape(m, -1, b).index_select(1, row_blocks)   # (M, n, b)
-        xs = x_cols.view(m, -1, b).index_select(1, col_slot)          # (M, n, b)
+        dy = grad_out.reshape(m, -1, b).index_select(1, row_blocks)  # (M, n, b)
+        xs = x_cols.view(m, -1, b).index_select(1, col_slot)  # (M, n, b)
         grad_blocks = torch.bmm(dy.permute(1, 2, 0), xs.permute(1, 0, 2))  # (n, b, M) @ (n, M, b)
         return grad_out.matmul(weight), grad_blocks, None, None, None, None, None
 
@@ -117,6 +117,7 @@ class GatherBmmBlockLinear(_BlockBase):
             # (R, b, C, b) view: the two index tensors pick (n, b, b) blocks in one index_put
             self.weight.view(n_out // b, b, n_in // b, b)[self.row_blocks, :, self.col_blocks, :] = self.block_weight
         x2d = x.reshape(-1, n_in)
-        y = _GatherBmmFunction.apply(x2d, self.block_weight, self.weight, self.col_index, self.row_blocks,
-                                     self.col_slot, b)
+        y = _GatherBmmFunction.apply(
+            x2d, self.block_weight, self.weight, self.col_index, self.row_blocks, self.col_slot, b
+        )
         return y.reshape(*x.shape[:-1], n_out)

@@ -65,9 +65,34 @@ PRESETS = {
 }
 METHODS = ("frozen", "full", "lora", "smt")
 FIELDS = common.ENV_FIELDS + [
-    "section", "preset", "model", "layers", "batch", "seq", "dtype", "autocast", "block_size", "method", "mode",
-    "trainable_params", "compile_s", "graph_breaks", "step_ms", "step_ms_p20", "step_ms_p80", "iters", "ratio_to_floor",
-    "peak_mem_gib", "shape", "tokens", "layer", "pass", "host_us", "host_us_ratio", "status", "notes",
+    "section",
+    "preset",
+    "model",
+    "layers",
+    "batch",
+    "seq",
+    "dtype",
+    "autocast",
+    "block_size",
+    "method",
+    "mode",
+    "trainable_params",
+    "compile_s",
+    "graph_breaks",
+    "step_ms",
+    "step_ms_p20",
+    "step_ms_p80",
+    "iters",
+    "ratio_to_floor",
+    "peak_mem_gib",
+    "shape",
+    "tokens",
+    "layer",
+    "pass",
+    "host_us",
+    "host_us_ratio",
+    "status",
+    "notes",
 ]
 
 
@@ -118,13 +143,19 @@ def measure_model(model: nn.Module, preset: Preset, mode: str, device, args) -> 
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = common.time_steps(step, device, warmup=args.warmup, target_s=args.target_s, min_iters=args.steps,
-                              max_iters=max(args.steps, 50))
+    times = common.time_steps(
+        step, device, warmup=args.warmup, target_s=args.target_s, min_iters=args.steps, max_iters=max(args.steps, 50)
+    )
     stats = common.summarize(times)
-    res = {"step_ms": stats["time_ms"], "step_ms_p20": stats["time_ms_p20"], "step_ms_p80": stats["time_ms_p80"],
-           "iters": stats["iters"], "trainable_params": sum(p.numel() for p in trainable),
-           "compile_s": common.sig(first_s, 3) if mode != "eager" else "",
-           "graph_breaks": breaks if mode != "eager" else ""}
+    res = {
+        "step_ms": stats["time_ms"],
+        "step_ms_p20": stats["time_ms_p20"],
+        "step_ms_p80": stats["time_ms_p80"],
+        "iters": stats["iters"],
+        "trainable_params": sum(p.numel() for p in trainable),
+        "compile_s": common.sig(first_s, 3) if mode != "eager" else "",
+        "graph_breaks": breaks if mode != "eager" else "",
+    }
     if device.type == "cuda":
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
     return res
@@ -137,11 +168,20 @@ def run_models(args, env, device, sink) -> list[dict]:
         floor: dict[str, float] = {}
         for mode in args.modes:
             for method in args.methods:
-                base = {**env, "section": "model", "preset": pname, "model": preset.model,
-                        "layers": preset.layers or MODELS[preset.model]["num_hidden_layers"], "batch": preset.batch,
-                        "seq": preset.seq, "dtype": str(preset.master_dtype).removeprefix("torch."),
-                        "autocast": "bf16" if preset.autocast else "", "block_size": preset.block_size,
-                        "method": method, "mode": mode}
+                base = {
+                    **env,
+                    "section": "model",
+                    "preset": pname,
+                    "model": preset.model,
+                    "layers": preset.layers or MODELS[preset.model]["num_hidden_layers"],
+                    "batch": preset.batch,
+                    "seq": preset.seq,
+                    "dtype": str(preset.master_dtype).removeprefix("torch."),
+                    "autocast": "bf16" if preset.autocast else "",
+                    "block_size": preset.block_size,
+                    "method": method,
+                    "mode": mode,
+                }
 
                 def go(method=method, mode=mode, preset=preset) -> dict:
                     torch._dynamo.reset()
@@ -198,8 +238,9 @@ def run_host(args, env, device, sink) -> list[dict]:
             ("nn.Linear frozen", "forward"): functools.partial(lin, x),
             ("SparseBlockLinear", "forward"): functools.partial(smt, x),
             ("nn.Linear frozen", "forward+backward"): functools.partial(_fwd_bwd, lin, x, [x], dy),
-            ("nn.Linear trainable", "forward+backward"): functools.partial(_fwd_bwd, lin_full, x,
-                                                                           [x, lin_full.weight], dy),
+            ("nn.Linear trainable", "forward+backward"): functools.partial(
+                _fwd_bwd, lin_full, x, [x, lin_full.weight], dy
+            ),
             ("SparseBlockLinear", "forward+backward"): functools.partial(_fwd_bwd, smt, x, [x, smt.block_weight], dy),
         }
         ref = {}
@@ -207,18 +248,36 @@ def run_host(args, env, device, sink) -> list[dict]:
             us = _host_us(fn, device, args.host_calls)
             if layer == "nn.Linear frozen":
                 ref[pas] = us
-            row = {**env, "section": "host", "shape": f"{n_out}x{n_in}", "tokens": tokens, "layer": layer,
-                   "pass": pas, "dtype": str(dtype).removeprefix("torch."), "host_us": common.sig(us, 4),
-                   "host_us_ratio": common.sig(us / ref[pas], 3), "status": "ok",
-                   "notes": f"backend={smt.backend}"}
+            row = {
+                **env,
+                "section": "host",
+                "shape": f"{n_out}x{n_in}",
+                "tokens": tokens,
+                "layer": layer,
+                "pass": pas,
+                "dtype": str(dtype).removeprefix("torch."),
+                "host_us": common.sig(us, 4),
+                "host_us_ratio": common.sig(us / ref[pas], 3),
+                "status": "ok",
+                "notes": f"backend={smt.backend}",
+            }
             sink.write(row)
             rows.append(row)
             print(common.format_row(row, PRINT_HOST), flush=True)
     return rows
 
 
-PRINT_MODEL = ["preset", "method", "mode", "step_ms", "ratio_to_floor", "compile_s", "graph_breaks", "peak_mem_gib",
-               "status"]
+PRINT_MODEL = [
+    "preset",
+    "method",
+    "mode",
+    "step_ms",
+    "ratio_to_floor",
+    "compile_s",
+    "graph_breaks",
+    "peak_mem_gib",
+    "status",
+]
 PRINT_HOST = ["shape", "tokens", "layer", "pass", "host_us", "host_us_ratio"]
 
 
@@ -228,8 +287,11 @@ def parse_args(argv):
     p.add_argument("--sections", default="host,model", help="host and/or model")
     p.add_argument("--presets", default=None, help=f"subset of {','.join(PRESETS)} (default: all but tiny)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    p.add_argument("--modes", default="eager,default", help="eager and/or torch.compile modes (default, "
-                   "reduce-overhead, max-autotune-no-cudagraphs)")
+    p.add_argument(
+        "--modes",
+        default="eager,default",
+        help="eager and/or torch.compile modes (default, reduce-overhead, max-autotune-no-cudagraphs)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps at least (10)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--target-s", type=float, default=1.0, help="timed seconds per configuration")
@@ -239,8 +301,9 @@ def parse_args(argv):
     args.device_obj = common.pick_device(args.device)
     cpu = args.device_obj.type == "cpu"
     args.sections = common.parse_list(args.sections)
-    args.presets = common.parse_list(args.presets) if args.presets else (
-        ["tiny"] if cpu else [k for k in PRESETS if k != "tiny"])
+    args.presets = (
+        common.parse_list(args.presets) if args.presets else (["tiny"] if cpu else [k for k in PRESETS if k != "tiny"])
+    )
     args.methods = common.parse_list(args.methods)
     args.modes = common.parse_list(args.modes)
     for bad in set(args.presets) - set(PRESETS):

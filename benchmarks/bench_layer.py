@@ -49,13 +49,48 @@ BLOCK_METHODS = ("smt", "paper_loop", "gather_bmm")  # depend on the layout too
 CPU_SHAPES = "128x128,64x128,128x64"
 
 LAYER_FIELDS = common.ENV_FIELDS + [
-    "dtype", "block_size", "shape", "N", "K", "M", "blocks", "n_blocks", "pct_blocks", "layout", "method",
-    "trainable_params", "lora_rank", "time_ms", "time_ms_p20", "time_ms_p80", "iters", "floor_ms", "ratio_to_floor",
-    "peak_mem_mib", "saved_mib", "status", "notes",
+    "dtype",
+    "block_size",
+    "shape",
+    "N",
+    "K",
+    "M",
+    "blocks",
+    "n_blocks",
+    "pct_blocks",
+    "layout",
+    "method",
+    "trainable_params",
+    "lora_rank",
+    "time_ms",
+    "time_ms_p20",
+    "time_ms_p80",
+    "iters",
+    "floor_ms",
+    "ratio_to_floor",
+    "peak_mem_mib",
+    "saved_mib",
+    "status",
+    "notes",
 ]
 KERNEL_FIELDS = common.ENV_FIELDS + [
-    "dtype", "block_size", "backend", "shape", "N", "K", "M", "n_blocks", "method", "time_ms", "time_ms_p20",
-    "time_ms_p80", "iters", "tflops", "pct_of_dense", "status", "notes",
+    "dtype",
+    "block_size",
+    "backend",
+    "shape",
+    "N",
+    "K",
+    "M",
+    "n_blocks",
+    "method",
+    "time_ms",
+    "time_ms_p20",
+    "time_ms_p80",
+    "iters",
+    "tflops",
+    "pct_of_dense",
+    "status",
+    "notes",
 ]
 
 
@@ -99,8 +134,9 @@ def lora_rank(n_blocks: int, block_size: int, n_out: int, n_in: int) -> int:
 def build_method(method: str, base: nn.Linear, blocks, block_size: int, rank: int) -> tuple[nn.Module, list]:
     """The layer for ``method`` made from a copy of ``base``, and its trainable tensors."""
     if method in DENSE_METHODS:
-        layer = nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device,
-                          dtype=base.weight.dtype)
+        layer = nn.Linear(
+            base.in_features, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype
+        )
         with torch.no_grad():
             layer.weight.copy_(base.weight)
         layer.weight.requires_grad_(method == "full")
@@ -121,8 +157,9 @@ def _peft_lora(base: nn.Linear, rank: int) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     holder = nn.Module()
-    holder.proj = nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device,
-                            dtype=base.weight.dtype)
+    holder.proj = nn.Linear(
+        base.in_features, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype
+    )
     with torch.no_grad():
         holder.proj.weight.copy_(base.weight)
     cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["proj"], bias="none")
@@ -235,8 +272,15 @@ def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list
                 continue
             grid = (-(-n_out // b), -(-n_in // b))
             shape = f"{n_out}x{n_in}"
-            common_row = {**env, "dtype": args.dtype, "block_size": b, "shape": shape, "N": n_out, "K": n_in,
-                          "M": tokens}
+            common_row = {
+                **env,
+                "dtype": args.dtype,
+                "block_size": b,
+                "shape": shape,
+                "N": n_out,
+                "K": n_in,
+                "M": tokens,
+            }
             base = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
             with torch.no_grad():
                 gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -290,8 +334,11 @@ def run_layer_grid(args, env: dict, device, dtype, sink: common.CsvSink) -> list
             del bufs, base
             common.free_memory(device)
     if skipped:
-        print(f"budget of {args.budget_s:.0f} s reached: {skipped} configurations skipped "
-              "(raise --budget-s or narrow the grid)", flush=True)
+        print(
+            f"budget of {args.budget_s:.0f} s reached: {skipped} configurations skipped "
+            "(raise --budget-s or narrow the grid)",
+            flush=True,
+        )
     return rows
 
 
@@ -315,8 +362,19 @@ def _measure_method(method, base, blocks, block_size, rank, bufs, device, args) 
     return common.run_guarded(go, device)
 
 
-PRINT_COLUMNS = ["shape", "M", "blocks", "n_blocks", "layout", "method", "time_ms", "ratio_to_floor",
-                 "peak_mem_mib", "saved_mib", "status"]
+PRINT_COLUMNS = [
+    "shape",
+    "M",
+    "blocks",
+    "n_blocks",
+    "layout",
+    "method",
+    "time_ms",
+    "ratio_to_floor",
+    "peak_mem_mib",
+    "saved_mib",
+    "status",
+]
 
 
 # ---------------------------------------------------------------- block-gradient kernel alone
@@ -336,8 +394,16 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: c
     impl = kernels(backend)
     b, m = args.block_size, args.kernel_tokens
     grid = (-(-n_out // b), -(-n_in // b))
-    base_row = {**env, "dtype": args.dtype, "block_size": b, "backend": backend, "shape": f"{n_out}x{n_in}",
-                "N": n_out, "K": n_in, "M": m}
+    base_row = {
+        **env,
+        "dtype": args.dtype,
+        "block_size": b,
+        "backend": backend,
+        "shape": f"{n_out}x{n_in}",
+        "N": n_out,
+        "K": n_in,
+        "M": m,
+    }
     per_set = m * (n_in + n_out) * torch.finfo(dtype).bits // 8
     count = max(2, min(6, math.ceil(4 * common.l2_cache_bytes(device) / per_set)))
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -349,8 +415,9 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: c
     def record(fn: Callable[[int], object], flops: float, ref: float | None = None, **fields) -> dict:
         def go() -> dict:
             timed = graphed(fn, count, device) if args.cuda_graphs else fn
-            res = common.summarize(common.time_steps(timed, device, warmup=args.warmup, target_s=args.target_s,
-                                                     min_iters=args.min_iters))
+            res = common.summarize(
+                common.time_steps(timed, device, warmup=args.warmup, target_s=args.target_s, min_iters=args.min_iters)
+            )
             if args.cuda_graphs:
                 res["notes"] = f"{fields.get('notes', '')}; time of CUDA-graph replays".lstrip("; ")
             res["tflops"] = common.sig(flops / (res["time_ms"] * 1e-3) / 1e12, 4)
@@ -364,8 +431,13 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: c
         return rows[-1]
 
     dense_flops = 2.0 * m * n_out * n_in
-    ref = record(lambda i: dys[i % count].t() @ xs[i % count], dense_flops, method="dense_dW_gemm", n_blocks=0,
-                 notes="dYᵀ·X: reduces over M like the block gradient").get("tflops")
+    ref = record(
+        lambda i: dys[i % count].t() @ xs[i % count],
+        dense_flops,
+        method="dense_dW_gemm",
+        n_blocks=0,
+        notes="dYᵀ·X: reduces over M like the block gradient",
+    ).get("tflops")
     record(lambda i: xs[i % count] @ w.t(), dense_flops, method="dense_fwd_gemm", n_blocks=0, notes="X·Wᵀ")
     for n in args.kernel_n:
         if n > grid[0] * grid[1]:
@@ -374,14 +446,27 @@ def _kernel_shape(args, env: dict, device, dtype, n_out: int, n_in: int, sink: c
         idx, slot = lay.indices.to(device), lay.col_slot.to(device)
         xcols = [impl.gather_column_blocks(x, lay.col_blocks.to(device), b) for x in xs]
         flops = 2.0 * m * n * b * b
-        record(lambda i, xcols=xcols, idx=idx, slot=slot: impl.block_weight_grad(
-            dys[i % count], xcols[i % count], idx, slot, b, dtype),
-            flops, ref, method="block_weight_grad", n_blocks=n, notes=f"smt_kernels {backend} backend")
+        record(
+            lambda i, xcols=xcols, idx=idx, slot=slot: impl.block_weight_grad(
+                dys[i % count], xcols[i % count], idx, slot, b, dtype
+            ),
+            flops,
+            ref,
+            method="block_weight_grad",
+            n_blocks=n,
+            notes=f"smt_kernels {backend} backend",
+        )
         # torch's best effort on the same work: operands gathered beforehand (untimed), one bmm
         dyg = [d.view(m, -1, b).index_select(1, idx[:, 0]).permute(1, 2, 0).contiguous() for d in dys]
         xg = [c.view(m, -1, b).index_select(1, slot).permute(1, 0, 2).contiguous() for c in xcols]
-        record(lambda i, dyg=dyg, xg=xg: torch.bmm(dyg[i % count], xg[i % count]), flops, ref,
-               method="torch_bmm_gathered", n_blocks=n, notes="operands gathered beforehand (untimed)")
+        record(
+            lambda i, dyg=dyg, xg=xg: torch.bmm(dyg[i % count], xg[i % count]),
+            flops,
+            ref,
+            method="torch_bmm_gathered",
+            n_blocks=n,
+            notes="operands gathered beforehand (untimed)",
+        )
     return rows
 
 
@@ -427,13 +512,17 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     common.add_output_args(p)
     p.add_argument("--shapes", default=None, help=f"OUTxIN list (default {ALL_SHAPES})")
     p.add_argument("--tokens", default=None, help=f"token counts M (default {ALL_TOKENS})")
-    p.add_argument("--blocks", default=ALL_BLOCKS, help=f"block counts: an integer or a share of the matrix "
-                                                        f"(default {ALL_BLOCKS.replace('%', '%%')})")
+    p.add_argument(
+        "--blocks",
+        default=ALL_BLOCKS,
+        help=f"block counts: an integer or a share of the matrix (default {ALL_BLOCKS.replace('%', '%%')})",
+    )
     p.add_argument("--layouts", default=None, help="random,row,col (default: all three at M=16384, random elsewhere)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--block-size", type=int, default=None, help="256 (CPU default 16)")
@@ -444,15 +533,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-shapes", default=None, help="shapes of the kernel section (default 4096x4096)")
     p.add_argument("--quick", action="store_true", help="2 shapes, M=16384, 1 block and 1%%, random layout")
     p.add_argument("--full", action="store_true", help="every (M, layout) pair and every kernel shape")
-    p.add_argument("--budget-s", type=float, default=400.0,
-                   help="stop starting new layer configurations after this many seconds (default 400)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=400.0,
+        help="stop starting new layer configurations after this many seconds (default 400)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--target-s", type=float, default=0.2, help="timed seconds per measurement (at most 50 calls)")
     p.add_argument("--min-iters", type=int, default=None, help="timed calls per measurement at least (5; CPU 2)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="time CUDA-graph replays of each step (GPU time without host launch time); CUDA only")
-    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="time every layer under torch.compile with this mode (default: eager)")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time CUDA-graph replays of each step (GPU time without host launch time); CUDA only",
+    )
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="time every layer under torch.compile with this mode (default: eager)",
+    )
     p.add_argument("--name", default="layer", help="CSV base name: <name>.csv and <name>_block_grad.csv")
     args = p.parse_args(argv)
 
@@ -475,8 +575,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.kernel_n = common.parse_list(args.kernel_n, int)
     args.kernel_tokens = args.kernel_tokens or (128 if cpu else 16384)
     default_kshapes = args.shapes if args.full else [(128, 128)] if cpu else [(4096, 4096)]
-    args.kernel_shapes = ([common.parse_shape(s) for s in common.parse_list(args.kernel_shapes)]
-                          if args.kernel_shapes else default_kshapes)
+    args.kernel_shapes = (
+        [common.parse_shape(s) for s in common.parse_list(args.kernel_shapes)]
+        if args.kernel_shapes
+        else default_kshapes
+    )
     for bad in set(args.methods) - set(METHODS):
         p.error(f"unknown method {bad!r}; choose from {', '.join(METHODS)}")
     for bad in set(args.layouts) - set(ALL_LAYOUTS):

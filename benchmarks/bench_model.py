@@ -34,32 +34,91 @@ from smt_kernels import SparseBlockLinear  # noqa: E402
 
 MODELS = {
     # Llama-3.2-1B
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
+    "llama3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
     # SmolLM2-135M (what `smt-kernels finetune` trains by default) and TinyLlama-1.1B
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                       num_key_value_heads=4, vocab_size=32000),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama-1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
     # CPU smoke test: every projection a multiple of the 16-wide CPU block
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
 }
 METHODS = ("frozen", "full", "smt", "lora")  # the references first: later rows' ratios use them
 TARGETS = ("q_proj", "k_proj", "v_proj")
 
 MODEL_FIELDS = common.ENV_FIELDS + [
-    "dtype", "model", "layers", "params", "attn", "batch", "seq", "tokens_per_step", "method", "grad_ckpt",
-    "block_size", "n_blocks", "lora_rank", "trainable_params", "trainable_pct", "step_ms", "step_ms_p20",
-    "step_ms_p80", "iters", "tokens_per_s", "ratio_to_floor", "peak_mem_gib", "mem_vs_full", "static_mem_gib",
-    "status", "notes",
+    "dtype",
+    "model",
+    "layers",
+    "params",
+    "attn",
+    "batch",
+    "seq",
+    "tokens_per_step",
+    "method",
+    "grad_ckpt",
+    "block_size",
+    "n_blocks",
+    "lora_rank",
+    "trainable_params",
+    "trainable_pct",
+    "step_ms",
+    "step_ms_p20",
+    "step_ms_p80",
+    "iters",
+    "tokens_per_s",
+    "ratio_to_floor",
+    "peak_mem_gib",
+    "mem_vs_full",
+    "static_mem_gib",
+    "status",
+    "notes",
 ]
-PRINT_COLUMNS = ["model", "method", "grad_ckpt", "trainable_pct", "step_ms", "tokens_per_s", "peak_mem_gib",
-                 "status"]
+PRINT_COLUMNS = ["model", "method", "grad_ckpt", "trainable_pct", "step_ms", "tokens_per_s", "peak_mem_gib", "status"]
 
 
 # ---------------------------------------------------------------- model construction
@@ -93,8 +152,11 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
     for mname, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
             parent_name, _, attr = mname.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
-                    type(module)(config=model.config).to(device))
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model,
+                attr,
+                type(module)(config=model.config).to(device),
+            )
     model.train()
     return model
 
@@ -191,8 +253,12 @@ def measure_training(model: nn.Module, batches: list[torch.Tensor], device, args
         torch.cuda.reset_peak_memory_stats(device)
     times = common.time_steps(step, device, warmup=args.warmup, probe=1, min_iters=args.steps, max_iters=args.steps)
     stats = common.summarize(times)
-    res = {"step_ms": stats["time_ms"], "step_ms_p20": stats["time_ms_p20"], "step_ms_p80": stats["time_ms_p80"],
-           "iters": stats["iters"]}
+    res = {
+        "step_ms": stats["time_ms"],
+        "step_ms_p20": stats["time_ms_p20"],
+        "step_ms_p80": stats["time_ms_p80"],
+        "iters": stats["iters"],
+    }
     if device.type == "cuda":
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
         # weights + optimizer state, what stays resident between steps
@@ -206,19 +272,23 @@ def measure_selection(model: nn.Module, batches: list[torch.Tensor], device, arg
 
     warm = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in batches]
     warm = warm * max(1, -(-args.select_batches // len(warm)))
-    warm = warm[:args.select_batches]
-    select_blocks(model, warm[:1], ratio=args.smt_ratio, targets=TARGETS, block_size=args.block_size,
-                  progress=False)  # warm-up: kernels and allocator
+    warm = warm[: args.select_batches]
+    select_blocks(
+        model, warm[:1], ratio=args.smt_ratio, targets=TARGETS, block_size=args.block_size, progress=False
+    )  # warm-up: kernels and allocator
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     common.synchronize(device)
     t = time.perf_counter()
-    sel = select_blocks(model, warm, ratio=args.smt_ratio, targets=TARGETS, block_size=args.block_size,
-                        progress=False)
+    sel = select_blocks(model, warm, ratio=args.smt_ratio, targets=TARGETS, block_size=args.block_size, progress=False)
     common.synchronize(device)
     per_batch_ms = (time.perf_counter() - t) * 1e3 / len(warm)
-    res = {"step_ms": common.sig(per_batch_ms), "iters": len(warm), "n_blocks": sel.num_blocks,
-           "notes": f"{len(warm)} warm-up batches (eval mode), score abs_mean; step_ms = wall time per batch"}
+    res = {
+        "step_ms": common.sig(per_batch_ms),
+        "iters": len(warm),
+        "n_blocks": sel.num_blocks,
+        "notes": f"{len(warm)} warm-up batches (eval mode), score abs_mean; step_ms = wall time per batch",
+    }
     if device.type == "cuda":
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
     return res
@@ -235,8 +305,9 @@ def run_method(name: str, method: str, args, env: dict, device, dtype, budget: c
         model = build_model(name, args.layers, args.seq, dtype, device, args.seed)
         hf_model = model
         total = sum(p.numel() for p in model.parameters())
-        info.update(layers=model.config.num_hidden_layers, params=total,
-                    attn=getattr(model.config, "_attn_implementation", ""))
+        info.update(
+            layers=model.config.num_hidden_layers, params=total, attn=getattr(model.config, "_attn_implementation", "")
+        )
         batches = make_batches(model.config.vocab_size, args.batch, args.seq, device, args.seed)
         if method == "smt" and not args.no_select:
             try:
@@ -278,8 +349,14 @@ def run_method(name: str, method: str, args, env: dict, device, dtype, budget: c
         rows += [{**info, "grad_ckpt": c, "status": status, "notes": note} for c in args.ckpt if c not in done]
     tokens = args.batch * args.seq
     for r in rows:
-        r.update({k: v for k, v in env.items()}, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                 tokens_per_step=tokens, block_size=args.block_size)
+        r.update(
+            {k: v for k, v in env.items()},
+            dtype=args.dtype,
+            batch=args.batch,
+            seq=args.seq,
+            tokens_per_step=tokens,
+            block_size=args.block_size,
+        )
         if r.get("status") == "ok":
             r["tokens_per_s"] = common.sig(tokens / (r["step_ms"] * 1e-3), 4)
         print(common.format_row(r, PRINT_COLUMNS), flush=True)
@@ -290,8 +367,11 @@ def add_ratios(row: dict, earlier: list[dict]) -> None:
     """Step time over the frozen floor's, and peak memory over full fine-tuning's, same model and grad_ckpt."""
     if row.get("status") != "ok":
         return
-    ref = {r["method"]: r for r in earlier if r.get("status") == "ok"
-           and (r.get("model"), r.get("grad_ckpt")) == (row.get("model"), row.get("grad_ckpt"))}
+    ref = {
+        r["method"]: r
+        for r in earlier
+        if r.get("status") == "ok" and (r.get("model"), r.get("grad_ckpt")) == (row.get("model"), row.get("grad_ckpt"))
+    }
     floor, full = ref.get("frozen"), ref.get("full")
     if row["method"] == "frozen":
         floor = row
@@ -307,8 +387,9 @@ def add_ratios(row: dict, earlier: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     common.add_output_args(p)
     p.add_argument("--models", default=None, help=f"subset of {','.join(MODELS)} (default: all but tiny)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -322,8 +403,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None, help="256 (CPU default 16)")
     p.add_argument("--select-batches", type=int, default=4, help="warm-up batches of the smt_select row")
     p.add_argument("--no-select", action="store_true", help="skip the smt_select row")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="start no new configuration after this many seconds (default 420)")
+    p.add_argument(
+        "--budget-s", type=float, default=420.0, help="start no new configuration after this many seconds (default 420)"
+    )
     p.add_argument("--name", default="model", help="CSV base name (default model.csv)")
     args = p.parse_args(argv)
     args.device_obj = common.pick_device(args.device)
@@ -352,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     device, dtype, env = common.start_run(args, "benchmarks.bench_model", argv)
-    print(f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | peft {env['peft']} | "
-          f"{env['command']}", flush=True)
+    print(
+        f"# {env['gpu']} | torch {env['torch']} | transformers {env['transformers']} | peft {env['peft']} | "
+        f"{env['command']}",
+        flush=True,
+    )
     print(common.format_row({c: c for c in PRINT_COLUMNS}, PRINT_COLUMNS), flush=True)
     budget = common.Budget(args.budget_s)
     sink = common.CsvSink(args.name, MODEL_FIELDS, None if args.no_results else args.results_dir, args.out)
@@ -361,8 +446,17 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for name in args.models:
         for method in args.methods:
             if budget.exhausted():
-                new = [{**env, "model": name, "method": method, "grad_ckpt": c, "status": "skipped",
-                        "notes": "time budget"} for c in args.ckpt]
+                new = [
+                    {
+                        **env,
+                        "model": name,
+                        "method": method,
+                        "grad_ckpt": c,
+                        "status": "skipped",
+                        "notes": "time budget",
+                    }
+                    for c in args.ckpt
+                ]
             else:
                 new = run_method(name, method, args, env, device, dtype, budget)
                 common.free_memory(device)
@@ -371,8 +465,23 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 rows.append(r)
                 sink.write(r)
     print("\n## summary (ratio_to_floor: step time / frozen step time; mem_vs_full: peak / full FT peak)")
-    print(common.format_table(rows, ["model", "method", "grad_ckpt", "trainable_pct", "step_ms", "tokens_per_s",
-                                     "ratio_to_floor", "peak_mem_gib", "mem_vs_full", "status"]))
+    print(
+        common.format_table(
+            rows,
+            [
+                "model",
+                "method",
+                "grad_ckpt",
+                "trainable_pct",
+                "step_ms",
+                "tokens_per_s",
+                "ratio_to_floor",
+                "peak_mem_gib",
+                "mem_vs_full",
+                "status",
+            ],
+        )
+    )
     sink.report()
     return 0
 

@@ -85,9 +85,12 @@ def measure(method, shape, tokens, blocks, args, device, dtype) -> dict:
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     step()
     peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
-    row = {"method": method, "resident_mib": round(resident_bytes(layer) / 2**20, 2),
-           "step_peak_mib": None if peak is None else round(peak / 2**20, 2), "trainable": sum(map(torch.numel,
-                                                                                                  trainable))}
+    row = {
+        "method": method,
+        "resident_mib": round(resident_bytes(layer) / 2**20, 2),
+        "step_peak_mib": None if peak is None else round(peak / 2**20, 2),
+        "trainable": sum(map(torch.numel, trainable)),
+    }
     row.update(summarize(time_steps(step, device, warmup=1, target_s=args.target_s, max_iters=args.max_iters)))
     if isinstance(layer, NF4Linear):
         row.update(kernel_bandwidth(layer, device, dtype, args))
@@ -107,10 +110,18 @@ def kernel_bandwidth(layer: NF4Linear, device, dtype, args) -> dict:
     if blocks is not None and bmap is None:
         bmap = block_slot_map(idx, q.shape, b)
     blocks = None if blocks is None else blocks.detach()
-    times = time_steps(lambda _i: kernels.dequantize_overlay(q, out, blocks, idx, bmap, b), device, warmup=1,
-                       target_s=args.target_s, max_iters=args.max_iters)
-    moved = q.nbytes() + out.numel() * out.element_size() + (0 if blocks is None else blocks.numel()
-                                                              * blocks.element_size())
+    times = time_steps(
+        lambda _i: kernels.dequantize_overlay(q, out, blocks, idx, bmap, b),
+        device,
+        warmup=1,
+        target_s=args.target_s,
+        max_iters=args.max_iters,
+    )
+    moved = (
+        q.nbytes()
+        + out.numel() * out.element_size()
+        + (0 if blocks is None else blocks.numel() * blocks.element_size())
+    )
     ms = summarize(times)["time_ms"]
     return {"dequant_ms": ms, "dequant_gbps": round(moved / (ms * 1e-3) / 1e9, 1)}
 
@@ -142,16 +153,46 @@ def main(argv: list[str] | None = None) -> int:
     for name, shape in shapes.items():
         blocks = pick_blocks(shape, args.block_size, args.ratio, args.seed)
         for method in args.methods.split(","):
-            row = {"layer": name, "N": shape[0], "K": shape[1], "M": tokens, "block_size": args.block_size,
-                   "blocks": len(blocks), **measure(method, shape, tokens, blocks, args, device, dtype)}
+            row = {
+                "layer": name,
+                "N": shape[0],
+                "K": shape[1],
+                "M": tokens,
+                "block_size": args.block_size,
+                "blocks": len(blocks),
+                **measure(method, shape, tokens, blocks, args, device, dtype),
+            }
             rows.append(row)
-            logger.info("%-9s %-11s %8.3f ms  resident %9.2f MiB  step peak %s MiB  %s", name, method,
-                        row["time_ms"], row["resident_mib"], row["step_peak_mib"],
-                        f"dequant {row['dequant_ms']} ms {row['dequant_gbps']} GB/s" if "dequant_ms" in row else "")
+            logger.info(
+                "%-9s %-11s %8.3f ms  resident %9.2f MiB  step peak %s MiB  %s",
+                name,
+                method,
+                row["time_ms"],
+                row["resident_mib"],
+                row["step_peak_mib"],
+                f"dequant {row['dequant_ms']} ms {row['dequant_gbps']} GB/s" if "dequant_ms" in row else "",
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_nf4.csv"
-    columns = ["layer", "N", "K", "M", "block_size", "blocks", "method", "time_ms", "time_ms_p20", "time_ms_p80",
-               "iters", "resident_mib", "step_peak_mib", "trainable", "dequant_ms", "dequant_gbps", *env]
+    columns = [
+        "layer",
+        "N",
+        "K",
+        "M",
+        "block_size",
+        "blocks",
+        "method",
+        "time_ms",
+        "time_ms_p20",
+        "time_ms_p80",
+        "iters",
+        "resident_mib",
+        "step_peak_mib",
+        "trainable",
+        "dequant_ms",
+        "dequant_gbps",
+        *env,
+    ]
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)

@@ -34,12 +34,22 @@ def _version(pkg: str) -> str:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         if out.returncode != 0:
             return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -145,8 +155,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[int], object], device: torch.device, *, warmup: int = 2, target_s: float = 0.25,
-               min_iters: int = 5, max_iters: int = 50, probe: int = 3) -> list[float]:
+def time_steps(
+    step: Callable[[int], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    target_s: float = 0.25,
+    min_iters: int = 5,
+    max_iters: int = 50,
+    probe: int = 3,
+) -> list[float]:
     """Milliseconds of each timed call ``step(i)``: warm-up, then enough iterations to fill ``target_s``.
 
     On CUDA each call is bracketed by events (device time, including any gap the host leaves, which is real cost
@@ -187,8 +205,12 @@ def summarize(times_ms: Sequence[float]) -> dict[str, float]:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))]
 
-    return {"time_ms": sig(statistics.median(ordered)), "time_ms_p20": sig(pct(0.2)), "time_ms_p80": sig(pct(0.8)),
-            "iters": len(ordered)}
+    return {
+        "time_ms": sig(statistics.median(ordered)),
+        "time_ms_p20": sig(pct(0.2)),
+        "time_ms_p80": sig(pct(0.8)),
+        "iters": len(ordered),
+    }
 
 
 def sig(value: float, digits: int = 5) -> float:
@@ -347,10 +369,15 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 def add_output_args(parser) -> None:
     """The flags both benchmarks share: where results go and how long they may run."""
     parser.add_argument("--out", type=Path, default=None, help="also write the CSV files into this folder")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help=f"folder of the cumulative CSV files (default {RESULTS_DIR})")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"folder of the cumulative CSV files (default {RESULTS_DIR})",
+    )
     parser.add_argument("--no-results", action="store_true", help="do not append to --results-dir")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu (tiny smoke sizes)")
-    parser.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16 or fp32 (CPU default: CPU bf16 "
-                                                      "matmuls are slow)")
+    parser.add_argument(
+        "--dtype", default=None, help="bf16 (CUDA default), fp16 or fp32 (CPU default: CPU bf16 matmuls are slow)"
+    )
     parser.add_argument("--seed", type=int, default=0)

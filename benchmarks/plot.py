@@ -27,9 +27,16 @@ from benchmarks.common import RESULTS_DIR  # noqa: E402
 
 LAYER_METHODS = ("frozen", "full", "smt", "paper_loop", "gather_bmm", "lora")
 MODEL_METHODS = ("frozen", "smt", "lora", "full")
-COLORS = {"frozen": "#7f7f7f", "full": "#d62728", "smt": "#2ca02c", "paper_loop": "#ff7f0e",
-          "gather_bmm": "#9467bd", "lora": "#1f77b4", "block_weight_grad": "#2ca02c",
-          "torch_bmm_gathered": "#9467bd"}
+COLORS = {
+    "frozen": "#7f7f7f",
+    "full": "#d62728",
+    "smt": "#2ca02c",
+    "paper_loop": "#ff7f0e",
+    "gather_bmm": "#9467bd",
+    "lora": "#1f77b4",
+    "block_weight_grad": "#2ca02c",
+    "torch_bmm_gathered": "#9467bd",
+}
 KEYS = {
     "layer": ("shape", "M", "blocks", "layout", "method", "dtype", "block_size"),
     "kernel": ("shape", "M", "n_blocks", "method", "dtype", "block_size"),
@@ -98,26 +105,33 @@ def plot_layer(rows: list[dict], stem: str, out: Path, plt) -> list[Path]:
     methods = [m for m in LAYER_METHODS if any(r["method"] == m for r in rows)]
     combos = list(dict.fromkeys((r["M"], r["layout"]) for r in rows if r["layout"] != "-"))
     for tokens, layout in combos:
+
         def pick(shape: str, label: str, method: str, *, _t=tokens, _l=layout) -> dict | None:
             for r in rows:
                 if r["shape"] != shape or r["M"] != _t or r["method"] != method:
                     continue
-                if method in ("frozen", "full") or (method == "lora" and r["blocks"] == label) or (
-                        r["blocks"] == label and r["layout"] == _l):
+                if (
+                    method in ("frozen", "full")
+                    or (method == "lora" and r["blocks"] == label)
+                    or (r["blocks"] == label and r["layout"] == _l)
+                ):
                     return r
             return None
 
         def labels_for(shape: str, *, _t=tokens, _l=layout) -> list[str]:
-            return list(dict.fromkeys(r["blocks"] for r in rows if r["shape"] == shape and r["M"] == _t
-                                      and r["layout"] == _l))
+            return list(
+                dict.fromkeys(r["blocks"] for r in rows if r["shape"] == shape and r["M"] == _t and r["layout"] == _l)
+            )
 
-        for what, metrics in (("time", [("ratio_to_floor", "time / frozen floor")]),
-                              ("memory", [("saved_mib", "saved for backward (MiB)"),
-                                          ("peak_mem_mib", "peak of one step (MiB)")])):
+        for what, metrics in (
+            ("time", [("ratio_to_floor", "time / frozen floor")]),
+            ("memory", [("saved_mib", "saved for backward (MiB)"), ("peak_mem_mib", "peak of one step (MiB)")]),
+        ):
             ncols = min(3, len(shapes))
             nrows_per = -(-len(shapes) // ncols)
-            fig, axes = plt.subplots(nrows_per * len(metrics), ncols, squeeze=False,
-                                     figsize=(6 * ncols, 3.6 * nrows_per * len(metrics)))
+            fig, axes = plt.subplots(
+                nrows_per * len(metrics), ncols, squeeze=False, figsize=(6 * ncols, 3.6 * nrows_per * len(metrics))
+            )
             for mi, (metric, ylabel) in enumerate(metrics):
                 for si, shape in enumerate(shapes):
                     ax = axes[mi * nrows_per + si // ncols][si % ncols]
@@ -137,8 +151,14 @@ def plot_layer(rows: list[dict], stem: str, out: Path, plt) -> list[Path]:
                     elif any(v for s in series.values() for v in s):
                         ax.set_yscale("symlog", linthresh=0.01)
                     else:
-                        ax.text(0.5, 0.5, "not measured (peak memory needs CUDA)", transform=ax.transAxes,
-                                ha="center", va="center")
+                        ax.text(
+                            0.5,
+                            0.5,
+                            "not measured (peak memory needs CUDA)",
+                            transform=ax.transAxes,
+                            ha="center",
+                            va="center",
+                        )
                 for si in range(len(shapes), nrows_per * ncols):
                     axes[mi * nrows_per + si // ncols][si % ncols].axis("off")
             axes[0][0].legend(fontsize=8)
@@ -157,12 +177,19 @@ def plot_kernel(rows: list[dict], stem: str, out: Path, plt) -> list[Path]:
     for ax, (shape, tokens) in zip(axes[0], shapes, strict=True):
         sub = [r for r in rows if r["shape"] == shape and r["M"] == tokens and r.get("status") == "ok"]
         ns = sorted({int(r["n_blocks"]) for r in sub if r["n_blocks"] not in ("", "0")})
-        series = {m: [next((num(r["tflops"]) for r in sub if r["method"] == m and int(r["n_blocks"]) == n), None)
-                      for n in ns] for m in ("block_weight_grad", "torch_bmm_gathered")}
+        series = {
+            m: [next((num(r["tflops"]) for r in sub if r["method"] == m and int(r["n_blocks"]) == n), None) for n in ns]
+            for m in ("block_weight_grad", "torch_bmm_gathered")
+        }
         _bars(ax, [str(n) for n in ns], series)
         for r, style in zip([r for r in sub if r["method"].startswith("dense")], ("-", ":"), strict=False):
-            ax.axhline(num(r["tflops"]), color="black", linestyle=style, linewidth=0.9,
-                       label=f"{r['method']} {num(r['tflops']):.0f}")
+            ax.axhline(
+                num(r["tflops"]),
+                color="black",
+                linestyle=style,
+                linewidth=0.9,
+                label=f"{r['method']} {num(r['tflops']):.0f}",
+            )
         ax.set_xlabel("blocks")
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"block gradient, {shape}, M={tokens}", fontsize=10)
@@ -183,8 +210,9 @@ def plot_model(rows: list[dict], stem: str, out: Path, plt) -> list[Path]:
     for ax, metric, ylabel in ((axes[0], "tokens_per_s", "tokens / s"), (axes[1], "peak_mem_gib", "peak GiB")):
         series, notes = {}, {}
         for m in methods:
-            picked = [next((r for r in rows if (r["model"], r["grad_ckpt"], r["method"]) == (*g, m)), None)
-                      for g in groups]
+            picked = [
+                next((r for r in rows if (r["model"], r["grad_ckpt"], r["method"]) == (*g, m)), None) for g in groups
+            ]
             series[m] = [num(p.get(metric)) if p and p.get("status") == "ok" else None for p in picked]
             notes[m] = [p.get("status", "") if p and p.get("status") != "ok" else "" for p in picked]
         _bars(ax, labels, series, notes)
@@ -200,8 +228,9 @@ def plot_model(rows: list[dict], stem: str, out: Path, plt) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("csv", nargs="*", type=Path, help=f"CSV files (default: every *.csv in {RESULTS_DIR})")
     p.add_argument("--out", type=Path, default=None, help="folder for the PNG files (default: next to each CSV)")
     p.add_argument("--run-id", default=None, help="draw only this run (the run_id column)")

@@ -6,7 +6,8 @@ from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import sparse_block_linear
 from smt_kernels.patch import merge, patch, patched_modules, trainable_parameters
 from smt_kernels.quant import fold_blocks_into_checkpoint, load_nf4_pretrained, quantize_base
-from smt_kernels.select import Selection, SelectionSummary, select_blocks, summarize_selection
+from smt_kernels.select import Selection, select_blocks
+from smt_kernels.selection_summary import SelectionSummary, summarize_selection
 
 __all__ = [
     "BlockFileError",
@@ -28,4 +29,10 @@ __all__ = [
     "summarize_selection",
     "trainable_parameters",
 ]
-__version__ = "0.1.0"
+
+try:  # one source of truth: the installed distribution's version (pyproject.toml)
+    from importlib.metadata import version as _dist_version
+
+    __version__ = _dist_version("smt-kernels")
+except Exception:  # running from a source tree that is not installed
+    __version__ = "0+unknown"

@@ -143,8 +143,9 @@ def _triton_grad(
     block_size: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return triton_blocks.block_weight_grad(grad_out, x_cols, block_indices, col_slot, block_size, out_dtype,
-                                           traced=True)
+    return triton_blocks.block_weight_grad(
+        grad_out, x_cols, block_indices, col_slot, block_size, out_dtype, traced=True
+    )
 
 
 def _triton_grad_and_scatter(
@@ -157,8 +158,9 @@ def _triton_grad_and_scatter(
     block_size: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return triton_blocks.block_weight_grad(grad_out, x_cols, block_indices, col_slot, block_size, out_dtype,
-                                           rescatter=(weight, block_weight), traced=True)
+    return triton_blocks.block_weight_grad(
+        grad_out, x_cols, block_indices, col_slot, block_size, out_dtype, rescatter=(weight, block_weight), traced=True
+    )
 
 
 if _triton_op is not None:
@@ -197,11 +199,11 @@ def scatter_blocks_and_gather_columns(
     if _is_compiling() and backend == "triton" and _TRACEABLE:
         x_cols = _triton_scatter_and_gather_op(weight, block_weight, block_indices, x, col_blocks, block_size, gather)
     elif _is_compiling():
-        x_cols = _scatter_and_gather_op(weight, block_weight, block_indices, x, col_blocks, block_size, gather,
-                                        backend)
+        x_cols = _scatter_and_gather_op(weight, block_weight, block_indices, x, col_blocks, block_size, gather, backend)
     else:
-        x_cols = _scatter_and_gather_impl(weight, block_weight, block_indices, x, col_blocks, block_size, gather,
-                                          backend)
+        x_cols = _scatter_and_gather_impl(
+            weight, block_weight, block_indices, x, col_blocks, block_size, gather, backend
+        )
     return x_cols if gather else None
 
 
@@ -220,8 +222,9 @@ def block_weight_grad(
     if _is_compiling() and backend == "triton" and _TRACEABLE:
         if rescatter is None:
             return _triton_grad_op(grad_out, x_cols, block_indices, col_slot, block_size, out_dtype)
-        return _triton_grad_and_scatter_op(grad_out, x_cols, rescatter[0], rescatter[1], block_indices, col_slot,
-                                           block_size, out_dtype)
+        return _triton_grad_and_scatter_op(
+            grad_out, x_cols, rescatter[0], rescatter[1], block_indices, col_slot, block_size, out_dtype
+        )
     if rescatter is None:
         op = _grad_op if _is_compiling() else _grad_impl
         return op(grad_out, x_cols, block_indices, col_slot, block_size, out_dtype, backend)

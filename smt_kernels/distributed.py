@@ -67,6 +67,7 @@ def _barrier() -> None:
 
 # ------------------------------------------------------------------------------------------------------ selection
 
+
 @contextmanager
 def _averaged_gradients(weights: Iterable[torch.Tensor]):
     """Average each weight's ``.grad`` over ranks as soon as it is accumulated.
@@ -137,8 +138,10 @@ def select_blocks_distributed(
     if world == 1:
         return select_blocks(model, batches, num_batches=num_batches, progress=progress, **kwargs)
     if isinstance(model, nn.parallel.DistributedDataParallel) or is_sharded(model):
-        raise ValueError("select_blocks_distributed needs the plain model (the same on every rank): select the "
-                         "blocks before wrapping it in DistributedDataParallel or fully_shard")
+        raise ValueError(
+            "select_blocks_distributed needs the plain model (the same on every rank): select the "
+            "blocks before wrapping it in DistributedDataParallel or fully_shard"
+        )
     if isinstance(batches, Mapping):
         batches = [batches]
     batches = list(islice(batches, num_batches) if num_batches is not None else batches)
@@ -148,8 +151,10 @@ def select_blocks_distributed(
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     most, fewest = int(counts[0]), -int(counts[1])
     if most != fewest:
-        raise ValueError(f"select_blocks_distributed: ranks hold between {fewest} and {most} warm-up batches; "
-                         "give every rank the same number (e.g. num_batches=)")
+        raise ValueError(
+            f"select_blocks_distributed: ranks hold between {fewest} and {most} warm-up batches; "
+            "give every rank the same number (e.g. num_batches=)"
+        )
 
     score = kwargs.get("score", "abs_mean")
     if score in GRADIENT_SCORES:
@@ -160,8 +165,9 @@ def select_blocks_distributed(
         # a forward hook cannot reduce per-token statistics across ranks: run every rank's batches everywhere
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [_to_cpu(b) for b in batches])
-        local = select_blocks(model, [b for rank_batches in gathered for b in rank_batches], progress=progress,
-                              **kwargs)
+        local = select_blocks(
+            model, [b for rank_batches in gathered for b in rank_batches], progress=progress, **kwargs
+        )
 
     # the reductions make the scores equal on every rank up to rounding; rank 0's choice settles near ties
     payload = [local.to_json() if dist.get_rank() == 0 else None]
@@ -173,6 +179,7 @@ def select_blocks_distributed(
 
 
 # ------------------------------------------------------------------------------------------------- save and merge
+
 
 def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full CPU state dict on rank 0 (gathered from shards under FSDP2), ``{}`` on the other ranks.
@@ -198,8 +205,9 @@ class _GatheredModel:
         self._layers = {}
         for name, m in patched_modules(model).items():
             # a shell on the meta device: only the blocks, their indices and the shape are real
-            shell = SparseBlockLinear(m.in_features, m.out_features, [], m.block_size, bias=False, device="meta",
-                                      dtype=m.weight.dtype)
+            shell = SparseBlockLinear(
+                m.in_features, m.out_features, [], m.block_size, bias=False, device="meta", dtype=m.weight.dtype
+            )
             shell.block_weight = nn.Parameter(state[f"{name}.block_weight"], requires_grad=False)
             shell.block_indices = state[f"{name}.block_indices"]
             self._layers[name] = shell
@@ -238,8 +246,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model = unwrap(model)
     mods = patched_modules(model)
     if not mods:
-        raise ValueError(f"merged_state_dict needs a model patched with smt_kernels.patch; this "
-                         f"{type(model).__name__} has no SparseBlockLinear modules")
+        raise ValueError(
+            f"merged_state_dict needs a model patched with smt_kernels.patch; this "
+            f"{type(model).__name__} has no SparseBlockLinear modules"
+        )
     state = _full_state_dict(model)
     if not is_main_process():
         return {}

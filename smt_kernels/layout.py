@@ -24,9 +24,7 @@ def check_block_size(block_size: int) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__} ({block_size!r})")
     if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size & (block_size - 1):
-        raise ValueError(
-            f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}"
-        )
+        raise ValueError(f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}")
     return block_size
 
 
@@ -123,8 +121,7 @@ class BlockLayout:
                 dup = int(uniq[counts > 1][0])
                 where = (flat == dup).nonzero().flatten().tolist()
                 raise ValueError(
-                    f"duplicate block {(dup // n_cols, dup % n_cols)} at positions {where}; each block may "
-                    "appear once"
+                    f"duplicate block {(dup // n_cols, dup % n_cols)} at positions {where}; each block may appear once"
                 )
         col_blocks, col_slot = torch.unique(idx[:, 1], sorted=True, return_inverse=True)
         return cls(

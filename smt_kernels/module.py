@@ -76,8 +76,15 @@ class SparseBlockLinear(nn.Module):
             raise TypeError(f"linear weight dtype {w.dtype} is not supported; use float32, float16 or bfloat16")
         layout = _layout_for(blocks, linear.out_features, linear.in_features, block_size)
         # build the shell on the meta device, then adopt copies of the real tensors
-        layer = cls(linear.in_features, linear.out_features, [], block_size,
-                    bias=linear.bias is not None, device="meta", dtype=w.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            [],
+            block_size,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=w.dtype,
+        )
         layer._adopt(w.detach().clone(), None if linear.bias is None else linear.bias.detach().clone(), layout)
         return layer
 
@@ -146,8 +153,16 @@ class SparseBlockLinear(nn.Module):
                 f"{self.block_size}), got {tuple(bw)}"
             )
         return apply_sparse_block_linear(
-            x, self.weight, self.block_weight, self.block_indices, self.col_blocks, self.col_slot,
-            self.block_size, self.bias, self.backend, self.rescatter_in_backward,
+            x,
+            self.weight,
+            self.block_weight,
+            self.block_indices,
+            self.col_blocks,
+            self.col_slot,
+            self.block_size,
+            self.bias,
+            self.backend,
+            self.rescatter_in_backward,
         )
 
     @torch.no_grad()
@@ -161,8 +176,9 @@ class SparseBlockLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` (same device and dtype) with the current blocks folded in."""
         w = self.merged_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=w.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
         linear.weight.copy_(w)
         if self.bias is not None:
             linear.bias.copy_(self.bias)

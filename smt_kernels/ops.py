@@ -28,14 +28,32 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, compute_dtype,
-                backend, rescatter):
+    def forward(
+        ctx,
+        x,
+        weight,
+        block_weight,
+        bias,
+        block_indices,
+        col_blocks,
+        col_slot,
+        block_size,
+        compute_dtype,
+        backend,
+        rescatter,
+    ):
         gather = ctx.needs_input_grad[2] and block_weight.shape[0] > 0
         # one launch: the blocks into the frozen weight (in its own dtype) and, when block gradients are
         # wanted, only the input block-columns some block reads, as a contiguous copy (never a view of x)
         x_cols = custom_ops.scatter_blocks_and_gather_columns(
-            weight, block_weight.detach(), block_indices, x.reshape(-1, x.shape[-1]), col_blocks, block_size,
-            gather, backend,
+            weight,
+            block_weight.detach(),
+            block_indices,
+            x.reshape(-1, x.shape[-1]),
+            col_blocks,
+            block_size,
+            gather,
+            backend,
         )
         w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
         y = F.linear(x, w, None if bias is None else bias.to(compute_dtype))
@@ -59,8 +77,14 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
         rescatter = (ctx.weight, block_weight.detach()) if need_x and ctx.rescatter else None
         if need_blocks and x_cols is not None:
             grad_blocks = custom_ops.block_weight_grad(
-                grad_out.reshape(-1, grad_out.shape[-1]), x_cols, block_indices, col_slot, ctx.block_size,
-                block_weight.dtype, ctx.backend, rescatter=rescatter,
+                grad_out.reshape(-1, grad_out.shape[-1]),
+                x_cols,
+                block_indices,
+                col_slot,
+                ctx.block_size,
+                block_weight.dtype,
+                ctx.backend,
+                rescatter=rescatter,
             )
         else:
             if need_blocks:
@@ -131,13 +155,31 @@ def apply_sparse_block_linear(
         # the op casts by itself; autocast inside it would only add work
         with torch.autocast(device_type, enabled=False):
             return _SparseBlockLinearFunction.apply(
-                x.to(compute_dtype), weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size,
-                compute_dtype, backend, rescatter_in_backward,
+                x.to(compute_dtype),
+                weight,
+                block_weight,
+                bias,
+                block_indices,
+                col_blocks,
+                col_slot,
+                block_size,
+                compute_dtype,
+                backend,
+                rescatter_in_backward,
             )
     if x.dtype != weight.dtype:
         raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)")
     return _SparseBlockLinearFunction.apply(
-        x, weight, block_weight, bias, block_indices, col_blocks, col_slot, block_size, weight.dtype, backend,
+        x,
+        weight,
+        block_weight,
+        bias,
+        block_indices,
+        col_blocks,
+        col_slot,
+        block_size,
+        weight.dtype,
+        backend,
         rescatter_in_backward,
     )
 

@@ -55,8 +55,7 @@ def test_opcheck(backend):
             (ops.triton_scatter_blocks.default, (w.clone(), bw, idx)),
             (ops.triton_scatter_blocks_and_gather_columns.default, (w.clone(), bw, idx, x, cols, 16, True)),
             (ops.triton_block_weight_grad.default, (dy, xc, idx, slots, 16, torch.float32)),
-            (ops.triton_block_weight_grad_and_scatter.default, (dy, xc, w.clone(), bw, idx, slots, 16,
-                                                                torch.float32)),
+            (ops.triton_block_weight_grad_and_scatter.default, (dy, xc, w.clone(), bw, idx, slots, 16, torch.float32)),
         ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -65,8 +64,16 @@ def test_opcheck(backend):
 def _tiny_llama(seed=0):
     torch.manual_seed(seed)
     # k/v out 40 and hidden 48 are not multiples of 16 or 32: clipped edge blocks
-    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=20, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=20,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 

@@ -45,13 +45,15 @@ LR = 1e-2
 SELECTION = {}
 for _layer in range(2):
     _p = f"model.layers.{_layer}."
-    SELECTION.update({
-        _p + "self_attn.q_proj": [(0, 0), (3, 2)],
-        _p + "self_attn.k_proj": [(1, 4)],
-        _p + "self_attn.v_proj": [(2, 1)],  # rows 32..39 of 40: clipped
-        _p + "self_attn.o_proj": [(1, 4), (4, 0)],
-        _p + "mlp.down_proj": [(4, 8), (0, 1), (2, 2)],  # (4, 8): the last block of the 80×144 weight
-    })
+    SELECTION.update(
+        {
+            _p + "self_attn.q_proj": [(0, 0), (3, 2)],
+            _p + "self_attn.k_proj": [(1, 4)],
+            _p + "self_attn.v_proj": [(2, 1)],  # rows 32..39 of 40: clipped
+            _p + "self_attn.o_proj": [(1, 4), (4, 0)],
+            _p + "mlp.down_proj": [(4, 8), (0, 1), (2, 2)],  # (4, 8): the last block of the 80×144 weight
+        }
+    )
 TOL = dict(rtol=1e-4, atol=2e-6)
 
 # the package's `patch` attribute is the function; the module is needed to count save_blocks' writes
@@ -62,10 +64,18 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 # --------------------------------------------------------------------------------------------------- helpers
 
+
 def build(patched: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=80, intermediate_size=144, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=80,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     return patch(model, SELECTION, B, verbose=False) if patched else model
 
@@ -118,10 +128,17 @@ def block_weights(model) -> dict[str, torch.Tensor]:
 
 def frozen_report(model) -> dict[str, tuple]:
     """Per frozen parameter: (requires_grad, has grad, is a DTensor, placements, local shape)."""
-    return {n: (p.requires_grad, p.grad is not None, isinstance(p, DTensor),
-                tuple(p.placements) if isinstance(p, DTensor) else None,
-                tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape))
-            for n, p in model.named_parameters() if not n.endswith("block_weight")}
+    return {
+        n: (
+            p.requires_grad,
+            p.grad is not None,
+            isinstance(p, DTensor),
+            tuple(p.placements) if isinstance(p, DTensor) else None,
+            tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape),
+        )
+        for n, p in model.named_parameters()
+        if not n.endswith("block_weight")
+    }
 
 
 def raw_state(model) -> dict[str, torch.Tensor]:
@@ -143,8 +160,9 @@ def free_port() -> int:
 
 def _entry(rank: int, fn, port: int, out: Path, args: tuple) -> None:
     torch.set_num_threads(1)  # 2 ranks on 2 cores; also keeps the forked child off the parent's OpenMP pool
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=90)
+    )
     try:
         torch.save(fn(rank, *args), out / f"rank{rank}.pt")
     finally:
@@ -183,11 +201,12 @@ def assert_matches(ranks: list, ref: dict) -> None:
 def outside_blocks_mask(name: str, shape) -> torch.Tensor:
     keep = torch.ones(shape, dtype=torch.bool)
     for r, c in SELECTION[name]:
-        keep[r * B:(r + 1) * B, c * B:(c + 1) * B] = False
+        keep[r * B : (r + 1) * B, c * B : (c + 1) * B] = False
     return keep
 
 
 # ---------------------------------------------------------------------------------------- single-process reference
+
 
 @pytest.fixture(scope="module")
 def reference():
@@ -205,6 +224,7 @@ def reference():
 
 # ------------------------------------------------------------------------------------------------------------ DDP
 
+
 def _ddp_rank(rank: int, save_dir: Path, micro: int):
     model = build()
     ddp = DDP(model)
@@ -214,11 +234,22 @@ def _ddp_rank(rank: int, save_dir: Path, micro: int):
         probe_out["grad"] = {n: p.grad.clone() for n, p in m.module.named_parameters() if p.grad is not None}
 
     sync = (lambda last: nullcontext() if last else ddp.no_sync()) if micro > 1 else None
-    losses = train(ddp, local_rows(rank, micro * ROWS), micro=micro, sync=sync, rows_per_step=micro * ROWS,
-                   probe=probe if micro > 1 else None)
+    losses = train(
+        ddp,
+        local_rows(rank, micro * ROWS),
+        micro=micro,
+        sync=sync,
+        rows_per_step=micro * ROWS,
+        probe=probe if micro > 1 else None,
+    )
     raw = raw_state(model)  # every rank calls it: it may gather
-    res = {"losses": losses, "blocks": block_weights(model), "frozen": frozen_report(model),
-           "raw": raw if rank == 0 else None, "probe": probe_out}
+    res = {
+        "losses": losses,
+        "blocks": block_weights(model),
+        "frozen": frozen_report(model),
+        "raw": raw if rank == 0 else None,
+        "probe": probe_out,
+    }
     if micro == 1:
         res.update(_save_and_merge(rank, ddp, save_dir))
     return res
@@ -287,6 +318,7 @@ def test_ddp_no_sync_accumulation(tmp_path, reference):
 
 # ---------------------------------------------------------------------------------------------------------- FSDP2
 
+
 def _fsdp_rank(rank: int, save_dir: Path | None, micro: int, reshard_after_forward: bool):
     model = shard_fsdp(build(), reshard_after_forward)
     probe_out = {}
@@ -298,8 +330,14 @@ def _fsdp_rank(rank: int, save_dir: Path | None, micro: int, reshard_after_forwa
     def probe(m):  # with gradient sync off nothing has been reduce-scattered into the sharded gradients yet
         probe_out["sharded_grads"] = [p.grad is not None for p in m.parameters() if p.requires_grad]
 
-    losses = train(model, local_rows(rank, micro * ROWS), micro=micro, sync=sync if micro > 1 else None,
-                   rows_per_step=micro * ROWS, probe=probe if micro > 1 else None)
+    losses = train(
+        model,
+        local_rows(rank, micro * ROWS),
+        micro=micro,
+        sync=sync if micro > 1 else None,
+        rows_per_step=micro * ROWS,
+        probe=probe if micro > 1 else None,
+    )
     res = {"losses": losses, "blocks": block_weights(model), "frozen": frozen_report(model), "probe": probe_out}
     raw = raw_state(model)
     res["raw"] = raw if rank == 0 else None
@@ -350,6 +388,7 @@ def test_fsdp2_gradient_accumulation(tmp_path, reference):
 
 # ----------------------------------------------------------------------------------------------- save and merge
 
+
 def _check_saved(save_dir: Path, ranks: list, reference) -> None:
     ref = reference[1]
     assert [res["writes"] for res in ranks] == [{"blocks": 2, "merged": 1}, {"blocks": 0, "merged": 0}]
@@ -363,8 +402,8 @@ def _check_saved(save_dir: Path, ranks: list, reference) -> None:
         module = name.removesuffix(".block_weight")
         w = want[f"{module}.weight"]
         for k, (r, c) in enumerate(SELECTION[module]):
-            tile = w[r * B:(r + 1) * B, c * B:(c + 1) * B]
-            tile.copy_(block[k, :tile.shape[0], :tile.shape[1]])
+            tile = w[r * B : (r + 1) * B, c * B : (c + 1) * B]
+            tile.copy_(block[k, : tile.shape[0], : tile.shape[1]])
     assert_close_dicts(ranks[0]["merged"], want, "merged state dict")
     loaded = LlamaForCausalLM.from_pretrained(save_dir / "merged")
     assert_close_dicts(loaded.state_dict(), want, "merged checkpoint")
@@ -397,8 +436,9 @@ SELECT_KW = dict(num_blocks=7, targets=("q_proj", "k_proj", "v_proj", "down_proj
 
 
 def warmup_batches(rows: slice | None = None) -> list[dict]:
-    return [{"input_ids": ids[rows or slice(None)], "labels": ids[rows or slice(None)]}
-            for ids in global_batches(steps=2)]
+    return [
+        {"input_ids": ids[rows or slice(None)], "labels": ids[rows or slice(None)]} for ids in global_batches(steps=2)
+    ]
 
 
 def _select_rank(rank: int):
@@ -444,6 +484,7 @@ def test_selection_without_process_group_is_select_blocks():
 
 # -------------------------------------------------------------------------------------------------- HF Trainer
 
+
 class _Rows(torch.utils.data.Dataset):
     """The rows of ``global_batches()`` in order: with sequential sampling Trainer's step t sees batch t."""
 
@@ -463,10 +504,21 @@ def _trainer_rank(rank: int, out_dir: Path):
     # what torchrun would set; accelerate reads them and finds the gloo group already initialised
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=ROWS // WORLD, max_steps=STEPS, learning_rate=LR,
-        optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0,
-        train_sampling_strategy="sequential", use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no",
-        disable_tqdm=True, seed=0,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=ROWS // WORLD,
+        max_steps=STEPS,
+        learning_rate=LR,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     model = build()
     trainer = Trainer(model=model, args=args, train_dataset=_Rows())

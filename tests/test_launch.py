@@ -59,8 +59,8 @@ def test_direct_launch_matches_jit_launch_with_changing_alignment():
         launcher.enabled = direct
         try:
             for offset in (0, 1, 0, 3):  # 2-byte offsets change the 16-byte alignment Triton specialises on
-                x = base[offset:offset + M * K].view(M, K)
-                dy = dy_base[offset:offset + M * N].view(M, N)
+                x = base[offset : offset + M * K].view(M, K)
+                dy = dy_base[offset : offset + M * N].view(M, N)
                 xc = triton_blocks.gather_column_blocks(x, cols, b)
                 results.append(triton_blocks.block_weight_grad(dy, xc, idx, slots, b, torch.float32))
         finally:

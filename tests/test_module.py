@@ -349,8 +349,16 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="float64"):
         SparseBlockLinear.from_linear(nn.Linear(100, 70).double(), [(0, 0)], block_size=16)
     with pytest.raises(ValueError, match=r"bias must have shape \(70,\) on cpu, got \(69,\)"):
-        sparse_block_linear(torch.randn(4, 100), layer.weight, layer.block_weight, layer.block_indices,
-                            layer.col_blocks, layer.col_slot, 16, bias=torch.zeros(69))
+        sparse_block_linear(
+            torch.randn(4, 100),
+            layer.weight,
+            layer.block_weight,
+            layer.block_indices,
+            layer.col_blocks,
+            layer.col_slot,
+            16,
+            bias=torch.zeros(69),
+        )
 
 
 def test_bad_backend_name(monkeypatch):
@@ -406,7 +414,7 @@ def test_kernels_on_block_aligned_shapes(kernels, transposed):
     kernels.scatter_blocks(w2, blocks, idx)
     expected = w.clone()
     for k, (r, c) in enumerate(idx.tolist()):
-        expected[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = blocks[k]
+        expected[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] = blocks[k]
     assert torch.equal(w2, expected)
     assert torch.equal(torch_blocks.extract_blocks(w2, idx, 16), blocks)
     x = torch.randn(96, 21, device=device).t() if transposed else torch.randn(21, 96, device=device)

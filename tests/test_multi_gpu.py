@@ -40,11 +40,27 @@ def _train(model, steps: int, device) -> tuple[list[float], dict[str, torch.Tens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_device_map_over_two_gpus_matches_one_gpu(tmp_path, dtype):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=20, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=20,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
-                  "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 0,
+        "model.layers.2": 1,
+        "model.layers.3": 1,
+        "model.norm": 1,
+        "lm_head": 1,
+    }
     spread = LlamaForCausalLM.from_pretrained(tmp_path, device_map=device_map, dtype=dtype)
     single = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype).to("cuda:0")
     assert spread.model.layers[3].self_attn.q_proj.weight.device == torch.device("cuda", 1)

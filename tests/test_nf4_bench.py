@@ -18,7 +18,8 @@ def test_bench_nf4_smoke(tmp_path):
     with (tmp_path / "bench_nf4.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["layer"], r["method"]) for r in rows] == [
-        (layer, m) for layer in bench_nf4.SMOKE for m in bench_nf4.METHODS]
+        (layer, m) for layer in bench_nf4.SMOKE for m in bench_nf4.METHODS
+    ]
     for r in rows:
         assert float(r["time_ms"]) > 0 and float(r["resident_mib"]) > 0
         assert (r["dequant_gbps"] != "") == r["method"].startswith("nf4")

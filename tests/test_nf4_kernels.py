@@ -60,10 +60,10 @@ def test_triton_matches_torch_path(case, dtype, double_quant, poison_empty):
     plain = dequantize_nf4(q, dtype)
     inside = torch.zeros(q.shape, dtype=torch.bool, device=DEVICE)
     for r, c in idx.tolist():
-        inside[r * b:(r + 1) * b, c * b:(c + 1) * b] = True
+        inside[r * b : (r + 1) * b, c * b : (c + 1) * b] = True
     assert_matches_torch(out[~inside], plain[~inside])
     for slot, (r, c) in enumerate(idx.tolist()):
-        block = out[r * b:(r + 1) * b, c * b:(c + 1) * b]
+        block = out[r * b : (r + 1) * b, c * b : (c + 1) * b]
         assert_matches_torch(block, bw[slot, : block.shape[0], : block.shape[1]])
 
 

@@ -35,8 +35,16 @@ SELECTION = {
 
 def tiny(dtype=torch.float32, seed=0, **config):
     torch.manual_seed(seed)
-    kw = dict(vocab_size=96, hidden_size=80, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=96,
+        hidden_size=80,
+        intermediate_size=136,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     kw.update(config)
     return LlamaForCausalLM(LlamaConfig(**kw)).to(dtype)
 
@@ -67,8 +75,16 @@ def test_qwen2_biases_are_kept():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=80, intermediate_size=136, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=80,
+        intermediate_size=136,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model, twin = Qwen2ForCausalLM(cfg), Qwen2ForCausalLM(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -157,8 +173,11 @@ def test_dense_weight_gradients_for_selection():
 def test_patch_nf4_refuses_bad_selection_without_changing_anything():
     model = quantize_base(tiny(), "nf4", skip=("v_proj",))
     types = {n: type(m) for n, m in model.named_modules()}
-    bad = {"model.layers.0.self_attn.q_proj": [(9, 0)], "model.layers.0.self_attn.v_proj": [(0, 0)],
-           "model.nope": [(0, 0)]}
+    bad = {
+        "model.layers.0.self_attn.q_proj": [(9, 0)],
+        "model.layers.0.self_attn.v_proj": [(0, 0)],
+        "model.nope": [(0, 0)],
+    }
     with pytest.raises(ValueError) as err:
         patch_nf4(model, bad, B)
     msg = str(err.value)
@@ -269,7 +288,7 @@ def test_fold_blocks_trained_on_nf4_into_bf16_checkpoint(sharded, tmp_path):
         expected = t.clone()
         idx, bw = blocks[name]
         for k, (r, c) in enumerate(idx.tolist()):
-            tile = expected[r * B:(r + 1) * B, c * B:(c + 1) * B]
+            tile = expected[r * B : (r + 1) * B, c * B : (c + 1) * B]
             tile.copy_(bw[k, : tile.shape[0], : tile.shape[1]])
         assert torch.equal(folded[key], expected), key
         assert not torch.equal(folded[key], t)
@@ -299,8 +318,10 @@ def test_fold_block_file_written_by_save_blocks(sharded, tmp_path):
 
 def test_fold_refuses_blocks_that_do_not_fit(sharded, tmp_path):
     directory, _ = sharded
-    bad = {"model.layers.0.self_attn.k_proj": (torch.tensor([[5, 0]]), torch.zeros(1, B, B)),
-           "model.missing": (torch.tensor([[0, 0]]), torch.zeros(1, B, B))}
+    bad = {
+        "model.layers.0.self_attn.k_proj": (torch.tensor([[5, 0]]), torch.zeros(1, B, B)),
+        "model.missing": (torch.tensor([[0, 0]]), torch.zeros(1, B, B)),
+    }
     with pytest.raises(ValueError, match="out of range") as err:
         fold_blocks_into_checkpoint(bad, directory, tmp_path / "out", block_size=B)
     assert "no model.missing.weight" in str(err.value) and not (tmp_path / "out").exists()
@@ -333,8 +354,14 @@ def bnb_model(bnb_nn, seed=0):
     model = tiny(seed=seed)
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name != "lm_head":
-            layer = bnb_nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            layer = bnb_nn.Linear4bit(
+                m.in_features,
+                m.out_features,
+                bias=m.bias is not None,
+                compute_dtype=torch.float32,
+                compress_statistics=True,
+                quant_type="nf4",
+            )
             layer.load_state_dict(m.state_dict())
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, layer.to("cpu"))  # .to() quantizes
@@ -349,8 +376,12 @@ def test_load_checkpoint_bitsandbytes_quantized(tmp_path):
 
     model = bnb_model(bnb_nn, seed=5)
     # what transformers writes for a load_in_4bit model; the loader reads the tensors, not this
-    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    model.config.quantization_config = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+    }
     model.config.save_pretrained(tmp_path)
     assert "quantization_config" in json.loads((tmp_path / "config.json").read_text())
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -359,8 +390,10 @@ def test_load_checkpoint_bitsandbytes_quantized(tmp_path):
     half = len(keys) // 2  # two shards; a layer's pieces may sit in different shards
     save_file({k: state[k] for k in keys[:half]}, tmp_path / "model-00001-of-00002.safetensors", {"format": "pt"})
     save_file({k: state[k] for k in keys[half:]}, tmp_path / "model-00002-of-00002.safetensors", {"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors"
-                                            for i, k in enumerate(keys)}}
+    index = {
+        "metadata": {},
+        "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(keys)},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     loaded = load_nf4_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32)
     reference = quantize_base(model, "nf4").eval()

@@ -555,8 +555,15 @@ def test_accelerate_placement_hooks_carry_over_and_offloading_is_refused():
     """device_map dispatch puts an AlignDevicesHook on every linear: patch and merge keep it on the new module."""
     hooks = pytest.importorskip("accelerate.hooks")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     name = "model.layers.1.self_attn.q_proj"
     q = model.get_submodule(name)
@@ -578,8 +585,9 @@ def test_accelerate_placement_hooks_carry_over_and_offloading_is_refused():
     assert model.get_submodule(name)._hf_hook is hook
 
     offloaded = LlamaForCausalLM(cfg)
-    hooks.add_hook_to_module(offloaded.get_submodule(name), hooks.AlignDevicesHook(execution_device="cpu",
-                                                                                   offload=True))
+    hooks.add_hook_to_module(
+        offloaded.get_submodule(name), hooks.AlignDevicesHook(execution_device="cpu", offload=True)
+    )
     with pytest.raises(ValueError, match="AlignDevicesHook.*offloads"):
         patch(offloaded, {name: [(0, 1)]}, block_size=16)
     assert not any(isinstance(m, SparseBlockLinear) for m in offloaded.modules())

@@ -24,11 +24,25 @@ QBLOCKS = 32
 
 @triton.jit
 def _nf4_dequant_overlay_kernel(
-    packed_ptr, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_code_ptr, offset_ptr, nf4_code_ptr,
-    out_ptr, bw_ptr, map_ptr,
-    numel, K, n_col_blocks,
-    DOUBLE_QUANT: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, QBLOCKS: tl.constexpr,
-    WIDE: tl.constexpr, WIDE_ROWS: tl.constexpr,
+    packed_ptr,
+    absmax_ptr,
+    absmax_q_ptr,
+    absmax_scale_ptr,
+    absmax_code_ptr,
+    offset_ptr,
+    nf4_code_ptr,
+    out_ptr,
+    bw_ptr,
+    map_ptr,
+    numel,
+    K,
+    n_col_blocks,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    QBLOCKS: tl.constexpr,
+    WIDE: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if WIDE:  # element indices past 2^31
@@ -61,8 +75,11 @@ def _nf4_dequant_overlay_kernel(
         slot = tl.load(map_ptr + (row // BLOCK_SIZE) * n_col_blocks + col // BLOCK_SIZE, mask=e_ok, other=-1)
         in_block = slot >= 0
         # block_weight is contiguous (n, b, b)
-        trained = tl.load(bw_ptr + slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (row % BLOCK_SIZE) * BLOCK_SIZE
-                          + col % BLOCK_SIZE, mask=e_ok & in_block, other=0.0)
+        trained = tl.load(
+            bw_ptr + slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (row % BLOCK_SIZE) * BLOCK_SIZE + col % BLOCK_SIZE,
+            mask=e_ok & in_block,
+            other=0.0,
+        )
         out = tl.where(in_block, trained.to(out_ptr.dtype.element_ty), out)
     tl.store(out_ptr + elem, out, mask=e_ok)
 
@@ -71,9 +88,14 @@ def _nf4_dequant_overlay_kernel(
 _launch = DirectLauncher(_nf4_dequant_overlay_kernel)
 
 
-def dequantize_overlay(q, out: torch.Tensor, block_weight: torch.Tensor | None = None,
-                       block_indices: torch.Tensor | None = None, block_map: torch.Tensor | None = None,
-                       block_size: int = 0) -> torch.Tensor:
+def dequantize_overlay(
+    q,
+    out: torch.Tensor,
+    block_weight: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None,
+    block_size: int = 0,
+) -> torch.Tensor:
     """Write the NF4 weight ``q`` (an ``NF4Weight`` of shape (N, K)) into ``out`` with the blocks in place.
 
     Args:
@@ -89,18 +111,38 @@ def dequantize_overlay(q, out: torch.Tensor, block_weight: torch.Tensor | None =
     dq = q.double_quant
     placeholder = q.packed
     absmax = placeholder if dq else tables["absmax"]
-    absmax_q, scale, code, offset = ((tables["absmax_q"], tables["absmax_scale"], tables["absmax_code"],
-                                      tables["absmax_offset"]) if dq else (placeholder,) * 4)
+    absmax_q, scale, code, offset = (
+        (tables["absmax_q"], tables["absmax_scale"], tables["absmax_code"], tables["absmax_offset"])
+        if dq
+        else (placeholder,) * 4
+    )
     bw = block_weight.contiguous() if has_blocks else out
     bmap = block_map if has_blocks else placeholder
     grid = (triton.cdiv(triton.cdiv(numel, 64), QBLOCKS),)
     options = {} if interpreting() else {"enable_fp_fusion": False}
     _launch(
-        grid, q.packed, absmax, absmax_q, scale, code, offset, nf4_code(out.device),
-        out, bw, bmap,
-        numel, q.shape[1], bmap.shape[1] if has_blocks else 1,
-        DOUBLE_QUANT=dq, HAS_BLOCKS=has_blocks, BLOCK_SIZE=block_size if has_blocks else 16, QBLOCKS=QBLOCKS,
-        WIDE=numel + QBLOCKS * 64 >= 2**31, WIDE_ROWS=q.shape[1] >= QBLOCKS * 64, num_warps=4, **options,
+        grid,
+        q.packed,
+        absmax,
+        absmax_q,
+        scale,
+        code,
+        offset,
+        nf4_code(out.device),
+        out,
+        bw,
+        bmap,
+        numel,
+        q.shape[1],
+        bmap.shape[1] if has_blocks else 1,
+        DOUBLE_QUANT=dq,
+        HAS_BLOCKS=has_blocks,
+        BLOCK_SIZE=block_size if has_blocks else 16,
+        QBLOCKS=QBLOCKS,
+        WIDE=numel + QBLOCKS * 64 >= 2**31,
+        WIDE_ROWS=q.shape[1] >= QBLOCKS * 64,
+        num_warps=4,
+        **options,
     )
     return out
 

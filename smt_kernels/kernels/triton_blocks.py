@@ -35,8 +35,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 @triton.jit
-def _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
-              pid, BLOCK_SIZE: tl.constexpr, SCATTER_ROWS: tl.constexpr):
+def _scatter_tile(
+    w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, pid, BLOCK_SIZE: tl.constexpr, SCATTER_ROWS: tl.constexpr
+):
     offs_c = tl.arange(0, BLOCK_SIZE)
     tiles_per_block: tl.constexpr = BLOCK_SIZE // SCATTER_ROWS
     blk = pid // tiles_per_block
@@ -47,14 +48,28 @@ def _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
     cols = col_block * BLOCK_SIZE + offs_c
     # block_weight is contiguous (n, b, b)
     vals = tl.load(bw_ptr + blk * BLOCK_SIZE * BLOCK_SIZE + offs_r[:, None] * BLOCK_SIZE + offs_c[None, :])
-    tl.store(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-             vals.to(w_ptr.dtype.element_ty),
-             mask=((rows >= 0) & (rows < N))[:, None] & ((cols >= 0) & (cols < K))[None, :])
+    tl.store(
+        w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+        vals.to(w_ptr.dtype.element_ty),
+        mask=((rows >= 0) & (rows < N))[:, None] & ((cols >= 0) & (cols < K))[None, :],
+    )
 
 
 @triton.jit
-def _gather_tile(x_ptr, col_blocks_ptr, xc_ptr, M, K, stride_xm, stride_xk, stride_cm,
-             g, m_tiles, BLOCK_SIZE: tl.constexpr, GATHER_ROWS: tl.constexpr):
+def _gather_tile(
+    x_ptr,
+    col_blocks_ptr,
+    xc_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_cm,
+    g,
+    m_tiles,
+    BLOCK_SIZE: tl.constexpr,
+    GATHER_ROWS: tl.constexpr,
+):
     offs_c = tl.arange(0, BLOCK_SIZE)
     slot = g // m_tiles
     offs_m = ((g % m_tiles) * GATHER_ROWS + tl.arange(0, GATHER_ROWS)).to(tl.int64)
@@ -62,32 +77,59 @@ def _gather_tile(x_ptr, col_blocks_ptr, xc_ptr, M, K, stride_xm, stride_xk, stri
     src_cols = col_block * BLOCK_SIZE + offs_c
     m_mask = offs_m < M
     # both bounds: a corrupted column index must read nothing rather than memory before x
-    vals = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_cols[None, :] * stride_xk,
-                   mask=m_mask[:, None] & ((src_cols >= 0) & (src_cols < K))[None, :], other=0.0)
-    tl.store(xc_ptr + offs_m[:, None] * stride_cm + (slot * BLOCK_SIZE + offs_c)[None, :], vals,
-             mask=m_mask[:, None])
+    vals = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + src_cols[None, :] * stride_xk,
+        mask=m_mask[:, None] & ((src_cols >= 0) & (src_cols < K))[None, :],
+        other=0.0,
+    )
+    tl.store(xc_ptr + offs_m[:, None] * stride_cm + (slot * BLOCK_SIZE + offs_c)[None, :], vals, mask=m_mask[:, None])
 
 
 @triton.jit
 def _scatter_and_gather_kernel(
-    w_ptr, bw_ptr, idx_ptr, N, K,
-    stride_wn, stride_wk,
-    x_ptr, col_blocks_ptr, xc_ptr, M,
-    stride_xm, stride_xk, stride_cm,
-    num_scatter_programs, m_tiles,
-    BLOCK_SIZE: tl.constexpr, SCATTER_ROWS: tl.constexpr, GATHER_ROWS: tl.constexpr,
-    DO_SCATTER: tl.constexpr, DO_GATHER: tl.constexpr,
+    w_ptr,
+    bw_ptr,
+    idx_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_wk,
+    x_ptr,
+    col_blocks_ptr,
+    xc_ptr,
+    M,
+    stride_xm,
+    stride_xk,
+    stride_cm,
+    num_scatter_programs,
+    m_tiles,
+    BLOCK_SIZE: tl.constexpr,
+    SCATTER_ROWS: tl.constexpr,
+    GATHER_ROWS: tl.constexpr,
+    DO_SCATTER: tl.constexpr,
+    DO_GATHER: tl.constexpr,
 ):
     # programs [0, num_scatter_programs) write blocks into the weight, the rest copy input block-columns
     pid = tl.program_id(0)
     if DO_SCATTER:
         if pid < num_scatter_programs:
-            _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
-                          pid, BLOCK_SIZE, SCATTER_ROWS)
+            _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, pid, BLOCK_SIZE, SCATTER_ROWS)
     if DO_GATHER:
         if pid >= num_scatter_programs:
-            _gather_tile(x_ptr, col_blocks_ptr, xc_ptr, M, K, stride_xm, stride_xk, stride_cm,
-                         pid - num_scatter_programs, m_tiles, BLOCK_SIZE, GATHER_ROWS)
+            _gather_tile(
+                x_ptr,
+                col_blocks_ptr,
+                xc_ptr,
+                M,
+                K,
+                stride_xm,
+                stride_xk,
+                stride_cm,
+                pid - num_scatter_programs,
+                m_tiles,
+                BLOCK_SIZE,
+                GATHER_ROWS,
+            )
 
 
 _launch_scatter_and_gather = DirectLauncher(_scatter_and_gather_kernel)
@@ -140,14 +182,32 @@ def scatter_blocks_and_gather_columns(
     ref = weight if do_scatter else x
     w, bw, idx = (weight, block_weight, block_indices) if do_scatter else (ref, ref, ref)
     xs, cb, xc = (x, col_blocks, x_cols) if do_gather else (ref, ref, ref)
-    _launch(_launch_scatter_and_gather, traced, (programs,),
-        w, bw, idx, w.shape[0], w.shape[-1],
-        w.stride(0), w.stride(-1),
-        xs, cb, xc, xs.shape[0],
-        xs.stride(0), xs.stride(-1), xc.stride(0),
-        n_scatter, max(m_tiles, 1),
-        BLOCK_SIZE=b, SCATTER_ROWS=scatter_rows, GATHER_ROWS=gather_rows,
-        DO_SCATTER=do_scatter, DO_GATHER=do_gather, num_warps=4,
+    _launch(
+        _launch_scatter_and_gather,
+        traced,
+        (programs,),
+        w,
+        bw,
+        idx,
+        w.shape[0],
+        w.shape[-1],
+        w.stride(0),
+        w.stride(-1),
+        xs,
+        cb,
+        xc,
+        xs.shape[0],
+        xs.stride(0),
+        xs.stride(-1),
+        xc.stride(0),
+        n_scatter,
+        max(m_tiles, 1),
+        BLOCK_SIZE=b,
+        SCATTER_ROWS=scatter_rows,
+        GATHER_ROWS=gather_rows,
+        DO_SCATTER=do_scatter,
+        DO_GATHER=do_gather,
+        num_warps=4,
     )
     return x_cols
 
@@ -160,20 +220,37 @@ def gather_column_blocks(x: torch.Tensor, col_blocks: torch.Tensor, block_size: 
     return scatter_blocks_and_gather_columns(None, None, None, x, col_blocks, block_size)
 
 
-def scatter_blocks(weight: torch.Tensor, block_weight: torch.Tensor, block_indices: torch.Tensor, *,
-                   traced: bool = False) -> None:
+def scatter_blocks(
+    weight: torch.Tensor, block_weight: torch.Tensor, block_indices: torch.Tensor, *, traced: bool = False
+) -> None:
     """Write block_weight (n, b, b) into weight (N, K) in place at block_indices (n, 2); edges clipped."""
-    scatter_blocks_and_gather_columns(weight, block_weight, block_indices, None, None, block_weight.shape[-1],
-                                      traced=traced)
+    scatter_blocks_and_gather_columns(
+        weight, block_weight, block_indices, None, None, block_weight.shape[-1], traced=traced
+    )
 
 
 @triton.jit
 def _block_grad_tile(
-    dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
-    stride_dym, stride_dyn, stride_xm, stride_os,
-    pid_tile, pid_split,
-    BLOCK_SIZE: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, TILE_M: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dy_ptr,
+    xg_ptr,
+    out_ptr,
+    idx_ptr,
+    slot_ptr,
+    M,
+    N,
+    tokens_per_split,
+    stride_dym,
+    stride_dyn,
+    stride_xm,
+    stride_os,
+    pid_tile,
+    pid_split,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_R: tl.constexpr,
+    TILE_C: tl.constexpr,
+    TILE_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tiles_r: tl.constexpr = BLOCK_SIZE // TILE_R
     tiles_c: tl.constexpr = BLOCK_SIZE // TILE_C
@@ -193,10 +270,12 @@ def _block_grad_tile(
     for m0 in range(m_start, m_end, TILE_M):
         offs_m = (m0 + tl.arange(0, TILE_M)).to(tl.int64)
         m_mask = offs_m < m_end
-        dy_t = tl.load(dy_ptr + rows[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
-                       mask=row_mask[:, None] & m_mask[None, :], other=0.0)
-        x_t = tl.load(xg_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                      mask=m_mask[:, None], other=0.0)
+        dy_t = tl.load(
+            dy_ptr + rows[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+            mask=row_mask[:, None] & m_mask[None, :],
+            other=0.0,
+        )
+        x_t = tl.load(xg_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None], other=0.0)
         if UPCAST:
             # the CPU interpreter's dot is wrong on bf16 operands; fp32 is exact there
             dy_t = dy_t.to(tl.float32)
@@ -204,19 +283,40 @@ def _block_grad_tile(
         acc += tl.dot(dy_t, x_t, input_precision=INPUT_PRECISION)
 
     # out is contiguous (splits, n, b, b)
-    out_ptrs = (out_ptr + pid_split * stride_os + blk * BLOCK_SIZE * BLOCK_SIZE + offs_r[:, None] * BLOCK_SIZE
-                + offs_c[None, :])
+    out_ptrs = (
+        out_ptr + pid_split * stride_os + blk * BLOCK_SIZE * BLOCK_SIZE + offs_r[:, None] * BLOCK_SIZE + offs_c[None, :]
+    )
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["M", "tokens_per_split"])
 def _block_weight_grad_kernel(
-    dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr,
-    M, N, tokens_per_split,
-    stride_dym, stride_dyn, stride_xm, stride_os,
-    w_ptr, bw_ptr, K, stride_wn, stride_wk, grad_tiles,
-    BLOCK_SIZE: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr, TILE_M: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, RESCATTER: tl.constexpr, SCATTER_ROWS: tl.constexpr,
+    dy_ptr,
+    xg_ptr,
+    out_ptr,
+    idx_ptr,
+    slot_ptr,
+    M,
+    N,
+    tokens_per_split,
+    stride_dym,
+    stride_dyn,
+    stride_xm,
+    stride_os,
+    w_ptr,
+    bw_ptr,
+    K,
+    stride_wn,
+    stride_wk,
+    grad_tiles,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_R: tl.constexpr,
+    TILE_C: tl.constexpr,
+    TILE_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    RESCATTER: tl.constexpr,
+    SCATTER_ROWS: tl.constexpr,
 ):
     # programs past grad_tiles (first split only) write the blocks into the weight again, for the
     # input-gradient GEMM that follows: the weight may have been re-materialised since forward (FSDP2)
@@ -225,16 +325,55 @@ def _block_weight_grad_kernel(
     if RESCATTER:
         if pid_tile >= grad_tiles:
             if pid_split == 0:
-                _scatter_tile(w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk,
-                              pid_tile - grad_tiles, BLOCK_SIZE, SCATTER_ROWS)
+                _scatter_tile(
+                    w_ptr, bw_ptr, idx_ptr, N, K, stride_wn, stride_wk, pid_tile - grad_tiles, BLOCK_SIZE, SCATTER_ROWS
+                )
         else:
-            _block_grad_tile(dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
-                             stride_dym, stride_dyn, stride_xm, stride_os,
-                             pid_tile, pid_split, BLOCK_SIZE, TILE_R, TILE_C, TILE_M, UPCAST, INPUT_PRECISION)
+            _block_grad_tile(
+                dy_ptr,
+                xg_ptr,
+                out_ptr,
+                idx_ptr,
+                slot_ptr,
+                M,
+                N,
+                tokens_per_split,
+                stride_dym,
+                stride_dyn,
+                stride_xm,
+                stride_os,
+                pid_tile,
+                pid_split,
+                BLOCK_SIZE,
+                TILE_R,
+                TILE_C,
+                TILE_M,
+                UPCAST,
+                INPUT_PRECISION,
+            )
     else:
-        _block_grad_tile(dy_ptr, xg_ptr, out_ptr, idx_ptr, slot_ptr, M, N, tokens_per_split,
-                         stride_dym, stride_dyn, stride_xm, stride_os,
-                         pid_tile, pid_split, BLOCK_SIZE, TILE_R, TILE_C, TILE_M, UPCAST, INPUT_PRECISION)
+        _block_grad_tile(
+            dy_ptr,
+            xg_ptr,
+            out_ptr,
+            idx_ptr,
+            slot_ptr,
+            M,
+            N,
+            tokens_per_split,
+            stride_dym,
+            stride_dyn,
+            stride_xm,
+            stride_os,
+            pid_tile,
+            pid_split,
+            BLOCK_SIZE,
+            TILE_R,
+            TILE_C,
+            TILE_M,
+            UPCAST,
+            INPUT_PRECISION,
+        )
 
 
 _launch_block_weight_grad = DirectLauncher(_block_weight_grad_kernel)
@@ -305,13 +444,33 @@ def block_weight_grad(
     scatter_programs = n * (b // scatter_rows) if rescatter is not None else 0
     if x_cols.stride(1) != 1:
         x_cols = x_cols.contiguous()
-    _launch(_launch_block_weight_grad, traced, (tiles + scatter_programs, splits),
-        grad_out, x_cols, partial, block_indices, col_slot,
-        M, N, tokens_per_split,
-        grad_out.stride(0), grad_out.stride(1), x_cols.stride(0), n * b * b,
-        w, bw, w.shape[-1], w.stride(0), w.stride(-1), tiles,
-        BLOCK_SIZE=b, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
-        RESCATTER=rescatter is not None, SCATTER_ROWS=scatter_rows,
+    _launch(
+        _launch_block_weight_grad,
+        traced,
+        (tiles + scatter_programs, splits),
+        grad_out,
+        x_cols,
+        partial,
+        block_indices,
+        col_slot,
+        M,
+        N,
+        tokens_per_split,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        x_cols.stride(0),
+        n * b * b,
+        w,
+        bw,
+        w.shape[-1],
+        w.stride(0),
+        w.stride(-1),
+        tiles,
+        BLOCK_SIZE=b,
+        UPCAST=upcast,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        RESCATTER=rescatter is not None,
+        SCATTER_ROWS=scatter_rows,
         **cfg,
     )
     if splits > 1:

@@ -29,13 +29,16 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
 
 def _check_format(where: str, quant_type: str, blocksize: int, code: torch.Tensor, nested_blocksize=None) -> None:
     if quant_type != "nf4" or blocksize != BLOCK:
-        raise ValueError(f"{where}: only NF4 with blocksize {BLOCK} is supported, got quant_type={quant_type!r} "
-                         f"blocksize={blocksize}")
+        raise ValueError(
+            f"{where}: only NF4 with blocksize {BLOCK} is supported, got quant_type={quant_type!r} "
+            f"blocksize={blocksize}"
+        )
     if not torch.equal(code.detach().float().cpu().reshape(-1), NF4_CODE):
         raise ValueError(f"{where}: the 4-bit code book is not the NF4 one")
     if nested_blocksize is not None and nested_blocksize != ABSMAX_GROUP:
-        raise ValueError(f"{where}: double-quantized absmax in groups of {nested_blocksize}; only {ABSMAX_GROUP} is "
-                         "supported")
+        raise ValueError(
+            f"{where}: double-quantized absmax in groups of {nested_blocksize}; only {ABSMAX_GROUP} is supported"
+        )
 
 
 def nf4_from_bnb(module: nn.Module) -> NF4Weight:
@@ -43,10 +46,13 @@ def nf4_from_bnb(module: nn.Module) -> NF4Weight:
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
-        raise ValueError("this bitsandbytes Linear4bit has no quant_state (it was never moved to a device, so it is "
-                         "not quantized yet); call .to(device) on the model first")
-    _check_format("Linear4bit", state.quant_type, state.blocksize, state.code,
-                  state.state2.blocksize if state.nested else None)
+        raise ValueError(
+            "this bitsandbytes Linear4bit has no quant_state (it was never moved to a device, so it is "
+            "not quantized yet); call .to(device) on the model first"
+        )
+    _check_format(
+        "Linear4bit", state.quant_type, state.blocksize, state.code, state.state2.blocksize if state.nested else None
+    )
     packed = weight.data.reshape(-1)
     if packed.dtype != torch.uint8:  # a quant_storage other than uint8 holds the same bytes
         packed = packed.view(torch.uint8)
@@ -66,19 +72,26 @@ def nf4_from_bnb_state(tensors: Mapping[str, torch.Tensor], weight_key: str) -> 
 
     ``tensors`` holds at least ``weight_key`` and its ``weight_key + ".absmax"`` etc. (see the module docstring).
     """
-    missing = [f"{weight_key}.{p}" for p in ("absmax", "quant_map", QUANT_STATE_SUFFIX[1:])
-               if f"{weight_key}.{p}" not in tensors]
+    missing = [
+        f"{weight_key}.{p}"
+        for p in ("absmax", "quant_map", QUANT_STATE_SUFFIX[1:])
+        if f"{weight_key}.{p}" not in tensors
+    ]
     if weight_key not in tensors or missing:
-        raise ValueError(f"{weight_key}: not a complete bitsandbytes 4-bit weight, missing "
-                         f"{missing or [weight_key]}")
+        raise ValueError(f"{weight_key}: not a complete bitsandbytes 4-bit weight, missing {missing or [weight_key]}")
     raw = tensors[weight_key + QUANT_STATE_SUFFIX]
     try:
         meta = json.loads(bytes(raw.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{weight_key}{QUANT_STATE_SUFFIX} is not bitsandbytes' packed JSON: {err}") from None
     nested = "nested_offset" in meta
-    _check_format(weight_key, meta.get("quant_type"), meta.get("blocksize"), tensors[weight_key + ".quant_map"],
-                  meta.get("nested_blocksize") if nested else None)
+    _check_format(
+        weight_key,
+        meta.get("quant_type"),
+        meta.get("blocksize"),
+        tensors[weight_key + ".quant_map"],
+        meta.get("nested_blocksize") if nested else None,
+    )
     packed = tensors[weight_key].reshape(-1)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)

@@ -16,9 +16,14 @@ from smt_kernels.layout import num_blocks_along
 from smt_kernels.quant.nf4 import NF4Weight, dequantize_nf4
 
 
-def dequantize_overlay_torch(q: NF4Weight, out: torch.Tensor, block_weight: torch.Tensor | None = None,
-                             block_indices: torch.Tensor | None = None, block_map: torch.Tensor | None = None,
-                             block_size: int = 0) -> torch.Tensor:
+def dequantize_overlay_torch(
+    q: NF4Weight,
+    out: torch.Tensor,
+    block_weight: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    block_map: torch.Tensor | None = None,
+    block_size: int = 0,
+) -> torch.Tensor:
     """The pure-torch path of ``kernels.nf4_dequant.dequantize_overlay`` (same arguments, same bits); it reads
     ``block_indices`` where the Triton kernel reads ``block_map``."""
     dequantize_nf4(q, out.dtype, out=out)
@@ -29,11 +34,16 @@ def dequantize_overlay_torch(q: NF4Weight, out: torch.Tensor, block_weight: torc
 
 def block_slot_map(block_indices: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
     """int32 (ceil(N/b), ceil(K/b)) with the slot k of block_indices[k] at its position and -1 elsewhere."""
-    grid = torch.full((num_blocks_along(shape[0], block_size), num_blocks_along(shape[1], block_size)), -1,
-                      dtype=torch.int32, device=block_indices.device)
+    grid = torch.full(
+        (num_blocks_along(shape[0], block_size), num_blocks_along(shape[1], block_size)),
+        -1,
+        dtype=torch.int32,
+        device=block_indices.device,
+    )
     if block_indices.numel():
         grid[block_indices[:, 0], block_indices[:, 1]] = torch.arange(
-            block_indices.shape[0], dtype=torch.int32, device=block_indices.device)
+            block_indices.shape[0], dtype=torch.int32, device=block_indices.device
+        )
     return grid
 
 
@@ -49,5 +59,9 @@ def kernels_for(device: torch.device) -> SimpleNamespace:
         from smt_kernels.kernels.nf4_dequant import dequantize_overlay
     else:
         dequantize_overlay = dequantize_overlay_torch
-    return SimpleNamespace(name=name, gather_column_blocks=blocks.gather_column_blocks,
-                           block_weight_grad=blocks.block_weight_grad, dequantize_overlay=dequantize_overlay)
+    return SimpleNamespace(
+        name=name,
+        gather_column_blocks=blocks.gather_column_blocks,
+        block_weight_grad=blocks.block_weight_grad,
+        dequantize_overlay=dequantize_overlay,
+    )

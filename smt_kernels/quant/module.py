@@ -12,9 +12,14 @@ from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weig
 from smt_kernels.quant.ops import nf4_block_linear, nf4_weight_grad_linear
 
 # NF4Weight field -> buffer name on the module (state_dict keys "<module>.weight_packed", ...)
-_BUFFER_NAMES = {"packed": "weight_packed", "absmax": "weight_absmax", "absmax_q": "weight_absmax_q",
-                 "absmax_scale": "weight_absmax_scale", "absmax_offset": "weight_absmax_offset",
-                 "absmax_code": "weight_absmax_code"}
+_BUFFER_NAMES = {
+    "packed": "weight_packed",
+    "absmax": "weight_absmax",
+    "absmax_q": "weight_absmax_q",
+    "absmax_scale": "weight_absmax_scale",
+    "absmax_offset": "weight_absmax_offset",
+    "absmax_code": "weight_absmax_code",
+}
 
 
 def _check_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
@@ -33,9 +38,16 @@ class NF4Linear(nn.Module):
     autocast dtype); ``weight_dtype`` is the dtype the weight had before quantization.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, double_quant: bool = True,
-                 compute_dtype: torch.dtype = torch.bfloat16, weight_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        weight_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"NF4Linear needs positive features, got {out_features}×{in_features}")
@@ -46,20 +58,26 @@ class NF4Linear(nn.Module):
         blocks = -(-n // BLOCK)
         empty = {"packed": torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device)}
         if double_quant:
-            empty.update(absmax_q=torch.zeros(blocks, dtype=torch.uint8, device=device),
-                         absmax_scale=torch.zeros(-(-blocks // ABSMAX_GROUP), device=device),
-                         absmax_offset=torch.zeros((), device=device),
-                         absmax_code=torch.zeros(256, device=device))
+            empty.update(
+                absmax_q=torch.zeros(blocks, dtype=torch.uint8, device=device),
+                absmax_scale=torch.zeros(-(-blocks // ABSMAX_GROUP), device=device),
+                absmax_offset=torch.zeros((), device=device),
+                absmax_code=torch.zeros(256, device=device),
+            )
         else:
             empty["absmax"] = torch.zeros(blocks, device=device)
         for field, t in empty.items():
             self.register_buffer(_BUFFER_NAMES[field], t.float() if t.is_floating_point() else t)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype),
-                                 requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype), requires_grad=False)
+            if bias
+            else None
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> NF4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, double_quant: bool = True, compute_dtype: torch.dtype | None = None
+    ) -> NF4Linear:
         """Quantize ``linear`` (on its own device); compute dtype defaults to the linear's dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"NF4Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -67,12 +85,20 @@ class NF4Linear(nn.Module):
         return cls.from_nf4(q, linear.bias, compute_dtype or linear.weight.dtype)
 
     @classmethod
-    def from_nf4(cls, q: NF4Weight, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
+    def from_nf4(
+        cls, q: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
+    ) -> NF4Linear:
         """Wrap an existing ``NF4Weight`` (no copy) and an optional bias (copied)."""
         q.check()
-        layer = cls(q.shape[1], q.shape[0], bias=bias is not None, double_quant=q.double_quant,
-                    compute_dtype=compute_dtype, weight_dtype=q.dtype, device="meta")
+        layer = cls(
+            q.shape[1],
+            q.shape[0],
+            bias=bias is not None,
+            double_quant=q.double_quant,
+            compute_dtype=compute_dtype,
+            weight_dtype=q.dtype,
+            device="meta",
+        )
         layer.set_nf4(q)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -82,8 +108,9 @@ class NF4Linear(nn.Module):
         """Replace the stored weight by ``q`` (same shape; with or without double quantization)."""
         q.check()
         if q.shape != (self.out_features, self.in_features):
-            raise ValueError(f"NF4 weight of shape {q.shape} does not fit a {self.out_features}×{self.in_features} "
-                             "layer")
+            raise ValueError(
+                f"NF4 weight of shape {q.shape} does not fit a {self.out_features}×{self.in_features} layer"
+            )
         for name in _BUFFER_NAMES.values():
             self._buffers.pop(name, None)
         for field, t in q.tensors().items():
@@ -137,8 +164,9 @@ class NF4Linear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` in the compute dtype, same device, with the dequantized weight."""
         w = self.dequantized_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                           dtype=w.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
         linear.weight.copy_(w)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -149,8 +177,10 @@ class NF4Linear(nn.Module):
         return self.nf4.nbytes()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nf4, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
 
 
 class NF4SparseBlockLinear(NF4Linear):
@@ -162,8 +192,13 @@ class NF4SparseBlockLinear(NF4Linear):
     """
 
     @classmethod
-    def from_nf4_linear(cls, base: NF4Linear, blocks: BlocksLike | BlockLayout, block_size: int = 256,
-                        block_dtype: torch.dtype | None = None) -> NF4SparseBlockLinear:
+    def from_nf4_linear(
+        cls,
+        base: NF4Linear,
+        blocks: BlocksLike | BlockLayout,
+        block_size: int = 256,
+        block_dtype: torch.dtype | None = None,
+    ) -> NF4SparseBlockLinear:
         """Make ``blocks`` (pairs, an (n, 2) int tensor, or a ``BlockLayout`` already validated for this shape) of
         ``base`` trainable; shares base's buffers (no copy of the 4-bit weight).
 
@@ -175,14 +210,22 @@ class NF4SparseBlockLinear(NF4Linear):
         if isinstance(blocks, BlockLayout):  # validated by the caller (patch plans every module first)
             have = (blocks.out_features, blocks.in_features, blocks.block_size)
             if have != want:
-                raise ValueError(f"the layout is for a {have[0]}×{have[1]} weight with block_size {have[2]}, not "
-                                 f"{want[0]}×{want[1]} with block_size {want[2]}")
+                raise ValueError(
+                    f"the layout is for a {have[0]}×{have[1]} weight with block_size {have[2]}, not "
+                    f"{want[0]}×{want[1]} with block_size {want[2]}"
+                )
             layout = blocks
         else:
             layout = BlockLayout.build(blocks, *want)
-        layer = cls(base.in_features, base.out_features, bias=base.bias is not None,
-                    double_quant=base.double_quant, compute_dtype=base.compute_dtype,
-                    weight_dtype=base.weight_dtype, device="meta")
+        layer = cls(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            double_quant=base.double_quant,
+            compute_dtype=base.compute_dtype,
+            weight_dtype=base.weight_dtype,
+            device="meta",
+        )
         layer.set_nf4(base.nf4)
         layer.bias = base.bias
         dtype = _check_dtype(block_dtype or base.compute_dtype, "block_dtype")
@@ -199,23 +242,35 @@ class NF4SparseBlockLinear(NF4Linear):
         w = torch.empty(self.nf4.shape, device=device, dtype=torch.float32)
         dequantize_overlay_torch(self.nf4, w)
         self.block_weight = nn.Parameter(
-            torch_blocks.extract_blocks(w, self.block_indices, layout.block_size).to(dtype).contiguous())
+            torch_blocks.extract_blocks(w, self.block_indices, layout.block_size).to(dtype).contiguous()
+        )
         self.register_load_state_dict_post_hook(_rebuild_index)
 
     def _derive_index(self, layout: BlockLayout) -> None:
         device = self.weight_packed.device
         self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
         self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
-        self.register_buffer("block_map", block_slot_map(self.block_indices, self.nf4.shape, layout.block_size),
-                             persistent=False)
+        self.register_buffer(
+            "block_map", block_slot_map(self.block_indices, self.nf4.shape, layout.block_size), persistent=False
+        )
 
     @property
     def num_blocks(self) -> int:
         return int(self.block_indices.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_block_linear(x, self.nf4, self.compute_dtype, self.bias, self.block_weight, self.block_indices,
-                                self.block_map, self.col_blocks, self.col_slot, self.block_size)
+        return nf4_block_linear(
+            x,
+            self.nf4,
+            self.compute_dtype,
+            self.bias,
+            self.block_weight,
+            self.block_indices,
+            self.block_map,
+            self.col_blocks,
+            self.col_slot,
+            self.block_size,
+        )
 
     def _overlay(self, q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
         return dequantize_overlay_torch(q, out, self.block_weight.detach(), self.block_indices)
@@ -226,8 +281,10 @@ class NF4SparseBlockLinear(NF4Linear):
 
     def extra_repr(self) -> str:
         pct = 100.0 * self.trainable_elements() / (self.out_features * self.in_features)
-        return (f"{super().extra_repr()}, block_size={self.block_size}, num_blocks={self.num_blocks} "
-                f"({pct:.2f}% of the weight), block_dtype={self.block_weight.dtype}")
+        return (
+            f"{super().extra_repr()}, block_size={self.block_size}, num_blocks={self.num_blocks} "
+            f"({pct:.2f}% of the weight), block_dtype={self.block_weight.dtype}"
+        )
 
 
 def _rebuild_index(layer: NF4SparseBlockLinear, incompatible_keys) -> None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-BLOCK = 64           # values per absmax block (QLoRA's choice; bitsandbytes' default)
-ABSMAX_GROUP = 256   # absmaxes per second-level scale under double quantization
+BLOCK = 64  # values per absmax block (QLoRA's choice; bitsandbytes' default)
+ABSMAX_GROUP = 256  # absmaxes per second-level scale under double quantization
 # elements quantized/dequantized per step: bounds the fp32/int temporaries (a 28672×8192 weight would
 # otherwise take ~3 GB of them); a multiple of BLOCK·ABSMAX_GROUP so chunks never split a block or a group
 CHUNK = 1 << 24
@@ -29,12 +29,27 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # the 16 NF4 values (QLoRA, Dettmers et al. 2023, appendix E): quantiles of N(0, 1) normalised to [-1, 1], with an
 # exact zero; the float32 values bitsandbytes uses
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 ZERO_CODE = 7
 
 
@@ -90,8 +105,7 @@ class NF4Weight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor fields that are set, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to(self, device: torch.device | str) -> NF4Weight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
@@ -115,19 +129,30 @@ class NF4Weight:
         """Raise ValueError naming the numbers if the tensors do not fit ``shape``; returns self."""
         n = self.numel
         blocks = -(-n // BLOCK)
-        want = {"packed": ((n + 1) // 2,), "absmax": (blocks,), "absmax_q": (blocks,),
-                "absmax_scale": (-(-blocks // ABSMAX_GROUP),), "absmax_offset": (), "absmax_code": (256,)}
+        want = {
+            "packed": ((n + 1) // 2,),
+            "absmax": (blocks,),
+            "absmax_q": (blocks,),
+            "absmax_scale": (-(-blocks // ABSMAX_GROUP),),
+            "absmax_offset": (),
+            "absmax_code": (256,),
+        }
         kinds = {"packed": torch.uint8, "absmax_q": torch.uint8}
         got = self.tensors()
-        needed = ("packed", "absmax") if self.absmax is not None else (
-            "packed", "absmax_q", "absmax_scale", "absmax_offset", "absmax_code")
+        needed = (
+            ("packed", "absmax")
+            if self.absmax is not None
+            else ("packed", "absmax_q", "absmax_scale", "absmax_offset", "absmax_code")
+        )
         missing = [k for k in needed if k not in got]
         if missing:
             raise ValueError(f"NF4 weight of shape {self.shape} misses {missing}")
         for name, t in got.items():
             if tuple(t.shape) != want[name] or t.dtype != kinds.get(name, torch.float32):
-                raise ValueError(f"NF4 weight of shape {self.shape}: {name} must be {kinds.get(name, torch.float32)} "
-                                 f"{want[name]}, got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"NF4 weight of shape {self.shape}: {name} must be {kinds.get(name, torch.float32)} "
+                    f"{want[name]}, got {t.dtype} {tuple(t.shape)}"
+                )
             if t.device != self.device:
                 raise ValueError(f"NF4 weight: {name} is on {t.device}, packed on {self.device}")
         return self
@@ -157,8 +182,9 @@ def _quantize_chunk(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (q[0::2] << 4) | q[1::2], absmax
 
 
-def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor,
-                            group: int = ABSMAX_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(
+    values: torch.Tensor, code: torch.Tensor, group: int = ABSMAX_GROUP
+) -> tuple[torch.Tensor, torch.Tensor]:
     """values float32 (m,) -> (codes uint8 (m,), scales float32 (ceil(m/group),)), nearest code, ties to the lower.
 
     As bitsandbytes' CPU ``quantize_blockwise``: each group is divided (true division) by its absmax and its values
@@ -198,7 +224,7 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Weight:
     flat = weight.detach().reshape(-1)
     packed, absmax = [], []
     for start in range(0, flat.numel(), CHUNK):
-        p, a = _quantize_chunk(flat[start:start + CHUNK].float())
+        p, a = _quantize_chunk(flat[start : start + CHUNK].float())
         packed.append(p)
         absmax.append(a)
     out = NF4Weight(packed=torch.cat(packed), shape=(weight.shape[0], weight.shape[1]), dtype=weight.dtype)
@@ -238,10 +264,10 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
     n = q.numel
     for start in range(0, n, CHUNK):  # start is a multiple of 64: chunks hold whole absmax blocks
         stop = min(start + CHUNK, n)
-        values = table.index_select(0, q.packed[start // 2:(stop + 1) // 2].int()).view(-1)[: stop - start]
-        scale = absmax[start // BLOCK:-(-stop // BLOCK)]
+        values = table.index_select(0, q.packed[start // 2 : (stop + 1) // 2].int()).view(-1)[: stop - start]
+        scale = absmax[start // BLOCK : -(-stop // BLOCK)]
         full = (stop - start) // BLOCK * BLOCK
-        flat_out[start:start + full] = (values[:full].view(-1, BLOCK) * scale[: full // BLOCK].view(-1, 1)).view(-1)
+        flat_out[start : start + full] = (values[:full].view(-1, BLOCK) * scale[: full // BLOCK].view(-1, 1)).view(-1)
         if full < stop - start:
-            flat_out[start + full:stop] = values[full:] * scale[-1]
+            flat_out[start + full : stop] = values[full:] * scale[-1]
     return out

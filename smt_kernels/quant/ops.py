@@ -20,13 +20,15 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
     """y = x · (NF4 weight with blocks in place)ᵀ + bias in ``compute_dtype``; gradients for x and block_weight."""
 
     @staticmethod
-    def forward(ctx, x, block_weight, bias, q, block_indices, block_map, col_blocks, col_slot, block_size,
-                compute_dtype):
+    def forward(
+        ctx, x, block_weight, bias, q, block_indices, block_map, col_blocks, col_slot, block_size, compute_dtype
+    ):
         kernels = kernels_for(x.device)
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         blocks = block_weight.detach() if has_blocks else None
-        w = kernels.dequantize_overlay(q, shared_buffer(x.device, q.shape, compute_dtype), blocks, block_indices,
-                                       block_map, block_size)
+        w = kernels.dequantize_overlay(
+            q, shared_buffer(x.device, q.shape, compute_dtype), blocks, block_indices, block_map, block_size
+        )
         x_cols = None
         if has_blocks and ctx.needs_input_grad[1]:
             x_cols = kernels.gather_column_blocks(x.reshape(-1, x.shape[-1]), col_blocks, block_size)
@@ -42,13 +44,28 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
         grad_x = grad_blocks = None
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         if ctx.needs_input_grad[1]:
-            grad_blocks = ctx.kernels.block_weight_grad(
-                grad_out.reshape(-1, grad_out.shape[-1]), x_cols, block_indices, col_slot, ctx.block_size,
-                block_weight.dtype) if has_blocks else torch.zeros_like(block_weight)
+            grad_blocks = (
+                ctx.kernels.block_weight_grad(
+                    grad_out.reshape(-1, grad_out.shape[-1]),
+                    x_cols,
+                    block_indices,
+                    col_slot,
+                    ctx.block_size,
+                    block_weight.dtype,
+                )
+                if has_blocks
+                else torch.zeros_like(block_weight)
+            )
         if ctx.needs_input_grad[0]:
             blocks = block_weight.detach() if has_blocks else None
-            w = ctx.kernels.dequantize_overlay(ctx.q, shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype),
-                                               blocks, block_indices, block_map, ctx.block_size)
+            w = ctx.kernels.dequantize_overlay(
+                ctx.q,
+                shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype),
+                blocks,
+                block_indices,
+                block_map,
+                ctx.block_size,
+            )
             grad_x = grad_out.matmul(w)
         return grad_x, grad_blocks, None, None, None, None, None, None, None, None
 
@@ -122,8 +139,9 @@ class _NF4WeightGradFunction(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def nf4_weight_grad_linear(x: torch.Tensor, q: NF4Weight, compute_dtype: torch.dtype, bias: torch.Tensor | None,
-                           anchor: torch.Tensor, fold) -> torch.Tensor:
+def nf4_weight_grad_linear(
+    x: torch.Tensor, q: NF4Weight, compute_dtype: torch.dtype, bias: torch.Tensor | None, anchor: torch.Tensor, fold
+) -> torch.Tensor:
     """``nf4_block_linear`` without blocks whose backward also calls ``fold(dL/dW)`` (see _NF4WeightGradFunction)."""
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)

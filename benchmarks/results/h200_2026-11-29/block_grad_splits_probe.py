@@ -25,8 +25,12 @@ CONFIGS = {
 
 def policies(sms: int, tiles: int, m: int, tile_m: int) -> dict[str, int]:
     most = max(1, m // (4 * tile_m))
-    return {"ceil1": min(most, triton.cdiv(sms, tiles)), "floor1": min(most, max(1, sms // tiles)),
-            "floor2": min(most, max(1, 2 * sms // tiles)), "floor3": min(most, max(1, 3 * sms // tiles))}
+    return {
+        "ceil1": min(most, triton.cdiv(sms, tiles)),
+        "floor1": min(most, max(1, sms // tiles)),
+        "floor2": min(most, max(1, 2 * sms // tiles)),
+        "floor3": min(most, max(1, 3 * sms // tiles)),
+    }
 
 
 def gpu_ms(fn, count: int, target_s: float) -> float:
@@ -44,8 +48,9 @@ def probe_tokens(m: int, sms: int, count: int = 3) -> None:
         lay = BlockLayout.build(make_layout("random", n, (16, 16), 0), N, K, B)
         idx, slot, cols = lay.indices.to(DEV), lay.col_slot.to(DEV), lay.col_blocks.to(DEV)
         xcols = [tb.gather_column_blocks(x, cols, B) for x in xs]
-        ref = (dys[0].float().view(m, -1, B)[:, idx[:, 0]].permute(1, 2, 0)
-               @ xcols[0].float().view(m, -1, B)[:, slot].permute(1, 0, 2))
+        ref = dys[0].float().view(m, -1, B)[:, idx[:, 0]].permute(1, 2, 0) @ xcols[0].float().view(m, -1, B)[
+            :, slot
+        ].permute(1, 0, 2)
         for cname, cfg in CONFIGS.items():
             tile_m = (cfg or {}).get("TILE_M", 64)
             tiles = n * (B // 128) ** 2
@@ -56,15 +61,19 @@ def probe_tokens(m: int, sms: int, count: int = 3) -> None:
                 seen.add(splits)
 
                 def fn(i, splits=splits, cfg=cfg, xcols=xcols, idx=idx, slot=slot):
-                    return tb.block_weight_grad(dys[i % count], xcols[i % count], idx, slot, B, BF, config=cfg,
-                                                splits=splits)
+                    return tb.block_weight_grad(
+                        dys[i % count], xcols[i % count], idx, slot, B, BF, config=cfg, splits=splits
+                    )
 
                 err = (fn(0).float() - ref).abs().max().item() / ref.abs().max().item()
                 t = gpu_ms(fn, count, 0.15)
                 tflops = 2 * m * n * B * B / (t * 1e-3) / 1e12
-                print(f"M={m:6d} n={n:2d} {cname:12s} {pname:7s} splits={splits:3d} programs={tiles * splits:4d} "
-                      f"{t * 1e3:8.1f} us {tflops:6.1f} TFLOP/s {100 * tflops / dense_tflops:5.1f}% "
-                      f"relerr {err:.1e}", flush=True)
+                print(
+                    f"M={m:6d} n={n:2d} {cname:12s} {pname:7s} splits={splits:3d} programs={tiles * splits:4d} "
+                    f"{t * 1e3:8.1f} us {tflops:6.1f} TFLOP/s {100 * tflops / dense_tflops:5.1f}% "
+                    f"relerr {err:.1e}",
+                    flush=True,
+                )
 
 
 def main() -> None:
