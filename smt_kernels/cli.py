@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, flag
+from smt_kernels.finetune.parallel import is_main_rank
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -115,7 +116,9 @@ def _finetune(args: argparse.Namespace) -> int:
     from smt_kernels.finetune import format_summary, run_finetune
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
-    print(format_summary(run_finetune(cfg)))
+    result = run_finetune(cfg)
+    if is_main_rank():  # under torchrun every rank returns the same result; rank 0 prints it
+        print(format_summary(result))
     return 0
 
 
@@ -128,7 +131,7 @@ def _show_progress_logs() -> None:
     _handler = logging.StreamHandler(sys.stderr)
     _handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if is_main_rank() else logging.WARNING)  # torchrun: rank 0 tells the story
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
@@ -141,6 +144,11 @@ def _resume_hint(args: argparse.Namespace) -> str:
     if not (directory / STATE_FILE).is_file():
         return " before the first checkpoint"
     return f"; continue with the same options and --resume {directory}"
+
+
+def _rank_tag() -> str:
+    """`` (rank N)`` under torchrun, where every rank reports its own error; empty in one process."""
+    return f" (rank {os.environ.get('RANK', '0')})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,10 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except FinetuneError as err:
-        print(f"smt-kernels {args.command}: error: {err}", file=sys.stderr)
+        print(f"smt-kernels {args.command}: error{_rank_tag()}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"smt-kernels {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        print(f"smt-kernels {args.command}: interrupted{_rank_tag()}{_resume_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

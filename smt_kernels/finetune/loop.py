@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from smt_kernels.finetune.config import FinetuneConfig, FinetuneError
 from smt_kernels.finetune.data import BatchStream
-from smt_kernels.finetune.evaluate import answer_loss, autocast, eval_loss, to_device
+from smt_kernels.finetune.evaluate import eval_loss
+from smt_kernels.finetune.parallel import DataParallelLoss, Ranks
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +55,26 @@ class TrainingRun:
         self,
         model: nn.Module,
         cfg: FinetuneConfig,
-        device: torch.device,
+        ranks: Ranks,
         stream: BatchStream,
         eval_batches: list[dict[str, torch.Tensor]],
         log_: TrainLog,
     ) -> None:
-        self.model, self.cfg, self.device, self.stream, self.eval_batches, self.log = (
+        self.model, self.cfg, self.ranks, self.stream, self.eval_batches, self.log = (
             model,
             cfg,
-            device,
+            ranks,
             stream,
             eval_batches,
             log_,
         )
+        self.device = ranks.device
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise FinetuneError("nothing to train: no parameter requires grad after preparing the model")
         self.params = [p for _, p in self.named]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        self.loss = DataParallelLoss(model, ranks)  # the model's own loss, or DDP's under torchrun
 
     def run(self, on_step: Callable[[int], None] | None = None) -> TrainLog:
         """Train from ``log.step`` to ``cfg.steps``; ``on_step(step)`` after each (e.g. to checkpoint)."""
@@ -82,7 +85,7 @@ class TrainingRun:
             range(self.log.step, cfg.steps),
             initial=self.log.step,
             total=cfg.steps,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.ranks.main),
             desc=f"train ({cfg.method})",
             unit="step",
         )
@@ -100,9 +103,8 @@ class TrainingRun:
             t0 = time.perf_counter()
             if cfg.eval_every and self.log.step % cfg.eval_every == 0 and self.log.step < cfg.steps:
                 model.config.use_cache = True
-                self.log.eval_curve.append(
-                    {"step": self.log.step, "loss": eval_loss(model, self.eval_batches, self.device)}
-                )
+                held_out = self.ranks.on_main(lambda: eval_loss(model, self.eval_batches, self.device))
+                self.log.eval_curve.append({"step": self.log.step, "loss": held_out})
                 model.config.use_cache = False
             if on_step is not None:
                 on_step(self.log.step)
@@ -117,16 +119,15 @@ class TrainingRun:
         lr = lr_at(step, self.cfg.steps, self.cfg.warmup, self.cfg.peak_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        batch = to_device(next(self.stream), self.device)
-        with autocast(self.device):
-            loss = answer_loss(self.model, batch)
+        batch = next(self.stream)  # the global batch: under torchrun each rank trains on its share
+        loss, mean_loss = self.loss(batch)
         loss.backward()
         clip = self.cfg.max_grad_norm
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip)) if clip else float("nan")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.log.tokens += int(batch["attention_mask"].sum())
-        return float(loss.detach()), lr, grad_norm
+        return float(mean_loss), lr, grad_norm
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on, as tensors and plain values (``torch.load(weights_only=True)``)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import smt_kernels
+from smt_kernels.distributed import is_main_process, select_blocks_distributed
 from smt_kernels.finetune.config import FinetuneConfig, FinetuneError
 from smt_kernels.finetune.evaluate import autocast
 from smt_kernels.select import Selection, budget_elements, find_target_linears
@@ -66,7 +67,8 @@ def prepare_method(
     selection: Selection | None = None,
 ) -> Prepared:
     """Make ``model`` trainable the way ``cfg.method`` says. ``selection``: SMT blocks chosen earlier (a resumed
-    run), instead of selecting on ``select_batches``."""
+    run), instead of selecting on ``select_batches``. Under a process group of several ranks every rank calls this
+    with its own ``select_batches`` and all get the same selection (``select_blocks_distributed``)."""
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -106,15 +108,17 @@ def _prepare_smt(
     try:
         if selection is None:
             t0 = time.perf_counter()
+            # one process: select_blocks; under torchrun each rank warms up on its share of the batches and
+            # every rank gets rank 0's selection
             with autocast(device):
-                selection = smt_kernels.select_blocks(
+                selection = select_blocks_distributed(
                     model,
                     select_batches,
                     targets=cfg.targets,
                     score=cfg.score,
                     strategy=cfg.strategy,
                     block_size=cfg.block_size,
-                    progress=cfg.progress,
+                    progress=cfg.progress and is_main_process(),
                     **cfg.budget,
                 )
             seconds = time.perf_counter() - t0
@@ -122,5 +126,6 @@ def _prepare_smt(
     except (ValueError, TypeError) as err:
         raise FinetuneError(f"SMT selection/patching failed: {err}") from None
     summary = summarize_selection(model, selection, block_size=cfg.block_size, targets=cfg.targets)
-    log.info("%s", summary)
+    if is_main_process():
+        log.info("%s", summary)
     return Prepared(model, target_params=elements, selection=selection, summary=summary, select_seconds=seconds)

@@ -22,6 +22,7 @@ class FinetuneResult:
     task: str
     model: str
     device: str
+    ranks: int  # data-parallel processes (torchrun); 1 for one process
     seed: int
     steps: int
     lr: float
@@ -92,7 +93,8 @@ def format_summary(r: FinetuneResult) -> str:
 
     of_targets = r.trainable_pct_of_targets
     lines = [
-        f"== {r.method} on {r.task} ({r.model}, {r.device}, seed {r.seed}) ==",
+        f"== {r.method} on {r.task} ({r.model}, {r.device}{f' × {r.ranks} ranks' if r.ranks > 1 else ''}, "
+        f"seed {r.seed}) ==",
         f"trainable      {r.trainable_params:,} of {r.total_params:,} parameters ({r.trainable_pct:.3f}%)"
         + (f"; {of_targets:.2f}% of the target weights" if of_targets else ""),
     ]
@@ -108,7 +110,7 @@ def format_summary(r: FinetuneResult) -> str:
         f"held-out loss  {r.eval_loss_before:.4f} -> {r.eval_loss_after:.4f}",
         f"accuracy       {pct(r.accuracy_before)} -> {pct(r.accuracy_after)} ({metric}, {r.num_eval} held-out "
         "examples, greedy)",
-        f"peak memory    {r.peak_memory_mib:.0f} MiB ({r.peak_memory_kind})",
+        f"peak memory    {r.peak_memory_mib:.0f} MiB ({r.peak_memory_kind}{', rank 0' if r.ranks > 1 else ''})",
         f"throughput     {r.tokens_per_second:.0f} tokens/s ({r.train_seconds:.1f} s training, "
         f"{r.total_seconds:.0f} s total)",
     ]

@@ -17,8 +17,9 @@ from smt_kernels.finetune.data import TokenizedTask, build_task, data_fingerprin
 from smt_kernels.finetune.evaluate import EvalResult, eval_loss, evaluate
 from smt_kernels.finetune.loop import TrainingRun, TrainLog, check_converged
 from smt_kernels.finetune.methods import Prepared, prepare_method, smt_budget
-from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, pick_device, resolve_model_source
+from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, resolve_model_source
 from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
+from smt_kernels.finetune.parallel import Ranks, data_parallel
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
 from smt_kernels.patch import trainable_parameters
 
@@ -47,9 +48,20 @@ def run_finetune(
     Every option, input file and output path is checked before the model loads. ``model``/``tokenizer`` may be
     passed in (e.g. a copy of a model loaded once for many runs); the model is trained in place. ``before``: the
     base model's evaluation on the same held-out set, if already known (returned as ``result.before``).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this: data parallel over the ranks (``finetune.parallel``),
+    one selection, rank 0 evaluates and writes every file, and every rank returns the same result.
     """
     t_start = time.perf_counter()
-    job = _check_and_load(cfg, model, tokenizer)
+    check_config(cfg)
+    with data_parallel(cfg) as ranks:
+        return _run(cfg, ranks, model, tokenizer, before, t_start)
+
+
+def _run(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer, before: EvalResult | None,
+         t_start: float) -> FinetuneResult:  # fmt: skip
+    """The run on this rank: under torchrun every rank trains, rank 0 alone evaluates and writes."""
+    job = _check_and_load(cfg, ranks, model, tokenizer)
     task = job.data.task
     evaluate_ = partial(
         evaluate, tokenizer=job.tokenizer, fmt=job.data.fmt, examples=task.eval, max_new_tokens=task.max_new_tokens,
@@ -59,33 +71,35 @@ def run_finetune(
     if job.resume is not None:
         before = job.resume.before
     elif before is None or len(before.predictions) != len(task.eval):
-        before = evaluate_(job.model, desc="eval (before)")
+        before = ranks.on_main(lambda: evaluate_(job.model, desc="eval (before)"))
     log.info("before: held-out loss %.4f, accuracy %.1f%%", before.loss, 100 * before.accuracy)
 
-    prepared = _prepare(cfg, job)
+    prepared = _prepare(cfg, job, ranks)
     trainable = trainable_parameters(prepared.model)[0]
     _log_trainable(prepared, trainable, job.total_params)
-    train_log = _train(cfg, job, prepared, before)
-    check_converged(train_log, before.loss, eval_loss(prepared.model, job.data.eval_batches, job.device), cfg)
+    train_log = _train(cfg, job, ranks, prepared, before)
+    loss_after = ranks.on_main(lambda: eval_loss(prepared.model, job.data.eval_batches, job.device))
+    check_converged(train_log, before.loss, loss_after, cfg)
     peak = peak_memory(job.device)
-    after = evaluate_(prepared.model, desc="eval (after)")
+    after = ranks.on_main(lambda: evaluate_(prepared.model, desc="eval (after)"))
     train_log.eval_curve.append({"step": cfg.steps, "loss": after.loss})
     log.info("after:  held-out loss %.4f, accuracy %.1f%%", after.loss, 100 * after.accuracy)
 
-    saved = save_outputs(prepared.model, job.tokenizer, cfg, prepared.selection) if cfg.output_dir else {}
+    saved = {}
+    if cfg.output_dir:  # one writer
+        saved = ranks.on_main(lambda: save_outputs(prepared.model, job.tokenizer, cfg, prepared.selection))
     if cfg.output_json:
         saved["summary_json"] = str(cfg.output_json)
-    result = _result(cfg, job, prepared, trainable, train_log, before, after, peak, saved, t_start)
+    result = _result(cfg, job, ranks, prepared, trainable, train_log, before, after, peak, saved, t_start)
     if cfg.output_json:
-        result.write_json(cfg.output_json)
+        ranks.on_main(lambda: result.write_json(cfg.output_json))
     return result
 
 
-def _check_and_load(cfg: FinetuneConfig, model: nn.Module | None, tokenizer) -> _Job:
+def _check_and_load(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer) -> _Job:
     """Options, devices, output paths, data and checkpoint first (fast), then the model (slow)."""
     t_start = time.perf_counter()
-    check_config(cfg)
-    device = pick_device(cfg.device)
+    device = ranks.device
     if model is not None and tokenizer is None:
         raise ValueError("a model passed in needs its tokenizer")
     check_outputs(cfg, resolve_model_source(cfg.model, cfg.gguf_file)[0] if model is None else None)
@@ -107,28 +121,32 @@ def _check_and_load(cfg: FinetuneConfig, model: nn.Module | None, tokenizer) -> 
     data = TokenizedTask.build(task, tokenizer, cfg)
     log.info("task %s: %d train / %d held-out examples; method %s on %s", task.name, len(task.train),
              len(task.eval), cfg.method, device)  # fmt: skip
-    for ex in task.train[: cfg.show_examples]:
+    for ex in task.train[: cfg.show_examples if ranks.main else 0]:
         log.info("  e.g. %r -> %r", ex.prompt, ex.answer)
     return _Job(device, data, data_sha, resume, model, tokenizer, total, load_seconds)
 
 
-def _prepare(cfg: FinetuneConfig, job: _Job) -> Prepared:
-    """The method's trainable model; SMT selects on warm-up batches (the training data in another seeded order),
-    unless a resumed run brings its selection."""
+def _prepare(cfg: FinetuneConfig, job: _Job, ranks: Ranks) -> Prepared:
+    """The method's trainable model; SMT selects on warm-up batches (the training data in another seeded order;
+    under torchrun each rank's share of them), unless a resumed run brings its selection."""
     selection = job.resume.selection if job.resume else None
     warmup = job.data.stream(cfg.batch_size, cfg.seed + 1)
-    batches = [next(warmup) for _ in range(cfg.select_batches)] if cfg.method == "smt" and not selection else []
+    batches = (
+        [ranks.selection_shard(next(warmup)) for _ in range(cfg.select_batches)]
+        if cfg.method == "smt" and not selection
+        else []
+    )
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: the same in every run of this seed
     prepared = prepare_method(job.model, cfg, batches, job.device, selection)
     prepared.model.to(job.device)
     return prepared
 
 
-def _train(cfg: FinetuneConfig, job: _Job, prepared: Prepared, before: EvalResult) -> TrainLog:
-    """The training steps left (all, or those after the resumed checkpoint), checkpointing as asked."""
+def _train(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared, before: EvalResult) -> TrainLog:
+    """The training steps left (all, or those after the resumed checkpoint), checkpointing as asked (rank 0)."""
     stream = job.data.stream(cfg.batch_size, cfg.seed)
     start = TrainLog(eval_curve=[{"step": 0, "loss": before.loss}])
-    run = TrainingRun(prepared.model, cfg, job.device, stream, job.data.eval_batches, start)
+    run = TrainingRun(prepared.model, cfg, ranks, stream, job.data.eval_batches, start)
     if job.resume is not None:
         run.load_state_dict(job.resume.training)
         log.info("resumed from %s at step %d of %d", job.resume.path, job.resume.step, cfg.steps)
@@ -138,21 +156,22 @@ def _train(cfg: FinetuneConfig, job: _Job, prepared: Prepared, before: EvalResul
     directory = checkpoint_dir(cfg)
 
     def checkpoint(step: int) -> None:
-        if directory is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if directory is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps and ranks.main:
             save_checkpoint(directory, cfg, run.state_dict(), prepared.selection, before, job.data_sha256)
             log.info("checkpoint at step %d: %s", step, directory)
 
     return run.run(checkpoint)
 
 
-def _result(cfg: FinetuneConfig, job: _Job, prepared: Prepared, trainable: int, train_log: TrainLog,
+def _result(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared, trainable: int, train_log: TrainLog,
             before: EvalResult, after: EvalResult, peak: tuple[float, str], saved: dict[str, str],
             t_start: float) -> FinetuneResult:  # fmt: skip
     task, summary, device = job.data.task, prepared.summary, job.device
     first, last = train_log.tail_means()
     return FinetuneResult(
         method=cfg.method, task=task.name, model=cfg.model or DEFAULT_MODEL_NAME,
-        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), seed=cfg.seed,
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), ranks=ranks.world,
+        seed=cfg.seed,
         steps=cfg.steps, lr=cfg.peak_lr, trainable_params=trainable, total_params=job.total_params,
         target_params=prepared.target_params, num_blocks=summary.num_blocks if summary else None,
         blocks_per_kind=summary.per_kind() if summary else None,
