@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_cli import TINY_FOR, _char_tokenizer
-from test_distributed import free_port
+from test_distributed import free_port, run_ranks
 
 from smt_kernels.cli import main
 
@@ -184,6 +184,45 @@ def test_two_ranks_equal_one_process(method, tiny_dir, tmp_path, capsys):
 
         base = load_file(tiny_dir / "model.safetensors")
         assert any(not torch.equal(base[k], w2[k]) for k in base)  # it trained
+
+
+def _select_on_share(rank: int, batches: list[dict], kwargs: dict) -> dict[str, torch.Tensor]:
+    from smt_kernels.distributed import select_blocks_distributed
+    from smt_kernels.finetune.parallel import Ranks
+
+    model = _load(kwargs.pop("model_dir"))
+    share = [Ranks(torch.device("cpu"), WORLD, rank).selection_shard(b) for b in batches]
+    return select_blocks_distributed(model, share, **kwargs).scores
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_selection_on_shares_scores_like_one_process(tiny_dir, tmp_path):
+    """Each rank's share of a warm-up batch is scaled by the global label-token count, so the block scores equal
+    one process's on the whole batch even when the ranks' shares hold different numbers of answer tokens."""
+    from transformers import AutoTokenizer
+
+    from smt_kernels import select_blocks
+    from smt_kernels.finetune import FinetuneConfig, build_task
+    from smt_kernels.finetune.data import IGNORE, TokenizedTask
+
+    cfg = FinetuneConfig(model=str(tiny_dir), task="reverse", num_train=24, max_length=160, block_size=16)
+    data = TokenizedTask.build(build_task(cfg), AutoTokenizer.from_pretrained(tiny_dir), cfg)
+    stream = data.stream(4, seed=1)
+    batches = [next(stream) for _ in range(2)]
+    halves = [[int((b["labels"][r : r + 2, 1:] != IGNORE).sum()) for r in (0, 2)] for b in batches]
+    assert any(a != b for a, b in halves), halves  # unequal shares: a plain mean per rank would weigh them wrong
+    kwargs = dict(ratio=0.1, block_size=16, progress=False)
+    want = select_blocks(_load(tiny_dir), batches, **kwargs).scores
+    for rank, got in enumerate(run_ranks(_select_on_share, tmp_path, batches, {**kwargs, "model_dir": tiny_dir})):
+        assert got.keys() == want.keys()
+        for k in want:
+            where = f"rank {rank} {k}"
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-12, msg=lambda m, w=where: f"{w}: {m}")
 
 
 def test_batch_that_does_not_split_over_the_ranks(tiny_dir, tmp_path, capsys, monkeypatch):

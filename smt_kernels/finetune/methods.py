@@ -122,6 +122,7 @@ def _prepare_smt(
                     **cfg.budget,
                 )
             seconds = time.perf_counter() - t0
+            selection.num_batches = len(select_batches)  # global batches (under torchrun: not each rank's share)
         model = smt_kernels.patch(model, selection, block_size=cfg.block_size, verbose=False)
     except (ValueError, TypeError) as err:
         raise FinetuneError(f"SMT selection/patching failed: {err}") from None
