@@ -1,6 +1,7 @@
 """smt_kernels: fast, memory-lean Sparse Matrix Tuning (SMT) for LLaMA-family models."""
 
 from smt_kernels.block_files import BlockFileError, load_blocks, read_blocks, save_blocks
+from smt_kernels.config import SMTConfig
 from smt_kernels.layout import BlockLayout
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import sparse_block_linear
@@ -13,6 +14,7 @@ __all__ = [
     "BlockFileError",
     "BlockLayout",
     "Selection",
+    "SMTConfig",
     "SelectionSummary",
     "SparseBlockLinear",
     "fold_blocks_into_checkpoint",

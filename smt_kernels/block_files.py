@@ -1,18 +1,20 @@
 """Block files: ``save_blocks`` writes the trained blocks of a patched model, ``load_blocks`` reads them back.
 
-A blocks directory holds (format version 2):
+A blocks directory holds (format version 3):
 - ``smt_blocks.<h>.safetensors``: one ``"{module}.block_weight"`` (n, b, b) tensor per patched module, and in
-  its safetensors metadata the layout (block size, per module its weight shape, dtype and blocks in order) and
-  the base-weight fingerprint. ``<h>`` is the first 16 hex digits of the file's SHA-256.
-- ``smt_blocks.json``, the manifest: the same layout and fingerprint for people to read, plus the name and
-  SHA-256 of the safetensors file.
+  its safetensors metadata the layout (block size, per module its weight shape, dtype and blocks in order), the
+  base-weight fingerprint and the ``SMTConfig`` the model was patched with (or null). ``<h>`` is the first 16
+  hex digits of the file's SHA-256.
+- ``smt_blocks.json``, the manifest: the same layout, fingerprint and config for people to read, plus the name
+  and SHA-256 of the safetensors file.
 
-So the layout travels with the tensors (the checksum covers it) and the JSON copy must agree with it. The
+So the layout and config travel with the tensors (the checksum covers them) and the JSON copy must agree. The
 manifest is written last and names a file that was complete before it, so a crash at any point leaves the old
 or the new save loadable; files of the previous save are removed only after the new manifest is in place.
 Every field is type-checked on load; a bad file raises ``BlockFileError`` (a ``ValueError``) naming the field,
-before the model is touched. Version 1 directories (``smt_blocks.safetensors`` + ``smt_blocks.json``, the layout
-in the JSON only) still load, with a warning.
+before the model is touched. Version 2 directories (the same without a config) load with no config; version 1
+directories (``smt_blocks.safetensors`` + ``smt_blocks.json``, the layout in the JSON only) still load, with a
+warning.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import secrets
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from smt_kernels.config import SMTConfig
 from smt_kernels.fingerprint import base_fingerprint, compare_fingerprints
 from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.layout import BlockLayout, check_block_size, num_blocks_along
@@ -44,7 +47,7 @@ from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 logger = logging.getLogger(__name__)
 
 FORMAT = "smt_kernels.blocks"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 META_FILE = "smt_blocks.json"
 V1_BLOCKS_FILE = "smt_blocks.safetensors"
 _BLOCKS_NAME = re.compile(r"smt_blocks\.([0-9a-f]{16})\.safetensors")
@@ -54,7 +57,10 @@ _LAYOUT_KEYS = ("block_size", "num_blocks", "modules", "fingerprint")
 _MANIFEST_KEYS = {
     1: {"format", "version", "safetensors_sha256", *_LAYOUT_KEYS},
     2: {"format", "version", "blocks_file", "safetensors_sha256", *_LAYOUT_KEYS},
+    3: {"format", "version", "blocks_file", "safetensors_sha256", "smt_config", *_LAYOUT_KEYS},
 }
+_CONFIG_KEY = "smt_config"
+_CONFIG_FIELDS = {f.name for f in fields(SMTConfig)}
 _MODULE_KEYS = {"shape", "dtype", "blocks"}
 
 
@@ -73,6 +79,7 @@ class _Manifest:
     layout: dict[str, Any]  # block_size, num_blocks, modules, fingerprint as in the JSON
     blocks_file: str
     sha256: str
+    config: SMTConfig | None = None  # version 3; None when the model was patched without one
 
     @property
     def block_size(self) -> int:
@@ -154,13 +161,15 @@ def _remove_stale(path: Path, keep: str) -> None:
 def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the trained blocks of a patched model into directory ``path`` (created if needed); returns it.
 
-    Writes ``smt_blocks.<h>.safetensors`` (the blocks, with the layout and the base-weight fingerprint in its
-    metadata), then the manifest ``smt_blocks.json``, each through a temporary file and a rename, and then
-    removes the previous save's blocks file. A crash at any point leaves the old or the new save loadable.
-    Files follow the process umask.
+    Writes ``smt_blocks.<h>.safetensors`` (the blocks, with the layout, the base-weight fingerprint and the
+    ``SMTConfig`` the model was patched with in its metadata), then the manifest ``smt_blocks.json``, each
+    through a temporary file and a rename, and then removes the previous save's blocks file. A crash at any
+    point leaves the old or the new save loadable. Files follow the process umask.
     """
     cfg, mods = require_patched(model, "save_blocks")
     block_size = cfg["block_size"]
+    config = cfg.get("config")
+    config = config.to_dict() if config is not None else None
     tensors, modules = {}, {}
     for name, m in mods.items():
         tensors[f"{name}.block_weight"] = m.block_weight.detach().to("cpu").contiguous()
@@ -183,6 +192,7 @@ def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
             "format": FORMAT,
             "version": str(FORMAT_VERSION),
             "layout": json.dumps(layout),
+            _CONFIG_KEY: json.dumps(config),
         },
     )
     sha = hashlib.sha256(data).hexdigest()
@@ -191,6 +201,7 @@ def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "version": FORMAT_VERSION,
         **layout,
+        _CONFIG_KEY: config,
         "blocks_file": blocks_file,
         "safetensors_sha256": sha,
     }
@@ -289,6 +300,26 @@ def _check_layout(layout: dict[str, Any], where: str) -> None:
             raise _fail(f"{where} fingerprint[{key!r}]", f"must be 32 hex digits, got {digest!r:.60}")
 
 
+def _config(value: Any, block_size: int, where: str) -> SMTConfig | None:
+    """The stored SMTConfig (or None), every field type-checked, and its block size the layout's."""
+    if value is None:
+        return None
+    _dict(value, where, _CONFIG_FIELDS)
+    _list(value["targets"], f"{where}.targets")
+    for key in ("num_blocks", "block_size"):
+        if value[key] is not None:
+            _int(value[key], f"{where}.{key}")
+    try:
+        config = SMTConfig.from_dict(value)
+    except TypeError as err:
+        raise _fail(where, str(err), BlockFileTypeError) from None
+    except ValueError as err:
+        raise _fail(where, str(err)) from None
+    if config.block_size != block_size:
+        raise _fail(f"{where}.block_size", f"is {config.block_size} but the blocks are {block_size}×{block_size}")
+    return config
+
+
 def _read_manifest(path: Path) -> _Manifest:
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -330,28 +361,34 @@ def _read_manifest(path: Path) -> _Manifest:
             f"must be 'smt_blocks.{sha[:16]}.safetensors' (the first 16 digits "
             f"of safetensors_sha256), got {blocks_file!r:.80}",
         )
-    return _Manifest(2, layout, blocks_file, sha)
+    config = _config(raw[_CONFIG_KEY], layout["block_size"], f"{where} {_CONFIG_KEY}") if version >= 3 else None
+    return _Manifest(version, layout, blocks_file, sha, config)
 
 
-def _embedded_layout(data: bytes, where: str) -> dict[str, Any]:
-    """The layout stored in the safetensors header's metadata (the checksum already matched)."""
+def _embedded_layout(data: bytes, version: int, where: str) -> tuple[dict[str, Any], SMTConfig | None]:
+    """The layout and config stored in the safetensors header's metadata (the checksum already matched)."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
         meta = header["__metadata__"]
-        if meta["format"] != FORMAT or meta["version"] != str(FORMAT_VERSION):
-            raise ValueError(f"format {meta['format']!r} version {meta['version']!r}")
+        if meta["format"] != FORMAT or meta["version"] != str(version):
+            raise ValueError(f"format {meta['format']!r} version {meta['version']!r}, expected {version}")
         layout = json.loads(meta["layout"])
+        config = json.loads(meta[_CONFIG_KEY]) if version >= 3 else None
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise _fail(where, f"has no smt_kernels layout in its metadata ({type(err).__name__}: {err})") from None
     _dict(layout, f"{where} metadata", set(_LAYOUT_KEYS))
     _check_layout(layout, f"{where} metadata")
-    return layout
+    return layout, _config(config, layout["block_size"], f"{where} metadata {_CONFIG_KEY}")
 
 
-def _compare_layouts(manifest: _Manifest, embedded: dict[str, Any], meta_where: str, file_where: str) -> None:
-    """BlockFileError naming the first field where the JSON copy and the tensors' own layout differ."""
+def _compare_layouts(
+    manifest: _Manifest, embedded: dict[str, Any], config: SMTConfig | None, meta_where: str, file_where: str
+) -> None:
+    """BlockFileError naming the first fields where the JSON copy and the tensors' own layout and config differ."""
     differ = []
+    if manifest.config != config:
+        differ.append(f"{_CONFIG_KEY}: the JSON says {manifest.config}, the tensors were saved with {config}")
     for key in _LAYOUT_KEYS:
         if key == "modules":
             mine, theirs = manifest.modules, embedded["modules"]
@@ -391,7 +428,8 @@ def _read_tensors(path: Path, manifest: _Manifest) -> dict[str, torch.Tensor]:
             f"{META_FILE} says {manifest.sha256[:16]}…"
         )
     if manifest.version >= 2:
-        _compare_layouts(manifest, _embedded_layout(data, str(blocks_path)), str(path / META_FILE), str(blocks_path))
+        layout, config = _embedded_layout(data, manifest.version, str(blocks_path))
+        _compare_layouts(manifest, layout, config, str(path / META_FILE), str(blocks_path))
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as err:
@@ -429,18 +467,45 @@ def _read_saved(path: Path) -> tuple[_Manifest, dict[str, torch.Tensor]]:
     return manifest, _read_tensors(path, manifest)
 
 
-def read_blocks(path: str | os.PathLike) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+class SavedBlocks(tuple):
+    """What ``read_blocks`` returns: the pair ``(block_size, blocks)`` (unpack it as before) with the saved
+    ``SMTConfig`` as ``.config`` (None for files saved without one, and for format versions 1 and 2)."""
+
+    config: SMTConfig | None
+
+    def __new__(
+        cls, block_size: int, blocks: dict[str, tuple[torch.Tensor, torch.Tensor]], config: SMTConfig | None
+    ) -> SavedBlocks:
+        self = super().__new__(cls, (block_size, blocks))
+        self.config = config
+        return self
+
+    @property
+    def block_size(self) -> int:
+        return self[0]
+
+    @property
+    def blocks(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self[1]
+
+
+def read_blocks(path: str | os.PathLike) -> SavedBlocks:
     """(block_size, {module: (block_indices int64 (n, 2), block_weight (n, b, b))}) of a ``save_blocks``
-    directory, without a model, after every check that ``load_blocks`` makes of the files themselves."""
+    directory, with the saved ``SMTConfig`` as ``.config``, without a model, after every check that
+    ``load_blocks`` makes of the files themselves."""
     path = Path(path)
     manifest, tensors = _read_saved(path)
-    return manifest.block_size, {
+    blocks = {
         name: (torch.tensor(v["blocks"], dtype=torch.int64).reshape(-1, 2), tensors[f"{name}.block_weight"])
         for name, v in manifest.modules.items()
     }
+    return SavedBlocks(manifest.block_size, blocks, manifest.config)
 
 
 def _check_patched_like(cfg, mods, manifest: _Manifest, path: Path) -> None:
+    mine = cfg.get("config")
+    if mine is not None and manifest.config is not None and mine != manifest.config:
+        raise ValueError(f"the model was patched with {mine}, the blocks in {path} were saved with {manifest.config}")
     if cfg["block_size"] != manifest.block_size:
         raise ValueError(
             f"the model is patched with block_size {cfg['block_size']}, the file in {path} has "
@@ -509,7 +574,8 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
     that the JSON's layout is the one stored with the tensors, tensor names/shapes/dtypes, the model's fit, and
     (``strict``) the fingerprint of the base weights outside the blocks. A bad file raises ``BlockFileError``
     (a ValueError), a missing one FileNotFoundError, a model that does not fit ValueError; the model is then
-    unchanged.
+    unchanged. The saved ``SMTConfig`` (if any) is recorded as ``model.smt_config["config"]``; one that differs
+    from the config a patched model already has is a ValueError.
     """
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
@@ -528,8 +594,11 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
         )
 
     if mods is None:
-        _patch(model, manifest.selection, manifest.block_size, False, _nf4_block_dtypes(model, manifest))
+        dtypes = _nf4_block_dtypes(model, manifest)
+        _patch(model, manifest.selection, manifest.block_size, False, dtypes, config=manifest.config)
         _, mods = require_patched(model, "load_blocks")
+    elif manifest.config is not None:
+        cfg["config"] = manifest.config  # the model had none, or the same one (_check_patched_like)
     for name, m in mods.items():
         m.block_weight.copy_(tensors[f"{name}.block_weight"])
         if not isinstance(m, NF4SparseBlockLinear):  # an NF4 layer has no dense weight: its forward overlays them

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from smt_kernels.config import SMTConfig, resolve_config
 from smt_kernels.layout import BlockLayout, check_block_size
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import SUPPORTED_DTYPES
@@ -272,6 +273,18 @@ def plan_patch(
     return plans
 
 
+def _resolve_config(selection: Any, config: SMTConfig | None, block_size: int | None) -> SMTConfig | None:
+    """The config to record: ``config``, else the one the selection was made with (``select_blocks`` attaches
+    it). ValueError if ``block_size`` or the selection's own config disagrees with ``config``."""
+    own = getattr(selection, "config", None)
+    if config is None:
+        return own if isinstance(own, SMTConfig) else None
+    resolve_config(config, "patch", block_size=block_size)
+    if isinstance(own, SMTConfig) and own != config:
+        raise ValueError(f"patch: config={config} but the selection was made with {own}; give one of them")
+    return config
+
+
 def _resolve_block_size(selection: Any, block_size: int | None) -> int:
     own = getattr(selection, "block_size", None)
     if block_size is not None and own is not None and block_size != own:
@@ -333,6 +346,7 @@ def patch(
     block_size: int | None = None,
     verbose: bool = True,
     block_dtype: torch.dtype | None = None,
+    config: SMTConfig | None = None,
 ) -> nn.Module:
     """Swap every selected ``nn.Linear`` for a ``SparseBlockLinear`` and every selected 4-bit ``NF4Linear`` (of a
     ``quantize_base`` model) for an ``NF4SparseBlockLinear``; only the block weights stay trainable.
@@ -342,21 +356,25 @@ def patch(
             (``quantize_base`` / ``load_nf4_pretrained``) or a mix of the two.
         selection: {module_name: [(row_block, col_block), ...]} as from ``select_blocks`` (or its JSON);
             modules with an empty list are left alone. Indices must be ints (or an integer tensor).
-        block_size: b; defaults to the selection's own ``block_size`` if it has one, else 256.
+        block_size: b; defaults to ``config.block_size``, else the selection's own ``block_size`` if it has
+            one, else 256.
         verbose: log the trainable parameter count at INFO (else at DEBUG) on the ``smt_kernels.patch`` logger.
         block_dtype: dtype of the trainable blocks of NF4 targets (default: each layer's compute dtype; e.g.
             float32 blocks over a bf16 compute dtype). An nn.Linear target's blocks always have its weight's
             dtype; another ``block_dtype`` for one is an error.
+        config: the ``SMTConfig`` the selection was made with, recorded (and saved by ``save_blocks``); default
+            the selection's own ``.config`` (a ``Selection`` from ``select_blocks`` has one). A ``block_size``
+            or a selection config that differs from it is a ValueError.
     Returns:
-        the same model object, patched in place. The selection, block size and the original ``requires_grad``
-        flags (restored by ``merge``) are kept in ``model.smt_config``. Forward (pre-)hooks and backward hooks
-        registered on a replaced module move to its new layer.
+        the same model object, patched in place. The selection, block size, config and the original
+        ``requires_grad`` flags (restored by ``merge``) are kept in ``model.smt_config``. Forward (pre-)hooks and
+        backward hooks registered on a replaced module move to its new layer.
     Raises:
         TypeError for a block index that is not an int; ValueError naming every unknown module, non-linear,
         tied, parametrized or hooked-for-state-dict module and out-of-range or duplicate block, before
         anything is changed.
     """
-    return _patch(model, selection, block_size, verbose, block_dtype)
+    return _patch(model, selection, block_size, verbose, block_dtype, config=config)
 
 
 def _patch(
@@ -366,7 +384,11 @@ def _patch(
     verbose: bool,
     block_dtype: torch.dtype | Mapping[str, torch.dtype] | None,
     nf4_only: bool = False,
+    config: SMTConfig | None = None,
 ) -> nn.Module:
+    config = _resolve_config(selection, config, block_size)
+    if block_size is None and config is not None:
+        block_size = config.block_size
     block_size = _resolve_block_size(selection, block_size)
     plans = plan_patch(model, selection, block_size, block_dtype, nf4_only)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -395,6 +417,7 @@ def _patch(
         {
             "block_size": block_size,
             "selection": {p.name: p.layout.to_list() for p in plans},
+            "config": config,
             "requires_grad": flags,
         },
     )

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import SUPPORTED_DTYPES
 from smt_kernels.quant.model import nf4_weight_gradients
 from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
+
+if TYPE_CHECKING:  # smt_kernels.config imports this module (SCORES, STRATEGIES): imported where it is used
+    from smt_kernels.config import SMTConfig
 
 GRADIENT_SCORES = ("abs_mean", "mean_abs", "l1", "l2")
 SCORES = (*GRADIENT_SCORES, "activation")
@@ -42,7 +45,10 @@ class Selection(dict):
         block_size: b of the blocks.
         score, strategy, targets, num_batches: how the selection was made (informational).
         scores: ``{module_name: float64 (R, C) tensor}`` of every target's block scores (not serialised), or {}.
+        config: the ``SMTConfig`` that ``select_blocks`` made it with (``patch`` stores it; not serialised), or None.
     """
+
+    config: SMTConfig | None = None
 
     def __init__(
         self,
@@ -298,14 +304,15 @@ def select_blocks(
     batches: Iterable[Mapping[str, Any]] | Mapping[str, Any],
     num_blocks: int | None = None,
     ratio: float | None = None,
-    targets: Sequence[str] = DEFAULT_TARGETS,
-    score: str = "abs_mean",
-    strategy: str = "global",
-    block_size: int = 256,
+    targets: Sequence[str] | None = None,
+    score: str | None = None,
+    strategy: str | None = None,
+    block_size: int | None = None,
     num_batches: int | None = None,
     accumulate_device: torch.device | str | None = None,
     training: bool = False,
     progress: bool = True,
+    config: SMTConfig | None = None,
 ) -> Selection:
     """Score every b×b block of the target weights on warm-up batches and keep the best ones.
 
@@ -320,31 +327,32 @@ def select_blocks(
             targets together; per_matrix: of each matrix): the best blocks until they cover at least
             ratio · elements (clipped edge blocks counted clipped), at least one block.
         targets: projection names (last component of the module name), e.g. q_proj, k_proj, v_proj, o_proj,
-            gate_proj, up_proj, down_proj; a full module name also works.
-        score: "abs_mean" | "mean_abs" | "l1" | "l2" of the summed gradient G per block (see module docstring and
-            docs/patching.md), or "activation": mean over the block of |W_ij|·‖x_j‖₂ from forward hooks.
-        strategy: "global" top-k over all targets together, or "per_matrix" top-k in each target.
-        block_size: b, a power of two in [16, 256].
+            gate_proj, up_proj, down_proj; a full module name also works. Default q_proj, k_proj, v_proj.
+        score: "abs_mean" (default) | "mean_abs" | "l1" | "l2" of the summed gradient G per block (see module
+            docstring and docs/patching.md), or "activation": mean over the block of |W_ij|·‖x_j‖₂ from forward hooks.
+        strategy: "global" (default) top-k over all targets together, or "per_matrix" top-k in each target.
+        block_size: b, a power of two in [16, 256]; default 256.
         num_batches: use at most this many batches (for endless loaders).
         accumulate_device: where the running gradient sum lives for mean_abs/l1/l2 (e.g. "cpu" to keep GPU
             memory at an SMT step's); abs_mean keeps only (R, C) block sums and ignores it.
         training: run the warm-up in train mode (dropout, gradient checkpointing) instead of eval mode.
         progress: show a tqdm bar.
+        config: an ``SMTConfig`` holding targets, budget, score, strategy and block size instead of (or agreeing
+            with) those keywords; a keyword that differs from it is a ValueError.
     Returns:
         ``Selection``: {module_name: sorted [(row_block, col_block), ...]} for modules with at least one block,
-        in model order. Ties in score go to the earlier module, then the lower (row, col): deterministic.
+        in model order, with ``.config`` the settings used. Ties in score go to the earlier module, then the
+        lower (row, col): deterministic.
     """
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    check_block_size(block_size)
-    if (num_blocks is None) == (ratio is None):
-        raise ValueError(f"give exactly one of num_blocks or ratio (got num_blocks={num_blocks}, ratio={ratio})")
-    if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1):
-        raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    from smt_kernels.config import SMTConfig, resolve_config
+
+    keywords = dict(num_blocks=num_blocks, ratio=ratio, targets=targets, score=score, strategy=strategy)
+    # builds and validates the config (a ValueError naming the setting), or checks the keywords against it
+    cfg = resolve_config(config, "select_blocks", block_size=block_size, **keywords)
+    if cfg is None:  # nothing given: SMTConfig() says that the budget is missing
+        cfg = SMTConfig()
+    num_blocks, ratio, targets, score = cfg.num_blocks, cfg.ratio, cfg.targets, cfg.score
+    strategy, block_size = cfg.strategy, cfg.block_size
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
 
@@ -379,9 +387,11 @@ def select_blocks(
             )
 
     blocks = _top_k(found, raw, num_blocks, ratio, strategy, block_size)
-    return Selection(
+    selection = Selection(
         blocks, block_size, score=score, strategy=strategy, targets=tuple(targets), num_batches=used, scores=raw
     )
+    selection.config = cfg
+    return selection
 
 
 def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, list[tuple[int, int]]]:

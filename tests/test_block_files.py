@@ -89,7 +89,7 @@ def test_save_and_load_blocks_round_trip(arch, tmp_path):
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert sorted(os.listdir(tmp_path)) == sorted([META_FILE, meta["blocks_file"]])
     assert meta["blocks_file"] == f"smt_blocks.{meta['safetensors_sha256'][:16]}.safetensors"
-    assert meta["block_size"] == B and meta["num_blocks"] == 6 and meta["version"] == 2
+    assert meta["block_size"] == B and meta["num_blocks"] == 6 and meta["version"] == 3
     assert meta["modules"][Q] == {"shape": [80, 80], "dtype": "float32", "blocks": [[0, 0], [2, 2]]}
     # only the blocks are stored: 6 blocks of 32×32 fp32 plus a header that holds the layout and fingerprint
     assert blocks_file(tmp_path).stat().st_size < 6 * 32 * 32 * 4 + 8000
@@ -231,7 +231,7 @@ def _bad_load_cases():
         ("bit flip", tiny, flip, BlockFileError, "corrupt or truncated"),
         ("cut JSON", tiny, cut_json, BlockFileError, "not valid JSON"),
         ("no safetensors", tiny, drop_blocks, FileNotFoundError, r"no smt_blocks\.[0-9a-f]{16}\.safetensors in"),
-        ("version", tiny, version, BlockFileError, r"format version 99; this smt_kernels reads versions \[1, 2\]"),
+        ("version", tiny, version, BlockFileError, r"format version 99; this smt_kernels reads versions \[1, 2, 3\]"),
         (
             "tensor shape",
             tiny,
@@ -471,7 +471,7 @@ def test_version_1_directories_still_load_and_resave_as_version_2(tmp_path, capl
     assert_loaded(loaded, block_weights(model))
     save_blocks(loaded, path)  # upgrades in place; the version-1 blocks file goes once the new manifest is in
     meta = json.loads((path / META_FILE).read_text())
-    assert meta["version"] == 2 and sorted(os.listdir(path)) == sorted([META_FILE, meta["blocks_file"]])
+    assert meta["version"] == 3 and sorted(os.listdir(path)) == sorted([META_FILE, meta["blocks_file"]])
     assert_loaded(load_blocks(tiny(), path), block_weights(model))
 
 
