@@ -12,6 +12,8 @@ truncates fp32 -> bf16 instead, so there bf16 outputs can be one bf16 ulp smalle
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,9 @@ def dequantize_overlay(
     block_indices: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None,
     block_size: int = 0,
+    *,
+    traced: bool = False,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write the NF4 weight ``q`` (an ``NF4Weight`` of shape (N, K)) into ``out`` with the blocks in place.
 
@@ -104,6 +109,12 @@ def dequantize_overlay(
         block_indices: int64 (n, 2), unused here (the torch path's input; same signature).
         block_map: int32 (ceil(N/b), ceil(K/b)), the slot of the block at each block position or -1
             (``smt_kernels.quant.dequant.block_slot_map``); entries past the weight's edge are never read.
+        traced: launch through ``torch.library.wrap_triton`` (inside a ``triton_op`` that Inductor traces). Inductor
+            compiles the kernel with its own options, so ``enable_fp_fusion=False`` is not passed there: the
+            double-quantized absmax (multiply, then add) may be contracted into one FMA and differ from
+            bitsandbytes' by an fp32 rounding (not measured).
+        table: float32 (16,) NF4 code values on q's device; default ``nf4_code(device)`` (a traced body must be
+            given it: it cannot read a cached device tensor).
     """
     numel = q.numel
     has_blocks = block_weight is not None and block_weight.shape[0] > 0
@@ -119,16 +130,19 @@ def dequantize_overlay(
     bw = block_weight.contiguous() if has_blocks else out
     bmap = block_map if has_blocks else placeholder
     grid = (triton.cdiv(triton.cdiv(numel, 64), QBLOCKS),)
-    options = {} if interpreting() else {"enable_fp_fusion": False}
-    _launch(
-        grid,
+    if table is None:
+        table = nf4_code(out.device)
+    options = {} if interpreting() or traced else {"enable_fp_fusion": False}
+    # Inductor sees the kernel itself and launches it from its generated code (no Python op per call)
+    launch = torch.library.wrap_triton(_launch.kernel)[grid] if traced else functools.partial(_launch, grid)
+    launch(
         q.packed,
         absmax,
         absmax_q,
         scale,
         code,
         offset,
-        nf4_code(out.device),
+        table,
         out,
         bw,
         bmap,

@@ -47,6 +47,16 @@ def block_slot_map(block_indices: torch.Tensor, shape: tuple[int, int], block_si
     return grid
 
 
+def overlay_kernel(backend: str):
+    """The dequantize-and-overlay function of ``backend`` ("triton": ``kernels.nf4_dequant``, "torch": the torch
+    path); both take ``(q, out, block_weight, block_indices, block_map, block_size)`` and return ``out``."""
+    if backend == "triton":
+        from smt_kernels.kernels.nf4_dequant import dequantize_overlay
+
+        return dequantize_overlay
+    return dequantize_overlay_torch
+
+
 def kernels_for(device: torch.device) -> SimpleNamespace:
     """The kernels for NF4 layers on ``device``: the block kernels of the backend ``resolve_backend`` picks
     (Triton on CUDA, torch elsewhere, ``SMT_KERNELS_BACKEND`` respected) plus that backend's dequantize-and-overlay.
@@ -55,13 +65,9 @@ def kernels_for(device: torch.device) -> SimpleNamespace:
 
     name = resolve_backend(device)
     blocks = kernels(name)
-    if name == "triton":
-        from smt_kernels.kernels.nf4_dequant import dequantize_overlay
-    else:
-        dequantize_overlay = dequantize_overlay_torch
     return SimpleNamespace(
         name=name,
         gather_column_blocks=blocks.gather_column_blocks,
         block_weight_grad=blocks.block_weight_grad,
-        dequantize_overlay=dequantize_overlay,
+        dequantize_overlay=overlay_kernel(name),
     )

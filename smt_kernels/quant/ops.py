@@ -4,6 +4,9 @@ Forward: dequantize the weight with the current blocks in place into the shared 
 only the input block-columns the blocks read. Backward: the block gradients from those columns
 (``block_weight_grad``, unchanged from the bf16 layer) and dX = dY·W with W dequantized into the buffer again,
 so no dequantized weight outlives a call. Gradient checkpointing only re-runs the forward.
+The kernels are called through registered operators (``smt_kernels.quant.custom_ops``, ``smt_kernels.custom_ops``),
+so ``torch.compile`` traces both layers without graph breaks; compiled, each dequantization returns a new tensor
+instead of the shared buffer (see there why).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smt_kernels.quant.buffers import shared_buffer
-from smt_kernels.quant.dequant import kernels_for
+from smt_kernels import custom_ops
+from smt_kernels.kernels.backend import resolve_backend
+from smt_kernels.quant import custom_ops as nf4_ops
 from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
 
 
@@ -21,21 +25,29 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, block_weight, bias, q, block_indices, block_map, col_blocks, col_slot, block_size, compute_dtype
+        ctx,
+        x,
+        block_weight,
+        bias,
+        q,
+        block_indices,
+        block_map,
+        col_blocks,
+        col_slot,
+        block_size,
+        compute_dtype,
+        backend,
     ):
-        kernels = kernels_for(x.device)
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         blocks = block_weight.detach() if has_blocks else None
-        w = kernels.dequantize_overlay(
-            q, shared_buffer(x.device, q.shape, compute_dtype), blocks, block_indices, block_map, block_size
-        )
+        w = nf4_ops.dequantize_overlay(q, compute_dtype, backend, blocks, block_indices, block_map, block_size)
         x_cols = None
         if has_blocks and ctx.needs_input_grad[1]:
-            x_cols = kernels.gather_column_blocks(x.reshape(-1, x.shape[-1]), col_blocks, block_size)
+            x_cols = nf4_ops.gather_column_blocks(x.reshape(-1, x.shape[-1]), col_blocks, block_size, backend)
         y = F.linear(x, w, bias)
         # block_weight is saved so that an in-place update before backward is caught by autograd
         ctx.save_for_backward(x_cols, block_weight, block_indices, block_map, col_slot)
-        ctx.q, ctx.block_size, ctx.compute_dtype, ctx.kernels = q, block_size, compute_dtype, kernels
+        ctx.q, ctx.block_size, ctx.compute_dtype, ctx.backend = q, block_size, compute_dtype, backend
         return y
 
     @staticmethod
@@ -45,29 +57,32 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         if ctx.needs_input_grad[1]:
             grad_blocks = (
-                ctx.kernels.block_weight_grad(
+                custom_ops.block_weight_grad(
                     grad_out.reshape(-1, grad_out.shape[-1]),
                     x_cols,
                     block_indices,
                     col_slot,
                     ctx.block_size,
                     block_weight.dtype,
+                    ctx.backend,
                 )
                 if has_blocks
                 else torch.zeros_like(block_weight)
             )
         if ctx.needs_input_grad[0]:
             blocks = block_weight.detach() if has_blocks else None
-            w = ctx.kernels.dequantize_overlay(
+            w = nf4_ops.dequantize_overlay(
                 ctx.q,
-                shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype),
+                ctx.compute_dtype,
+                ctx.backend,
                 blocks,
                 block_indices,
                 block_map,
                 ctx.block_size,
+                backward=True,
             )
             grad_x = grad_out.matmul(w)
-        return grad_x, grad_blocks, None, None, None, None, None, None, None, None
+        return grad_x, grad_blocks, None, None, None, None, None, None, None, None, None
 
 
 def nf4_block_linear(
@@ -106,7 +121,8 @@ def nf4_block_linear(
     autocast = torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else compute_dtype
     b = None if bias is None else bias.to(dtype)
-    args = (block_weight, b, q, block_indices, block_map, col_blocks, col_slot, block_size, dtype)
+    backend = resolve_backend(x.device)
+    args = (block_weight, b, q, block_indices, block_map, col_blocks, col_slot, block_size, dtype, backend)
     with torch.autocast(device_type, enabled=False):
         y = _NF4BlockLinearFunction.apply(x.to(dtype), *args)
     return y if autocast or y.dtype == x.dtype else y.to(x.dtype)
@@ -120,11 +136,10 @@ class _NF4WeightGradFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, anchor, bias, q, compute_dtype, fold):
-        kernels = kernels_for(x.device)
-        w = kernels.dequantize_overlay(q, shared_buffer(x.device, q.shape, compute_dtype))
-        y = F.linear(x, w, bias)
+        backend = resolve_backend(x.device)
+        y = F.linear(x, nf4_ops.dequantize_overlay(q, compute_dtype, backend), bias)
         ctx.save_for_backward(x)
-        ctx.q, ctx.compute_dtype, ctx.kernels, ctx.fold = q, compute_dtype, kernels, fold
+        ctx.q, ctx.compute_dtype, ctx.backend, ctx.fold = q, compute_dtype, backend, fold
         return y
 
     @staticmethod
@@ -134,7 +149,7 @@ class _NF4WeightGradFunction(torch.autograd.Function):
         ctx.fold(dy.t().matmul(x.reshape(-1, x.shape[-1])))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = ctx.kernels.dequantize_overlay(ctx.q, shared_buffer(grad_out.device, ctx.q.shape, ctx.compute_dtype))
+            w = nf4_ops.dequantize_overlay(ctx.q, ctx.compute_dtype, ctx.backend, backward=True)
             grad_x = grad_out.matmul(w)
         return grad_x, None, None, None, None, None
 
