@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import smt_kernels
 from smt_kernels import (
+    SMTConfig,
     SparseBlockLinear,
     load_blocks,
     merge,
@@ -85,6 +86,33 @@ def test_selection_from_select_blocks_carries_block_size():
     assert model.smt_config["block_size"] == B
     with pytest.raises(ValueError, match="block_size=64 but the selection was made with block_size 32"):
         patch(tiny(), sel, block_size=64, verbose=False)
+
+
+def test_patch_with_a_config_equals_the_keyword_form_and_conflicts_change_nothing():
+    cfg = SMTConfig(targets=("q_proj", "k_proj", "v_proj", "down_proj"), num_blocks=6, block_size=B)
+    by_keywords, by_config = patch(tiny(), SELECTION, block_size=B, verbose=False), tiny()
+    patch(by_config, SELECTION, config=cfg, verbose=False)  # block_size comes from the config
+    assert by_config.smt_config["config"] is cfg and by_keywords.smt_config["config"] is None
+    assert {k: v for k, v in by_config.smt_config.items() if k != "config"} == {
+        k: v for k, v in by_keywords.smt_config.items() if k != "config"
+    }
+    assert {n: type(m) for n, m in by_config.named_modules()} == {n: type(m) for n, m in by_keywords.named_modules()}
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(by_config(**batch).logits, by_keywords(**batch).logits)
+    sel = select_blocks(tiny(), [make_batch()], config=cfg, progress=False)
+    assert patch(tiny(), sel, verbose=False).smt_config["config"] == cfg  # the Selection's own config
+
+    model = tiny()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="patch: block_size=64 but config.block_size=32"):
+        patch(model, SELECTION, block_size=64, config=cfg, verbose=False)
+    other = SMTConfig(targets=cfg.targets, ratio=0.1, block_size=B)
+    with pytest.raises(ValueError, match=r"patch: config=SMTConfig\(.*ratio=0.1.* but the selection was made with"):
+        patch(model, sel, config=other, verbose=False)
+    with pytest.raises(TypeError, match="config must be an smt_kernels.SMTConfig, got dict"):
+        patch(model, SELECTION, config=cfg.to_dict(), verbose=False)
+    assert_unchanged(model, snap)
 
 
 # ------------------------------------------------------------------------------------------------ merge, save/load

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from smt_kernels import Selection, patch, select_blocks, summarize_selection
+from smt_kernels import Selection, SMTConfig, patch, select_blocks, summarize_selection
 from smt_kernels import select as select_mod
 
 B = 32  # hidden 80 and k/v out 40 are not multiples of 32: every matrix has clipped edge blocks
@@ -318,6 +318,27 @@ def test_bad_inputs():
     patch(model, {"model.layers.0.self_attn.q_proj": [(0, 0)]}, block_size=B, verbose=False)
     with pytest.raises(ValueError, match="needs an unpatched model"):
         select_blocks(model, batches, num_blocks=1, **kw)
+
+
+def test_config_gives_the_keyword_selection_and_conflicts_are_refused():
+    model, batches = tiny(), make_batches(2)
+    kw = dict(ratio=0.05, targets=("v_proj", "k_proj"), score="l2", strategy="per_matrix", block_size=B)
+    cfg = SMTConfig(**kw)
+    by_config = select_blocks(model, batches, config=cfg, progress=False)
+    by_keywords = select_blocks(model, batches, progress=False, **kw)
+    assert dict(by_config) == dict(by_keywords) and by_config  # the same blocks
+    assert by_config.config == by_keywords.config == cfg  # the Selection carries how it was made
+    assert select_blocks(model, batches, num_blocks=3, block_size=B, progress=False).config == SMTConfig(
+        num_blocks=3, block_size=B
+    )
+    # a keyword that repeats the config's value is fine; one that differs is refused before any warm-up
+    assert dict(select_blocks(model, batches, config=cfg, score="l2", progress=False)) == dict(by_config)
+    with pytest.raises(ValueError, match=r"select_blocks: score='abs_mean' but config.score='l2'"):
+        select_blocks(model, batches, config=cfg, score="abs_mean", progress=False)
+    with pytest.raises(ValueError, match=r"num_blocks=4 but config.num_blocks=None"):
+        select_blocks(model, batches, config=cfg, num_blocks=4, progress=False)
+    with pytest.raises(TypeError, match="config must be an smt_kernels.SMTConfig, got dict"):
+        select_blocks(model, batches, config=cfg.to_dict(), progress=False)
 
 
 def test_single_batch_dict_and_num_batches_limit():
