@@ -19,16 +19,18 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tiny_models import ARCHS, SELECTION, B, assert_unchanged, block_weights, make_batch, snapshot, tiny, train
 
-from smt_kernels import SparseBlockLinear, block_files, load_blocks, merge, patch, save_blocks
-from smt_kernels.block_files import META_FILE, V1_BLOCKS_FILE, BlockFileError, read_blocks
+from smt_kernels import SMTConfig, SparseBlockLinear, block_files, load_blocks, merge, patch, save_blocks
+from smt_kernels.block_files import META_FILE, V1_BLOCKS_FILE, BlockFileError, BlockFileTypeError, read_blocks
 from smt_kernels.fingerprint import base_fingerprint
 
 Q = "model.layers.0.self_attn.q_proj"
 ERRORS = (ValueError, TypeError, FileNotFoundError)  # BlockFileError is a ValueError
+CONFIG = SMTConfig(targets=("q_proj", "k_proj", "v_proj", "down_proj"), num_blocks=6, block_size=B)
 
 
 def trained(steps=1, seed=1):
-    return train(patch(tiny(), SELECTION, block_size=B, verbose=False), steps=steps, seed=seed)
+    """A tiny LLaMA patched with SELECTION and CONFIG (so every save below carries a config), then trained."""
+    return train(patch(tiny(), SELECTION, config=CONFIG, verbose=False), steps=steps, seed=seed)
 
 
 def blocks_file(path):
@@ -41,15 +43,19 @@ def edit_json(path, fn):
     (path / META_FILE).write_text(json.dumps(meta))
 
 
-def rewrite_blocks(path, tensors=None, layout=None):
-    """Re-save the blocks file with other tensors or another embedded layout, and make the manifest name it with
-    its new checksum: a file that is internally consistent except for what was changed."""
+def rewrite_blocks(path, tensors=None, layout=None, config=None, metadata_fn=None):
+    """Re-save the blocks file with other tensors, another embedded layout or config, or other metadata, and make
+    the manifest name it with its new checksum: a file that is internally consistent except for what changed."""
     old = blocks_file(path)
     data = old.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     metadata = json.loads(data[8 : 8 + n])["__metadata__"]
     if layout is not None:
         metadata["layout"] = json.dumps(layout(json.loads(metadata["layout"])))
+    if config is not None:
+        metadata["smt_config"] = json.dumps(config(json.loads(metadata["smt_config"])))
+    if metadata_fn is not None:
+        metadata_fn(metadata)
     new_tensors = load_safetensors(data)
     if tensors is not None:
         new_tensors = tensors(new_tensors)
@@ -439,6 +445,81 @@ def test_block_files_follow_the_umask(tmp_path, umask):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
+# ------------------------------------------------------------------------------------------------- SMTConfig
+
+
+def test_the_config_travels_with_the_blocks(tmp_path):
+    model = trained()
+    save_blocks(model, tmp_path)
+    assert json.loads((tmp_path / META_FILE).read_text())["smt_config"] == CONFIG.to_dict()
+    saved = read_blocks(tmp_path)
+    block_size, blocks = saved  # still the (block_size, blocks) pair
+    assert saved.config == CONFIG and saved.block_size == block_size == B and saved.blocks is blocks
+    assert load_blocks(tiny(), tmp_path).smt_config["config"] == CONFIG  # a plain model: patched with it
+    bare = patch(tiny(), SELECTION, block_size=B, verbose=False)  # patched without a config: it gets the file's
+    assert load_blocks(bare, tmp_path).smt_config["config"] == CONFIG
+    assert_loaded(bare, block_weights(model))
+
+    # a model patched with another config is refused, unchanged
+    other = patch(tiny(), SELECTION, config=SMTConfig(ratio=0.1, block_size=B), verbose=False)
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match=r"the model was patched with SMTConfig\(.*ratio=0.1.*saved with SMTConfig"):
+        load_blocks(other, tmp_path)
+    assert_unchanged(other, snap)
+
+    # no config: null in both places, None back
+    save_blocks(bare_again := train(patch(tiny(), SELECTION, block_size=B, verbose=False)), tmp_path / "none")
+    assert json.loads((tmp_path / "none" / META_FILE).read_text())["smt_config"] is None
+    assert read_blocks(tmp_path / "none").config is None
+    assert load_blocks(tiny(), tmp_path / "none").smt_config["config"] is None
+    assert_loaded(load_blocks(tiny(), tmp_path / "none"), block_weights(bare_again))
+
+
+def _set(key, value):
+    def edit(config):
+        config[key] = value
+        return config
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "where, edit, error, message",
+    [
+        # the checksum covers the config: the manifest's copy must be the one stored with the tensors
+        ("json", _set("num_blocks", 7), BlockFileError, r"smt_config: the JSON says SMTConfig\(.*num_blocks=7"),
+        ("json", _set("score", "l2"), BlockFileError, r"smt_config: the JSON says .*score='l2'.*the tensors were"),
+        ("tensors", _set("strategy", "per_matrix"), BlockFileError, r"the tensors were saved with .*'per_matrix'"),
+        ("json", lambda c: None, BlockFileError, r"smt_config: the JSON says None, the tensors were saved with SMT"),
+        # every field checked, then SMTConfig's own validation, naming the field and the value
+        ("json", _set("num_blocks", 6.0), BlockFileTypeError, r"smt_config.num_blocks: must be an integer, got 6.0"),
+        ("json", _set("targets", "q_proj"), BlockFileTypeError, r"smt_config.targets: must be a list, got 'q_proj'"),
+        ("json", _set("ratio", 0.1), BlockFileError, r"smt_config: SMTConfig: give exactly one of num_blocks or ratio"),
+        ("json", _set("score", "fisher"), BlockFileError, r"smt_config: SMTConfig: score must be one of .*'fisher'"),
+        ("json", _set("block_size", 64), BlockFileError, r"smt_config.block_size: is 64 but the blocks are 32×32"),
+        (
+            "json",
+            _set("rank", 8),
+            BlockFileError,
+            r"smt_config: has the wrong keys: missing \[\], unexpected \['rank'\]",
+        ),
+        ("tensors", _set("block_size", 16), BlockFileError, r"metadata smt_config.block_size: is 16 but the blocks"),
+    ],
+)
+def test_an_edited_config_is_a_clear_error(saved, where, edit, error, message):
+    if where == "json":
+        edit_json(saved, lambda meta: meta.update(smt_config=edit(meta["smt_config"])))
+    else:
+        rewrite_blocks(saved, config=edit)
+    for model in (tiny(), patch(tiny(), SELECTION, config=CONFIG, verbose=False)):
+        snap = snapshot(model)
+        with pytest.raises(error, match=message):
+            load_blocks(model, saved)
+        assert_unchanged(model, snap)
+    with pytest.raises(error, match=message):
+        read_blocks(saved)
+
+
 # ------------------------------------------------------------------------------------------------- version 1
 
 
@@ -473,6 +554,27 @@ def test_version_1_directories_still_load_and_resave_as_version_2(tmp_path, capl
     meta = json.loads((path / META_FILE).read_text())
     assert meta["version"] == 3 and sorted(os.listdir(path)) == sorted([META_FILE, meta["blocks_file"]])
     assert_loaded(load_blocks(tiny(), path), block_weights(model))
+
+
+def test_version_2_directories_load_without_a_config(saved, caplog):
+    """A directory as smt_kernels wrote it before the config was saved (format version 2)."""
+
+    def to_version_2(metadata):
+        metadata["version"] = "2"
+        del metadata["smt_config"]
+
+    rewrite_blocks(saved, metadata_fn=to_version_2)
+    edit_json(saved, lambda meta: (meta.update(version=2), meta.pop("smt_config")))
+    with caplog.at_level("WARNING", logger="smt_kernels.block_files"):
+        loaded = load_blocks(tiny(), saved)
+        assert read_blocks(saved).config is None
+    assert not caplog.text  # version 2 protects the layout as well: no warning
+    assert loaded.smt_config["config"] is None
+    assert_loaded(loaded, block_weights(trained()))
+    # a version-2 manifest over a version-3 blocks file (or the reverse) is a mix, not a load
+    edit_json(saved, lambda meta: meta.update(version=3, smt_config=None))
+    with pytest.raises(BlockFileError, match="has no smt_kernels layout in its metadata"):
+        load_blocks(tiny(), saved)
 
 
 # ------------------------------------------------------------------------------------------------------- fuzz
