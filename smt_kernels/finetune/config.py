@@ -136,7 +136,9 @@ class FinetuneConfig:
     select_batches: int = option(4, "warm-up batches for selection", group=BUDGET, min=1, methods=("smt",))
 
     steps: int = option(32, "optimizer steps", group=TRAIN, min=1)
-    batch_size: int = option(8, "examples per step", group=TRAIN, min=1)
+    batch_size: int = option(
+        8, "examples per step (under torchrun the global batch, split evenly over the ranks)", group=TRAIN, min=1
+    )
     lr: float | None = option(
         None,
         "peak learning rate",
@@ -161,7 +163,7 @@ class FinetuneConfig:
         0, "held-out loss every N steps for the loss curve (0: before and after only)", group=TRAIN, min=0
     )
     seed: int = option(0, "seed of the data, its order and the initialisation", group=TRAIN)
-    device: str = option("auto", "auto, cpu or cuda[:N]", group=TRAIN)
+    device: str = option("auto", "auto, cpu or cuda[:N] (under torchrun: each rank cuda:LOCAL_RANK)", group=TRAIN)
     allow_divergence: bool = option(
         False,
         "keep and save a run whose loss is non-finite or ends no lower than it "

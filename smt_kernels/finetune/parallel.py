@@ -12,6 +12,7 @@ Outside torchrun (``WORLD_SIZE`` unset or 1) ``Ranks`` is one process and every 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -166,6 +167,15 @@ def check_world(cfg: FinetuneConfig, world: int) -> None:
         )
 
 
+# buffers (rotary tables, block metadata) are the same on every rank and never change: no sync before each forward
+# (torch 2.13 renamed the option; the new one still syncs once at construction, which is harmless here)
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 class _AnswerLoss(nn.Module):
     """The training loss as a module, so that it runs through DDP's forward (which arms the gradient averaging)."""
 
@@ -189,8 +199,7 @@ class DataParallelLoss:
         self.ddp = None
         if ranks.world > 1:
             ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-            # buffers (rotary tables, block metadata) are the same on every rank and never change
-            self.ddp = nn.parallel.DistributedDataParallel(_AnswerLoss(model), device_ids=ids, broadcast_buffers=False)
+            self.ddp = nn.parallel.DistributedDataParallel(_AnswerLoss(model), device_ids=ids, **_NO_BUFFER_SYNC)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch``: the global batch (on the CPU); each rank moves only its share to its device."""
