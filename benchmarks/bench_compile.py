@@ -226,7 +226,8 @@ def _fwd_bwd(layer, x, wrt, dy):
 def run_host(args, env, device, sink) -> list[dict]:
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for n_out, n_in, tokens in ((1024, 1024, 16), (4096, 4096, 16)):
+    shapes = ((1024, 1024, 16), (4096, 4096, 16)) if device.type == "cuda" else ((256, 256, 16),)  # CPU: smoke
+    for n_out, n_in, tokens in shapes:
         torch.manual_seed(args.seed)
         lin = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
         smt = SparseBlockLinear.from_linear(lin, [(0, 0), (1, 2)], block_size=min(256, n_in // 4))

@@ -211,3 +211,22 @@ def test_model_benchmark_cpu(tmp_path, monkeypatch):
         assert rank == max(1, round(int(smt[0]["trainable_params"]) / (trainable / rank)))
     assert plot.main([str(tmp_path / "model.csv"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "model.png").stat().st_size > 0
+
+
+def test_compile_benchmark_cpu_eager(tmp_path):
+    """bench_compile's host and model sections on the CPU (eager only: compiling would take minutes here)."""
+    from benchmarks import bench_compile
+
+    argv = ["--device", "cpu", "--no-results", "--out", str(tmp_path), "--modes", "eager"]
+    assert bench_compile.main(argv) == 0
+    rows = _rows(tmp_path / "compile.csv")
+    assert {r["status"] for r in rows} == {"ok"}, [r["notes"] for r in rows if r["status"] != "ok"]
+    models = {r["method"]: r for r in rows if r["section"] == "model"}
+    assert set(models) == set(bench_compile.METHODS)
+    assert float(models["frozen"]["ratio_to_floor"]) == 1.0 and int(models["frozen"]["trainable_params"]) == 0
+    # LoRA gets SMT's number of parameters, to within one rank's worth
+    smt, lora = int(models["smt"]["trainable_params"]), int(models["lora"]["trainable_params"])
+    assert smt > 0 and abs(lora - smt) < smt
+    host = [r for r in rows if r["section"] == "host"]
+    assert {r["layer"] for r in host} == {"nn.Linear frozen", "nn.Linear trainable", "SparseBlockLinear"}
+    assert all(float(r["host_us"]) > 0 for r in host)
