@@ -113,7 +113,8 @@ class Ranks:
             dist.barrier()
 
     def _collective_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
+        # NCCL moves CUDA tensors only, gloo CPU ones
+        return self.device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
 
 
 @contextmanager
@@ -127,10 +128,10 @@ def data_parallel(cfg: FinetuneConfig) -> Iterator[Ranks]:
         return
     check_world(cfg, world)
     device = _rank_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives (and select_blocks_distributed's) use the current device
     owned = not dist.is_initialized()
     if owned:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     ranks = Ranks(device, world, dist.get_rank())
     log.info("data parallel: %d ranks (%s, %s), global batch %d = %d per rank", world, dist.get_backend(),
