@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_ker
 
 from benchmarks import common  # noqa: E402
 from benchmarks.baselines import GatherBmmBlockLinear, PaperBlockLinear  # noqa: E402
-from smt_kernels import SparseBlockLinear  # noqa: E402
+from smt_kernels import SparseBlockLinear, finetune  # noqa: E402
 from smt_kernels.kernels.backend import kernels, resolve_backend  # noqa: E402
 from smt_kernels.layout import BlockLayout  # noqa: E402
 
@@ -124,8 +124,13 @@ def make_layout(kind: str, n: int, grid: tuple[int, int], seed: int) -> list[tup
 
 
 def lora_rank(n_blocks: int, block_size: int, n_out: int, n_in: int) -> int:
-    """LoRA rank with about the trainable parameters of n b×b blocks: r·(N+K) ≈ n·b²."""
-    return max(1, round(n_blocks * block_size * block_size / (n_out + n_in)))
+    """LoRA rank with about the trainable parameters of n b×b blocks: r·(N+K) ≈ n·b².
+
+    ``smt_kernels.finetune.lora_rank``'s rule (one source of truth), which reads the shapes from a model: here
+    one N×K layer on the meta device (no memory), since the benchmark knows only the shape.
+    """
+    layer = nn.ModuleDict({"proj": nn.Linear(n_in, n_out, bias=False, device="meta")})
+    return finetune.lora_rank(layer, ("proj",), n_blocks * block_size * block_size)
 
 
 # ---------------------------------------------------------------- modules

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_ker
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from smt_kernels import SparseBlockLinear  # noqa: E402
+from smt_kernels import SparseBlockLinear, finetune  # noqa: E402
 
 MODELS = {
     # Llama-3.2-1B
@@ -215,8 +215,7 @@ def apply_lora(model: nn.Module, trainable_budget: int, dtype: torch.dtype) -> t
     """PEFT LoRA on q/k/v at the rank whose A and B hold about ``trainable_budget`` parameters."""
     from peft import LoraConfig, get_peft_model
 
-    per_rank = sum(m.in_features + m.out_features for m in target_linears(model).values())
-    rank = max(1, round(trainable_budget / per_rank))
+    rank = finetune.lora_rank(model, TARGETS, trainable_budget)  # the rule smt-kernels finetune uses
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGETS), bias="none")
     # adapters in the model's dtype (PEFT would upcast them to fp32): every method trains in bf16 here
     peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=False)
