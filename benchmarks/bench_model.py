@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_ker
 
 from benchmarks import common  # noqa: E402
 from smt_kernels import SparseBlockLinear, finetune  # noqa: E402
+from smt_kernels.select import find_target_linears  # noqa: E402
 
 MODELS = {
     # Llama-3.2-1B
@@ -176,14 +177,10 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS}
-
-
 def random_selection(model: nn.Module, ratio: float, block_size: int, seed: int) -> dict[str, list[tuple[int, int]]]:
     """About ``ratio`` of all q/k/v blocks, drawn uniformly over every target matrix (a global budget)."""
     candidates = []
-    for name, lin in target_linears(model).items():
+    for name, lin in find_target_linears(model, TARGETS).items():
         rows, cols = -(-lin.out_features // block_size), -(-lin.in_features // block_size)
         candidates += [(name, r, c) for r in range(rows) for c in range(cols)]
     k = max(1, round(ratio * len(candidates)))
