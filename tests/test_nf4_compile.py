@@ -113,6 +113,26 @@ def test_compiled_nf4_model_has_no_graph_break_and_matches_eager(backend, monkey
     buffers.release_buffers()
 
 
+def test_compiled_nf4_model_under_bf16_autocast_matches_eager(monkeypatch):
+    monkeypatch.setenv("SMT_KERNELS_BACKEND", "torch")
+    model = _patched_nf4_llama("cpu")
+    batch = make_batch()
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(**batch).loss
+        return loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad])
+
+    ref_loss, ref_grads = run(model)
+    torch._dynamo.reset()
+    loss, grads = run(torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True))
+    # bf16 products: the traced graph may order the casts of the surrounding (HF) code differently
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
+
+
 def test_backward_dequantizes_again_instead_of_saving_the_weight():
     """The compiler must not merge the forward's and the backward's dequantization (common-subexpression
     elimination) and keep every layer's dense weight alive from forward to backward."""
