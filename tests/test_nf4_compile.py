@@ -71,6 +71,31 @@ def test_opcheck(backend):
     assert torch.equal(out, dequantize_overlay_torch(q, torch.empty(40, 50, device=device), bw, idx))
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_triton_twins_compute_what_the_torch_path_computes(double_quant):
+    """The ``triton_op`` bodies called eagerly (``wrap_triton`` then runs the kernel: interpreted on the CPU,
+    compiled on a GPU): the arguments reach the kernels in the right order. Inductor's tracing of them needs CUDA."""
+    from smt_kernels.kernels.nf4_dequant import nf4_code
+
+    torch.manual_seed(0)
+    idx = torch.tensor([[2, 3], [0, 1]], device=DEVICE)
+    bmap = block_slot_map(idx, (40, 50), 16)
+    bw = torch.randn(2, 16, 16, device=DEVICE)
+    q = quantize_nf4(torch.randn(40, 50, device=DEVICE), double_quant=double_quant)
+    ops = torch.ops.smt_kernels
+    for blocks in ((bw, idx, bmap, 16), (None, None, None, 0)):
+        out = ops.triton_nf4_dequantize_overlay(*_nf4_args(q, *blocks, torch.float32), nf4_code(q.device))
+        ref = dequantize_overlay_torch(q, torch.empty(40, 50, device=DEVICE), *blocks[:2])
+        if HAS_CUDA:  # compiled without enable_fp_fusion=False: the absmax may be one FMA (an fp32 rounding)
+            torch.testing.assert_close(out, ref, rtol=3e-7, atol=0)
+        else:
+            assert torch.equal(out, ref)
+    x = torch.randn(7, 50, device=DEVICE)
+    cols = torch.tensor([1, 3], device=DEVICE)
+    expected = torch.cat([x[:, 16:32], x[:, 48:50], x.new_zeros(7, 14)], dim=1)
+    assert torch.equal(ops.triton_nf4_gather_column_blocks(x, cols, 16), expected)
+
+
 def _patched_nf4_llama(device):
     model = smt_kernels.quantize_base(tiny().to(device), "nf4", compute_dtype=torch.float32)
     model = smt_kernels.patch(model, SELECTION, block_size=B)
