@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -237,6 +238,24 @@ def test_batch_that_does_not_split_over_the_ranks(tiny_dir, tmp_path, capsys, mo
         "give a multiple of 2"
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "batch_size, num_train, needle",
+    [
+        (5, 24, "--batch-size 5 (the global batch) does not split over 2 ranks"),
+        (8, 5, "5 training examples, fewer than --batch-size 8, make batches of 5 that do not split over 2 ranks"),
+    ],
+)
+def test_check_world(batch_size, num_train, needle):
+    from smt_kernels.finetune import FinetuneConfig, FinetuneError
+    from smt_kernels.finetune.parallel import check_world
+
+    cfg = FinetuneConfig(batch_size=batch_size)
+    with pytest.raises(FinetuneError, match=re.escape(needle)):
+        check_world(cfg, 2, num_train)
+    check_world(cfg, 1, num_train)  # one process takes any batch
+    check_world(FinetuneConfig(batch_size=4), 2, num_train)  # an even batch of at most num_train rows splits
 
 
 def test_resume_under_torchrun(tiny_dir, tmp_path, capsys):

@@ -159,12 +159,18 @@ def _rank_device(name: str) -> torch.device:
     return torch.device("cuda", local)
 
 
-def check_world(cfg: FinetuneConfig, world: int) -> None:
-    """FinetuneError if ``cfg`` cannot run on ``world`` ranks (checked before anything slow)."""
+def check_world(cfg: FinetuneConfig, world: int, num_train: int | None = None) -> None:
+    """FinetuneError if ``cfg`` cannot run on ``world`` ranks: the global batch (or, with fewer training examples
+    than ``--batch-size``, the one short batch an epoch then holds) must split evenly over the ranks."""
     if world > 1 and cfg.batch_size % world:
         raise FinetuneError(
             f"--batch-size {cfg.batch_size} (the global batch) does not split over {world} ranks; give a multiple of "
             f"{world}"
+        )
+    if world > 1 and num_train is not None and num_train < cfg.batch_size and num_train % world:
+        raise FinetuneError(
+            f"{num_train} training examples, fewer than --batch-size {cfg.batch_size}, make batches of {num_train} "
+            f"that do not split over {world} ranks; use more examples or a batch of at most {num_train}"
         )
 
 

@@ -19,7 +19,7 @@ from smt_kernels.finetune.loop import TrainingRun, TrainLog, check_converged
 from smt_kernels.finetune.methods import Prepared, prepare_method, smt_budget
 from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, resolve_model_source
 from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
-from smt_kernels.finetune.parallel import Ranks, data_parallel
+from smt_kernels.finetune.parallel import Ranks, check_world, data_parallel
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
 from smt_kernels.patch import trainable_parameters
 
@@ -104,6 +104,7 @@ def _check_and_load(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, 
         raise ValueError("a model passed in needs its tokenizer")
     check_outputs(cfg, resolve_model_source(cfg.model, cfg.gguf_file)[0] if model is None else None)
     task = build_task(cfg)
+    check_world(cfg, ranks.world, len(task.train))
     data_sha = data_fingerprint(task)
     resume = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
     if resume is not None and resume.data_sha256 != data_sha:
