@@ -2,7 +2,8 @@
 
 One module per concept: ``config`` (the options), ``model`` (loading), ``data`` (tasks, prompts, batches),
 ``methods`` (SMT/LoRA/full and their shared budget), ``loop`` (training), ``evaluate``, ``checkpoint``
-(resume), ``outputs`` (what is written where) and ``report`` (the result); ``run`` ties them together.
+(resume), ``outputs`` (what is written where), ``parallel`` (data parallel under torchrun) and ``report`` (the
+result); ``run`` ties them together.
 """
 
 from smt_kernels.finetune.config import DEFAULT_LR, DEFAULT_RATIO, METHODS, FinetuneConfig, FinetuneError, check_config
