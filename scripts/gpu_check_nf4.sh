@@ -33,6 +33,7 @@ fi
 status=0
 timeout 110 python -m pytest -q -rs -p no:cacheprovider \
   tests/test_nf4_format.py tests/test_nf4_kernels.py tests/test_nf4_module.py tests/test_nf4_model.py \
+  tests/test_nf4_workflow.py tests/test_nf4_compile.py \
   > "$OUT/pytest_nf4_gpu.log" 2>&1 || status=1
 # without a GPU (a dry run of this script) the benchmark runs its tiny CPU mode
 smoke=$(python -c "import torch; print('' if torch.cuda.is_available() else '--smoke')")
