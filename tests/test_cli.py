@@ -583,6 +583,9 @@ def test_trained_blocks_reload(tiny_model_dir, tmp_path):
         a, b, c = fresh(ids).logits, merged(ids).logits, base(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a, c)  # training changed something
+    # the selection settings travel with the blocks
+    assert smt_kernels.read_blocks(out).config == cfg.smt_config
+    assert cfg.smt_config.ratio == 0.2 and cfg.smt_config.block_size == 16
 
 
 def test_smollm2_tokenizer_prompt_format():

@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from smt_kernels.config import SMTConfig
 from smt_kernels.select import SCORES, STRATEGIES
 from smt_kernels.tasks import GENERATORS
 
@@ -208,6 +209,17 @@ class FinetuneConfig:
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+
+    @property
+    def smt_config(self) -> SMTConfig:
+        """The selection settings as the library's ``SMTConfig`` (saved with the blocks)."""
+        return SMTConfig(
+            targets=tuple(self.targets),
+            block_size=self.block_size,
+            score=self.score,
+            strategy=self.strategy,
+            **self.budget,
+        )
 
     @property
     def budget(self) -> dict[str, float | int]:

@@ -123,7 +123,8 @@ def _prepare_smt(
                 )
             seconds = time.perf_counter() - t0
             selection.num_batches = len(select_batches)  # global batches (under torchrun: not each rank's share)
-        model = smt_kernels.patch(model, selection, block_size=cfg.block_size, verbose=False)
+        # the config explicitly: a selection read back on --resume does not carry it
+        model = smt_kernels.patch(model, selection, config=cfg.smt_config, verbose=False)
     except (ValueError, TypeError) as err:
         raise FinetuneError(f"SMT selection/patching failed: {err}") from None
     summary = summarize_selection(model, selection, block_size=cfg.block_size, targets=cfg.targets)
