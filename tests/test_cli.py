@@ -292,8 +292,8 @@ def _char_tokenizer(chat: bool):
     return tok
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def save_tiny_llama(d):
+    """A tiny random Llama (hidden 64, 2 layers, tied embeddings) with the character tokenizer, saved in ``d``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -311,10 +311,14 @@ def tiny_model_dir(tmp_path_factory):
         bos_token_id=tok.bos_token_id,
         tie_word_embeddings=True,
     )
-    d = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 TINY = [

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import HAS_CUDA
 from safetensors.torch import load_file
+from tiny_models import tiny as tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import smt_kernels.quant.checkpoint as ckpt
 from smt_kernels.quant.checkpoint import fold_blocks_into_checkpoint, load_nf4_pretrained
@@ -34,19 +35,7 @@ SELECTION = {
 
 
 def tiny(dtype=torch.float32, seed=0, **config):
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=96,
-        hidden_size=80,
-        intermediate_size=136,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    kw.update(config)
-    return LlamaForCausalLM(LlamaConfig(**kw)).to(dtype)
+    return tiny_llama("llama", seed, dtype, **config)
 
 
 def batch(seed=1, device="cpu"):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import assert_unchanged, snapshot
+from tiny_models import tiny as tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import smt_kernels
 from smt_kernels import (
@@ -30,18 +31,7 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
 def tiny(dtype=torch.bfloat16, seed=3):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=80,
-        intermediate_size=136,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
+    return tiny_llama("llama", seed, dtype)
 
 
 def batch(seed=1):

@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny as tiny_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from smt_kernels import Selection, SMTConfig, patch, select_blocks, summarize_selection
 from smt_kernels import select as select_mod
@@ -16,17 +17,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def tiny(arch="llama", seed=0):
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=96,
-        hidden_size=80,
-        intermediate_size=136,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))
+    return tiny_model(arch, seed)
 
 
 def make_batches(n=2, seed=1, pad=False):
