@@ -7,7 +7,13 @@ from torch import nn
 
 from smt_kernels.kernels.backend import extract_blocks, resolve_backend, scatter_blocks, triton_runs_on
 from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
-from smt_kernels.ops import SUPPORTED_DTYPES, apply_sparse_block_linear, check_input, check_parameters
+from smt_kernels.ops import (
+    SUPPORTED_DTYPES,
+    apply_sparse_block_linear,
+    check_block_weight_shape,
+    check_input,
+    check_parameters,
+)
 
 
 class SparseBlockLinear(nn.Module):
@@ -146,12 +152,7 @@ class SparseBlockLinear(nn.Module):
             check_input(x, self.weight)
             if self.backend == "triton" and x.device.type != "cuda" and not triton_runs_on(x.device):
                 resolve_backend(x.device)  # raises the error that says what to do
-        bw = self.block_weight.shape
-        if bw[0] != self.block_indices.shape[0] or bw[1] != self.block_size:
-            raise ValueError(
-                f"block_weight must have shape ({self.block_indices.shape[0]}, {self.block_size}, "
-                f"{self.block_size}), got {tuple(bw)}"
-            )
+        check_block_weight_shape(self.block_weight, self.block_indices.shape[0], self.block_size)
         return apply_sparse_block_linear(
             x,
             self.weight,

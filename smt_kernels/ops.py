@@ -119,7 +119,11 @@ def check_parameters(weight, block_weight, bias, block_indices, block_size) -> N
         raise ValueError(
             f"bias must have shape ({weight.shape[0]},) on {weight.device}, got {tuple(bias.shape)} on {bias.device}"
         )
-    n = block_indices.shape[0]
+    check_block_weight_shape(block_weight, block_indices.shape[0], block_size)
+
+
+def check_block_weight_shape(block_weight: torch.Tensor, n: int, block_size: int) -> None:
+    """block_weight must be (n, b, b); checked on every call (a cheap guard: the kernels index it as contiguous)."""
     # plain int comparisons: comparing torch.Size with a tuple is several times slower
     bs = block_weight.shape
     if len(bs) != 3 or bs[0] != n or bs[1] != block_size or bs[2] != block_size:

@@ -257,3 +257,11 @@ def test_a_validated_layout_is_taken_as_is_and_must_fit():
     assert layer.layout is layout
     with pytest.raises(ValueError, match=r"layout is for a 40×50 weight with block_size 16, not 40×60"):
         SparseBlockLinear.from_linear(nn.Linear(60, 40), layout, block_size=16)
+
+
+def test_a_replaced_block_weight_of_another_shape_is_refused():
+    layer = SparseBlockLinear.from_linear(nn.Linear(50, 40), [(2, 3), (0, 1)], block_size=16)
+    for shape in [(2, 16, 8), (2, 8, 16), (1, 16, 16), (2, 16, 16, 1)]:
+        layer.block_weight = nn.Parameter(torch.zeros(shape))
+        with pytest.raises(ValueError, match=r"block_weight must have shape \(2, 16, 16\)"):
+            layer(torch.randn(3, 50))
