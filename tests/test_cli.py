@@ -169,7 +169,7 @@ def test_missing_data_file(capsys, tmp_path):
     "argv, needle",
     [
         (["--task", "poetry"], "invalid choice: 'poetry'"),
-        (["--method", "dora"], "invalid choice: 'dora'"),
+        (["--method", "adalora"], "invalid choice: 'adalora'"),
         (["--ratio", "1.5"], "--ratio must be <= 1, got 1.5"),
         (["--ratio", "0"], "--ratio must be in (0, 1]"),
         (["--block-size", "48"], "power of two"),
@@ -194,7 +194,7 @@ def test_bad_options(capsys, argv, needle):
 
 
 def test_every_input_error_is_one_line(capsys):
-    err = _fails(capsys, ["--method", "dora"], "smt-kernels finetune: error:")
+    err = _fails(capsys, ["--method", "adalora"], "smt-kernels finetune: error:")
     assert len(err.strip().splitlines()) == 1
 
 
@@ -223,14 +223,14 @@ def test_help_shows_every_default_once(capsys):
         ("--steps N", "32"),
         ("--batch-size N", "8"),
         ("--seed N", "0"),
-        ("--method {smt,full,lora}", "smt"),
+        ("--method {smt,full,lora,dora}", "smt"),
         ("--block-size N", "64"),
     ]:
         part = text.rsplit(option + " ", 1)[1].split(" --", 1)[0]
         assert part.count("(default:") == 1 and f"(default: {default})" in part, part
     for switch in ("--no-progress", "--save-merged", "--allow-divergence"):
         assert "(default" not in text.rsplit(switch + " ", 1)[1].split(" --", 1)[0]
-    assert text.count("(default: smt 0.001, lora 0.002, full 5e-05)") == 1
+    assert text.count("(default: smt 0.001, lora 0.002, dora 0.002, full 5e-05)") == 1
 
 
 def test_version(capsys):
@@ -865,7 +865,7 @@ def test_fake_gguf_file(capsys, tmp_path):
 @pytest.mark.parametrize(
     "change, needle",
     [
-        (dict(method="dora"), "--method: invalid choice 'dora'"),
+        (dict(method="adalora"), "--method: invalid choice 'adalora'"),
         (dict(score="fisher"), "--score: invalid choice 'fisher'"),
         (dict(steps=0), "--steps must be >= 1, got 0"),
         (dict(ratio=0.1, num_blocks=3), "both set the budget"),

@@ -13,11 +13,12 @@ from smt_kernels.config import SMTConfig
 from smt_kernels.select import SCORES, STRATEGIES
 from smt_kernels.tasks import GENERATORS
 
-METHODS = ("smt", "full", "lora")
+METHODS = ("smt", "full", "lora", "dora")
 # Adam-normalised updates: the fewer weights a method trains, the larger the step each one can take
-DEFAULT_LR = {"smt": 1e-3, "lora": 2e-3, "full": 5e-5}
+DEFAULT_LR = {"smt": 1e-3, "lora": 2e-3, "dora": 2e-3, "full": 5e-5}
 DEFAULT_RATIO = 0.05
-BUDGET_METHODS = ("smt", "lora")  # the methods that train a budget of the target weights
+ADAPTER_METHODS = ("lora", "dora")  # PEFT adapters: DoRA is LoRA with use_dora=True
+BUDGET_METHODS = ("smt", *ADAPTER_METHODS)  # the methods that train a budget of the target weights
 
 
 class FinetuneError(RuntimeError):
@@ -57,7 +58,7 @@ def option(
 
 WHAT, BUDGET, TRAIN, CKPT, OUT = (
     "what to train",
-    "SMT budget (LoRA gets the rank with the same parameter count)",
+    "SMT budget (LoRA and DoRA get the rank with the same parameter count)",
     "training (the same for every method)",
     "checkpoints",
     "output",

@@ -1,7 +1,9 @@
-"""Methods: make a model trainable as SMT (selected blocks), LoRA (the same parameter budget) or full fine-tuning.
+"""Methods: make a model trainable as SMT (selected blocks), LoRA or DoRA (the same parameter budget) or full
+fine-tuning.
 
-The budget is ``smt_kernels.select``'s own (``budget_elements``), so LoRA's rank matches the blocks SMT trains
-under both selection strategies.
+The budget is ``smt_kernels.select``'s own (``budget_elements``), so the LoRA/DoRA rank matches the blocks SMT
+trains under both selection strategies. DoRA (PEFT ``use_dora=True``) also trains a magnitude vector of
+out_features per target; ``lora_rank`` counts it, so DoRA's trainable parameters are as close to SMT's as LoRA's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 import smt_kernels
 from smt_kernels.distributed import is_main_process, select_blocks_distributed
-from smt_kernels.finetune.config import FinetuneConfig, FinetuneError
+from smt_kernels.finetune.config import ADAPTER_METHODS, FinetuneConfig, FinetuneError
 from smt_kernels.finetune.evaluate import autocast
 from smt_kernels.select import Selection, budget_elements, find_target_linears
 from smt_kernels.selection_summary import SelectionSummary, summarize_selection
@@ -32,7 +34,7 @@ class Prepared:
     selection: Selection | None = None  # SMT
     summary: SelectionSummary | None = None  # SMT
     select_seconds: float | None = None  # SMT, None when the selection came from a checkpoint
-    lora_rank: int | None = None
+    lora_rank: int | None = None  # LoRA and DoRA
 
 
 def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -53,10 +55,16 @@ def smt_budget(model: nn.Module, cfg: FinetuneConfig) -> int:
         raise FinetuneError(f"the budget is larger than the model: {err}") from None
 
 
-def lora_rank(model: nn.Module, targets: tuple[str, ...], budget: int) -> int:
-    """The LoRA rank whose A and B matrices on ``targets`` hold about ``budget`` parameters (at least 1)."""
-    per_rank = sum(m.in_features + m.out_features for m in target_linears(model, targets).values())
-    return max(1, round(budget / per_rank))
+def lora_rank(model: nn.Module, targets: tuple[str, ...], budget: int, dora: bool = False) -> int:
+    """The LoRA rank whose A and B matrices on ``targets`` hold about ``budget`` parameters (at least 1).
+
+    ``dora``: DoRA's magnitude vectors (out_features per target, independent of the rank) come off the budget
+    first, so r·Σ(in + out) + Σout is within half a rank step of ``budget`` (unless even rank 1 exceeds it).
+    """
+    linears = target_linears(model, targets).values()
+    per_rank = sum(m.in_features + m.out_features for m in linears)
+    fixed = sum(m.out_features for m in linears) if dora else 0
+    return max(1, round((budget - fixed) / per_rank))
 
 
 def prepare_method(
@@ -74,23 +82,26 @@ def prepare_method(
             p.requires_grad_(True)
         return Prepared(model)
     elements = sum(m.out_features * m.in_features for m in target_linears(model, cfg.targets).values())
-    if cfg.method == "lora":
+    if cfg.method in ADAPTER_METHODS:
         return _prepare_lora(model, cfg, elements)
     return _prepare_smt(model, cfg, select_batches, device, selection, elements)
 
 
 def _prepare_lora(model: nn.Module, cfg: FinetuneConfig, elements: int) -> Prepared:
+    """LoRA, or DoRA (``use_dora=True``) for ``method="dora"``, at the rank of SMT's budget."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise FinetuneError("--method lora needs PEFT: pip install peft") from None
-    rank = lora_rank(model, cfg.targets, smt_budget(model, cfg))
+        raise FinetuneError(f"--method {cfg.method} needs PEFT: pip install peft") from None
+    dora = cfg.method == "dora"
+    rank = lora_rank(model, cfg.targets, smt_budget(model, cfg), dora=dora)
     lcfg = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
         target_modules=list(cfg.targets),
         bias="none",
+        use_dora=dora,
         task_type="CAUSAL_LM",
     )
     return Prepared(get_peft_model(model, lcfg), target_params=elements, lora_rank=rank)

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 import smt_kernels
-from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, same_path
+from smt_kernels.finetune.config import ADAPTER_METHODS, FinetuneConfig, FinetuneError, same_path
 from smt_kernels.select import Selection
 
 SELECTION_FILE = "selection.json"
@@ -73,7 +73,7 @@ def _check_writable_dir(path: Path, what: str) -> None:
 
 
 def save_outputs(model: nn.Module, tokenizer, cfg: FinetuneConfig, selection: Selection | None) -> dict[str, str]:
-    """Write what the method trained (SMT blocks / LoRA adapter) and, with ``save_merged``, a plain HF model."""
+    """Write what the method trained (SMT blocks / PEFT adapter) and, with ``save_merged``, a plain HF model."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[str, str] = {}
@@ -81,13 +81,13 @@ def save_outputs(model: nn.Module, tokenizer, cfg: FinetuneConfig, selection: Se
         saved["blocks"] = str(smt_kernels.save_blocks(model, out))  # safetensors + JSON layout and fingerprint
         (out / SELECTION_FILE).write_text(json.dumps(selection.to_json(), indent=1) + "\n")
         saved["selection"] = str(out / SELECTION_FILE)
-    elif cfg.method == "lora":
+    elif cfg.method in ADAPTER_METHODS:
         model.save_pretrained(out / LORA_DIR)
         saved["adapter"] = str(out / LORA_DIR)
     if cfg.save_merged:
         if cfg.method == "smt":
             merged = smt_kernels.merge(model)
-        elif cfg.method == "lora":
+        elif cfg.method in ADAPTER_METHODS:
             merged = model.merge_and_unload()
         else:
             merged = model
