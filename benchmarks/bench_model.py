@@ -177,10 +177,12 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def random_selection(model: nn.Module, ratio: float, block_size: int, seed: int) -> dict[str, list[tuple[int, int]]]:
-    """About ``ratio`` of all q/k/v blocks, drawn uniformly over every target matrix (a global budget)."""
+def random_selection(
+    model: nn.Module, ratio: float, block_size: int, seed: int, targets: tuple[str, ...] = TARGETS
+) -> dict[str, list[tuple[int, int]]]:
+    """About ``ratio`` of all blocks of ``targets``, drawn uniformly over every target matrix (a global budget)."""
     candidates = []
-    for name, lin in find_target_linears(model, TARGETS).items():
+    for name, lin in find_target_linears(model, targets).items():
         rows, cols = -(-lin.out_features // block_size), -(-lin.in_features // block_size)
         candidates += [(name, r, c) for r in range(rows) for c in range(cols)]
     k = max(1, round(ratio * len(candidates)))

@@ -1,0 +1,257 @@
+"""SMT data-parallel on several GPUs (DDP, FSDP2) against one GPU on the same global batch.
+
+One GPU (``--mode single``) trains on the whole global batch as ``--world`` micro-batches with gradient
+accumulation; ``--mode ddp`` and ``--mode fsdp2`` (per-decoder-layer ``fully_shard``, optional explicit
+prefetching) give each rank one micro-batch of the same global batch. So the three runs take the same optimizer
+steps on the same data from the same random weights and blocks: their loss curves must agree within bf16 noise,
+and tokens/s per GPU compare directly. Every run saves its trained blocks and the logits of a fixed probe batch;
+``--mode verify`` (one GPU) loads each saved block file onto a freshly built base model and checks that it
+reproduces the logits of the run that saved it.
+
+    python -m benchmarks.bench_distributed --mode single --out DIR
+    torchrun --nproc-per-node 2 -m benchmarks.bench_distributed --mode ddp --out DIR
+    torchrun --nproc-per-node 2 -m benchmarks.bench_distributed --mode fsdp2 --out DIR
+    python -m benchmarks.bench_distributed --mode verify --out DIR
+
+Each mode writes ``DIR/<mode>.json`` (rank 0). ``--model tiny --device cpu`` (gloo) is the CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from benchmarks.bench_model import MODELS, build_model, random_selection, set_checkpointing  # noqa: E402
+from benchmarks.common import env_info  # noqa: E402
+from smt_kernels import load_blocks, patch  # noqa: E402
+from smt_kernels.distributed import save_blocks_distributed  # noqa: E402
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODES = ("single", "ddp", "fsdp2", "verify")
+PROBE_VOCAB = 2048  # logits columns kept for the reproduction check (the full vocab would be 128k per token)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--out", required=True, help="directory for <mode>.json, block files and probe logits")
+    p.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the preset")
+    p.add_argument("--world", type=int, default=2, help="ranks of the data-parallel runs (single: micro-batches)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank (per micro-batch) and step")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--ratio", type=float, default=0.01, help="fraction of all target blocks trained")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=16, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed first steps (also in the loss curve)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--grad-ckpt", type=int, default=1, help="1: gradient checkpointing of every decoder layer")
+    p.add_argument(
+        "--prefetch", type=int, default=0, help="FSDP2: explicit prefetch of the next N layers (0: implicit)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo smoke test)")
+    p.add_argument("--tag", default=None, help="name of the output files instead of the mode")
+    return p.parse_args(argv)
+
+
+def _global_batch(step: int, args, vocab: int) -> torch.Tensor:
+    """The step's (world·batch, seq) token ids, identical in every process."""
+    gen = torch.Generator().manual_seed(args.seed * 100_003 + step)
+    return torch.randint(0, vocab, (args.world * args.batch, args.seq), generator=gen)
+
+
+def _probe(vocab: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, min(seq, 256)), generator=torch.Generator().manual_seed(12345))
+
+
+def _build(args, device: torch.device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(args.model, args.layers, args.seq, dtype, device, args.seed)
+    selection = random_selection(model, args.ratio, args.block_size, args.seed, targets=ALL_TARGETS)
+    return model, selection
+
+
+def _probe_logits(model, probe: torch.Tensor, device: torch.device) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe.to(device)).logits
+    model.train(was_training)
+    return logits[0, :, :PROBE_VOCAB].float().cpu()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(args) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.mode == "single" and world != 1:
+        raise SystemExit("--mode single runs in one process (no torchrun)")
+    if args.mode in ("ddp", "fsdp2") and world != args.world:
+        raise SystemExit(
+            f"--mode {args.mode} needs torchrun with --nproc-per-node {args.world}, got WORLD_SIZE={world}"
+        )
+    device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
+    out = Path(args.out)
+    tag = args.tag or args.mode
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    model, selection = _build(args, device)
+    patch(model, selection, block_size=args.block_size, verbose=False)
+    set_checkpointing(model, bool(args.grad_ckpt))
+    vocab = model.config.vocab_size
+    layers = list(model.model.layers)
+    if args.mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
+    elif args.mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        if args.prefetch > 0:
+            for i, layer in enumerate(layers):
+                layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + args.prefetch])
+                layer.set_modules_to_backward_prefetch(layers[max(0, i - args.prefetch) : i][::-1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)  # a DTensor's numel is the whole parameter's
+    opt = torch.optim.AdamW(trainable, lr=args.lr, foreach=True)
+    setup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    micro = range(args.world) if args.mode == "single" else [rank]
+    losses: list[torch.Tensor] = []
+    times: list[float] = []
+    for step in range(args.warmup + args.steps):
+        ids_all = _global_batch(step, args, vocab)
+        _sync(device)
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for r in micro:
+            ids = ids_all[r * args.batch : (r + 1) * args.batch].to(device, non_blocking=True)
+            loss = model(input_ids=ids, labels=ids).loss / len(micro)
+            loss.backward()
+            step_loss += loss.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(step_loss)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    curve = torch.stack(losses)
+    if world > 1:  # the global batch's loss: the mean of the ranks' micro-batch losses
+        dist.all_reduce(curve)
+        curve /= world
+
+    save_blocks_distributed(model, out / f"blocks_{tag}")
+    logits = _probe_logits(model, _probe(vocab, args.seq), device)
+    step_s = statistics.median(times)
+    tokens_per_gpu = len(micro) * args.batch * args.seq / step_s
+    result = {
+        "mode": args.mode,
+        "tag": tag,
+        "model": args.model,
+        "layers": len(layers),
+        "world": world,
+        "batch_per_rank": args.batch,
+        "global_batch": args.world * args.batch,
+        "seq": args.seq,
+        "grad_ckpt": bool(args.grad_ckpt),
+        "prefetch": args.prefetch,
+        "ratio": args.ratio,
+        "block_size": args.block_size,
+        "num_blocks": sum(len(v) for v in selection.values()),
+        "trainable_params": n_trainable,
+        "setup_s": round(setup_s, 2),
+        "step_ms": round(1000 * step_s, 2),
+        "step_ms_min": round(1000 * min(times), 2),
+        "step_ms_max": round(1000 * max(times), 2),
+        "tokens_per_s_per_gpu": round(tokens_per_gpu, 1),
+        "tokens_per_s_total": round(tokens_per_gpu * (world if args.mode != "single" else 1), 1),
+        "peak_mem_gib": round(peak, 3) if peak is not None else None,
+        "loss_curve": [round(float(v), 6) for v in curve.cpu()],
+        "env": env_info(device, "benchmarks.bench_distributed"),
+    }
+    if rank == 0:
+        torch.save(logits, out / f"probe_{tag}.pt")
+        (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("env", "loss_curve")}), flush=True)
+        print("loss", result["loss_curve"], flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def verify(args) -> int:
+    """Each saved block file, loaded onto a fresh base model on one device, reproduces its run's probe logits;
+    and the runs' loss curves agree with the one-GPU run."""
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    out = Path(args.out)
+    runs = sorted(p.stem for p in out.glob("*.json") if p.stem != "verify")
+    report: dict[str, dict] = {}
+    single = json.loads((out / "single.json").read_text()) if (out / "single.json").exists() else None
+    for tag in runs:
+        res = json.loads((out / f"{tag}.json").read_text())
+        model, _ = _build(args, device)
+        load_blocks(model, out / f"blocks_{tag}")
+        got = _probe_logits(model, _probe(model.config.vocab_size, args.seq), device)
+        want = torch.load(out / f"probe_{tag}.pt")
+        entry = {
+            "probe_max_abs_diff": float((got - want).abs().max()),
+            "probe_max_abs": float(want.abs().max()),
+        }
+        if single is not None and tag != "single":
+            a, b = torch.tensor(res["loss_curve"]), torch.tensor(single["loss_curve"])
+            entry["loss_max_abs_diff_vs_single"] = float((a - b).abs().max())
+            entry["loss_final"] = res["loss_curve"][-1]
+            entry["loss_final_single"] = single["loss_curve"][-1]
+            probe_single = torch.load(out / "probe_single.pt")
+            entry["probe_max_abs_diff_vs_single"] = float((want - probe_single).abs().max())
+        report[tag] = entry
+        print(tag, json.dumps(entry), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    (out / "verify.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return verify(args) if args.mode == "verify" else train(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
