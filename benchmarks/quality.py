@@ -298,16 +298,18 @@ def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(FinetuneConfig)}
 
 
-def check_available(specs: Iterable[Spec]) -> None:
-    """Fail before the model loads when a spec needs a method or option this checkout's FinetuneConfig lacks."""
+def unavailable(specs: Iterable[Spec]) -> list[tuple[Spec, str]]:
+    """The specs that need a method or option this checkout's FinetuneConfig lacks, and what is missing."""
     have, methods = config_fields(), set(getattr(finetune_config, "METHODS", ()))
+    out = []
     for s in specs:
         if s.method not in methods:
-            raise SystemExit(f"{s.key}: FinetuneConfig has no method {s.method!r} in this checkout (has {methods})")
-        if s.warmup_steps is not None and "select_warmup_steps" not in have:
-            raise SystemExit(f"{s.key}: FinetuneConfig has no select_warmup_steps in this checkout")
-        if s.warmup_lr is not None and "select_warmup_lr" not in have:
-            raise SystemExit(f"{s.key}: FinetuneConfig has no select_warmup_lr in this checkout")
+            out.append((s, f"FinetuneConfig has no method {s.method!r} (has {', '.join(sorted(methods))})"))
+        elif s.warmup_steps is not None and "select_warmup_steps" not in have:
+            out.append((s, "FinetuneConfig has no select_warmup_steps"))
+        elif s.warmup_lr is not None and "select_warmup_lr" not in have:
+            out.append((s, "FinetuneConfig has no select_warmup_lr"))
+    return out
 
 
 def method_options(method: str, targets: tuple[str, ...], block_size: int, score: str) -> dict:
@@ -370,6 +372,43 @@ def done_keys(paths: Iterable[Path], args: argparse.Namespace) -> set[str]:
                     if r.get("run_key") and all(r.get(k) == v for k, v in want.items()):
                         keys.add(r["run_key"])
     return keys
+
+
+def best_lrs(paths: Iterable[Path], args: argparse.Namespace) -> dict[tuple[str, str], float]:
+    """(task, spec) -> the lr of the earlier runs under ``paths`` with the best mean dev accuracy (then dev loss,
+    then the smaller lr), among the lrs run on the most seeds: ``quality_stats``' rule, for --lr-from."""
+    runs: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    want = {"steps": str(args.steps), "batch_size": str(args.batch_size), "num_eval": str(args.num_eval)}
+    for p in paths:
+        for f in [p] if p.is_file() else sorted(p.rglob("quality.csv")) if p.is_dir() else []:
+            with f.open(newline="") as fh:
+                for r in csv.DictReader(fh):
+                    if r.get("spec") and r.get("accuracy_dev") and all(r.get(k) == v for k, v in want.items()):
+                        loss = float(r["dev_loss"]) if r.get("dev_loss") else math.inf
+                        runs[(r["task"], r["spec"])][float(r["lr"])].append((float(r["accuracy_dev"]), loss))
+    out = {}
+    for key, per_lr in runs.items():
+        most = max(len(v) for v in per_lr.values())
+        out[key] = min(
+            (lr for lr, v in per_lr.items() if len(v) == most),
+            key=lambda lr: (-statistics.mean(a for a, _ in per_lr[lr]), statistics.mean(x for _, x in per_lr[lr]), lr),
+        )
+    return out
+
+
+def keep_best_lrs(plan: list[Run], best: dict[tuple[str, str], float]) -> list[Run]:
+    """Drop the runs of a (task, spec) swept over several lrs whose lr is not ``best``'s (specs ``best`` does not
+    know keep every lr)."""
+    lrs: dict[str, set] = defaultdict(set)
+    for r in plan:
+        lrs[r.spec.key].add(r.spec.lr)
+    return [
+        r
+        for r in plan
+        if len(lrs[r.spec.key]) < 2
+        or (r.task, r.spec.key) not in best
+        or math.isclose(r.spec.lr or 0.0, best[(r.task, r.spec.key)], rel_tol=1e-6)
+    ]
 
 
 def claim(claims: Path | None, key: str) -> bool:
@@ -487,6 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality.csv files or directories (searched recursively) whose runs are not run again",
     )
     p.add_argument(
+        "--lr-from",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="earlier results (e.g. a one-seed screen): of an item swept over several lrs, run only the lr with "
+        "the best mean dev accuracy there, per task",
+    )
+    p.add_argument(
+        "--drop-unavailable",
+        action="store_true",
+        help="leave out items whose method or option this checkout lacks (default: refuse to start)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the runs left to do and exit (no model)")
+    p.add_argument(
         "--claims",
         default=None,
         metavar="DIR",
@@ -503,12 +556,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.merge:
         return merge_runs([Path(d) for d in args.merge], out)
     specs = parse_methods(args.methods)
-    check_available(specs)
+    if missing := unavailable(specs):
+        if not args.drop_unavailable:
+            raise SystemExit("; ".join(f"{s.key}: {why}" for s, why in missing))
+        print("dropped (not in this checkout): " + "; ".join(f"{s.label}: {why}" for s, why in missing), flush=True)
+        specs = [s for s in specs if s not in {m for m, _ in missing}]
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from smt_kernels.tasks import GENERATORS
+
+    if unknown := [t for t in task_names if t not in GENERATORS]:
+        raise SystemExit(f"--tasks: unknown {', '.join(unknown)}; this checkout has {', '.join(sorted(GENERATORS))}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     lrs = parse_lrs(args.lr)
     targets = parse_targets(args.targets)
     shard = parse_fraction(args.shard, "--shard")
+    plan = make_plan(specs, task_names, seeds)
+    if args.lr_from:
+        plan = keep_best_lrs(plan, best_lrs(map(Path, args.lr_from), args))
+    plan = plan[shard[0] :: shard[1]]
+    done = done_keys([out, *map(Path, args.skip_done)], args)
+    todo = [r for r in plan if r.key not in done]
+    print(f"plan: {len(plan)} runs ({len(plan) - len(todo)} already done, {len(todo)} to run)", flush=True)
+    if args.dry_run:
+        for r in todo:
+            print(f"  {r.key}")
+        return 0
     claims = Path(args.claims) if args.claims else None
     if claims is not None:
         claims.mkdir(parents=True, exist_ok=True)
@@ -521,10 +593,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"model loaded in {time.monotonic() - t_start:.0f} s", flush=True)
     total_params = sum(p.numel() for p in base.parameters())
-    try:
-        specs = [s.resolve(total_params, target_elements(base, s.targets or targets)) for s in specs]
+    try:  # the same key and label: a budget in % keeps its text, only its ratio is filled in
+        resolved = {s: s.resolve(total_params, target_elements(base, s.targets or targets)) for s in specs}
     except ValueError as err:
         raise SystemExit(f"--targets: {err}") from None
+    todo = [dataclasses.replace(r, spec=resolved[r.spec]) for r in todo]
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -536,10 +609,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     fields = ensure_header(csv_path, FIELDS + list(env))
     ensure_header(ex_path, EXAMPLE_FIELDS)
 
-    plan = make_plan(specs, task_names, seeds)[shard[0] :: shard[1]]
-    done = done_keys([out, *map(Path, args.skip_done)], args)
-    todo = [r for r in plan if r.key not in done]
-    print(f"plan: {len(plan)} runs ({len(plan) - len(todo)} already done)", flush=True)
     curves_path = out / "curves.json"
     curves: dict[str, dict] = json.loads(curves_path.read_text()) if curves_path.is_file() else {}
     befores: dict[str, EvalResult] = {}

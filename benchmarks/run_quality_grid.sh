@@ -2,6 +2,8 @@
 # The quality grid of docs/results.md: each method × learning rate is its own process, all at once on one GPU
 # (SmolLM2-135M runs are host-bound, so the GPU has room for many), then one merged table, plot and CSV.
 # Accuracy and loss do not depend on the concurrency; tokens/s do (they are measured under contention).
+# It pins the first grid's 128 eval examples and no dev split; the larger budget sweep with dev-chosen learning
+# rates and confidence intervals is benchmarks/run_quality_sweep.sh.
 #
 #   bash benchmarks/run_quality_grid.sh MODEL_DIR OUT_DIR [SEEDS]      # e.g. /tmp/smol $OUT/quality 0,1,2
 #
@@ -20,7 +22,7 @@ for spec in $specs; do
     dir="$out/runs/$(echo "$spec" | tr '@/' '__')"
     mkdir -p "$dir"
     OMP_NUM_THREADS=1 python -m benchmarks.quality --model-dir "$model" --out "$dir" --methods "$spec" \
-        --seeds "$seeds" --time-budget "${BUDGET:-480}" ${EXTRA:-} >"$dir/log.txt" 2>&1 &
+        --seeds "$seeds" --time-budget "${BUDGET:-480}" --num-eval 128 --num-dev 0 ${EXTRA:-} >"$dir/log.txt" 2>&1 &
     pids+=($!)
 done
 failed=0
