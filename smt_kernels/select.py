@@ -5,14 +5,21 @@ requiring grad; a post-accumulate-grad hook on each target weight folds its grad
 and frees ``.grad`` at once, so no optimizer state and no gradient of any other parameter ever exists.
 The activation score runs forward only (no gradients at all).
 
-Notation, per target weight W (N × K) and warm-up batches t = 1..T:
-    G = Σ_t ∂L_t/∂W  (gradients summed over the batches, not averaged; the ranking is the same).
+With ``warmup_steps`` > 0 (the paper's warm-up) the target weights also take an AdamW step on each warm-up batch,
+inside the same hook, so the gradients are those of a short full fine-tuning of the targets; the weights are put
+back bit for bit afterwards unless ``keep_warmup_updates``.
+
+Notation, per target weight W (N × K) and warm-up batches (or steps) t = 1..T:
+    G = Σ_t ∂L_t/∂W_t  (gradients summed over the batches, not averaged; the ranking is the same; W_t = W without
+    warm-up training, the weight after t − 1 AdamW steps with it).
     A block B is the (clipped) set of elements [r·b, min((r+1)·b, N)) × [c·b, min((c+1)·b, K)); |B| its size.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
@@ -44,6 +51,8 @@ class Selection(dict):
     Attributes:
         block_size: b of the blocks.
         score, strategy, targets, num_batches: how the selection was made (informational).
+        warmup_steps, warmup_lr: the warm-up training steps and their learning rate (0 and None: the gradient
+            at the model's own weights); in the JSON only when warmup_steps > 0.
         scores: ``{module_name: float64 (R, C) tensor}`` of every target's block scores (not serialised), or {}.
         config: the ``SMTConfig`` that ``select_blocks`` made it with (``patch`` stores it; not serialised), or None.
     """
@@ -59,6 +68,8 @@ class Selection(dict):
         targets: Sequence[str] | None = None,
         num_batches: int | None = None,
         scores: dict[str, torch.Tensor] | None = None,
+        warmup_steps: int = 0,
+        warmup_lr: float | None = None,
     ) -> None:
         super().__init__({str(k): [(int(r), int(c)) for r, c in v] for k, v in dict(blocks).items()})
         self.block_size = check_block_size(block_size)
@@ -67,6 +78,8 @@ class Selection(dict):
         self.targets = tuple(targets) if targets is not None else None
         self.num_batches = num_batches
         self.scores = scores or {}
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_lr = warmup_lr
 
     @property
     def num_blocks(self) -> int:
@@ -74,14 +87,17 @@ class Selection(dict):
 
     def to_json(self) -> dict[str, Any]:
         """The selection with its block size and provenance, for ``json.dump``."""
-        return {
+        out: dict[str, Any] = {
             "block_size": self.block_size,
             "score": self.score,
             "strategy": self.strategy,
             "targets": list(self.targets) if self.targets is not None else None,
             "num_batches": self.num_batches,
-            "blocks": {k: [list(p) for p in v] for k, v in self.items()},
         }
+        if self.warmup_steps:  # absent without warm-up training: such files stay as they were
+            out.update(warmup_steps=self.warmup_steps, warmup_lr=self.warmup_lr)
+        out["blocks"] = {k: [list(p) for p in v] for k, v in self.items()}
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Selection:
@@ -94,6 +110,8 @@ class Selection(dict):
             data.get("strategy"),
             data.get("targets"),
             data.get("num_batches"),
+            warmup_steps=data.get("warmup_steps", 0),
+            warmup_lr=data.get("warmup_lr"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -313,6 +331,9 @@ def select_blocks(
     training: bool = False,
     progress: bool = True,
     config: SMTConfig | None = None,
+    warmup_steps: int = 0,
+    warmup_lr: float | None = None,
+    keep_warmup_updates: bool = False,
 ) -> Selection:
     """Score every b×b block of the target weights on warm-up batches and keep the best ones.
 
@@ -339,10 +360,23 @@ def select_blocks(
         progress: show a tqdm bar.
         config: an ``SMTConfig`` holding targets, budget, score, strategy and block size instead of (or agreeing
             with) those keywords; a keyword that differs from it is a ValueError.
+        warmup_steps: 0 (default): score the gradient at the model's weights. N > 0, the paper's warm-up: train the
+            target weights (only them) for N AdamW steps, one per warm-up batch (cycling through the batches if
+            there are fewer than N; batches past the N-th are not used), and score the gradients summed over those
+            steps. Gradient scores only. Each target steps as soon as its gradient is complete (inside backward),
+            so one dense target gradient exists at a time, but AdamW's two moments of every target weight (the
+            weight's dtype) and a copy of the target weights live until the end: full fine-tuning memory for the
+            targets. 4-bit (NF4) targets cannot be warm-up trained.
+        warmup_lr: the warm-up's learning rate (constant; AdamW betas (0.9, 0.999), no weight decay, no
+            clipping); required when warmup_steps > 0.
+        keep_warmup_updates: keep the warm-up's updates in the weights, as the paper does (its warm-up is full
+            fine-tuning of the targets, so its trained parameters exceed the budget). Default False: the target
+            weights are restored bit for bit, so only the selected blocks differ from the base model after
+            training, and block files and ``--resume`` stay exact.
     Returns:
         ``Selection``: {module_name: sorted [(row_block, col_block), ...]} for modules with at least one block,
         in model order, with ``.config`` the settings used. Ties in score go to the earlier module, then the
-        lower (row, col): deterministic.
+        lower (row, col): deterministic. ``num_batches``: distinct batches used (with warm-up at most N).
     """
     from smt_kernels.config import SMTConfig, resolve_config
 
@@ -355,6 +389,7 @@ def select_blocks(
     strategy, block_size = cfg.strategy, cfg.block_size
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    _check_warmup(warmup_steps, warmup_lr, score)
 
     found = find_target_linears(model, targets)
     patched = [n for n, m in found.items() if isinstance(m, SparseBlockLinear | NF4SparseBlockLinear)]
@@ -363,6 +398,10 @@ def select_blocks(
             f"select_blocks needs an unpatched model; {patched[0]} is already a "
             f"{type(found[patched[0]]).__name__} (merge it first)"
         )
+    if warmup_steps:
+        nf4 = [n for n, m in found.items() if isinstance(m, NF4Linear)]
+        if nf4:
+            raise ValueError(f"warmup_steps={warmup_steps} trains the target weights; {nf4[0]} is 4-bit (NF4)")
     if isinstance(batches, Mapping):
         batches = [batches]
     if num_batches is not None:
@@ -370,12 +409,18 @@ def select_blocks(
         batches = islice(batches, num_batches)
     else:
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    distinct = None
+    if warmup_steps:
+        pool = list(islice(batches, warmup_steps))  # at most N batches are held, even from an endless loader
+        distinct, total = len(pool), warmup_steps
+        batches = [pool[t % len(pool)] for t in range(warmup_steps)] if pool else []
 
     if score == "activation":
         raw, used = _activation_scores(model, found, batches, block_size, total, training, progress)
     else:
+        warmup = (warmup_lr, keep_warmup_updates) if warmup_steps else None
         raw, used = _gradient_scores(
-            model, found, batches, score, block_size, accumulate_device, total, training, progress
+            model, found, batches, score, block_size, accumulate_device, total, training, progress, warmup
         )
     if used == 0:
         raise ValueError("batches is empty: selection needs at least one warm-up batch")
@@ -388,10 +433,34 @@ def select_blocks(
 
     blocks = _top_k(found, raw, num_blocks, ratio, strategy, block_size)
     selection = Selection(
-        blocks, block_size, score=score, strategy=strategy, targets=tuple(targets), num_batches=used, scores=raw
+        blocks,
+        block_size,
+        score=score,
+        strategy=strategy,
+        targets=tuple(targets),
+        num_batches=used if distinct is None else distinct,
+        scores=raw,
+        warmup_steps=warmup_steps,
+        warmup_lr=float(warmup_lr) if warmup_steps else None,
     )
     selection.config = cfg
     return selection
+
+
+def _check_warmup(warmup_steps: Any, warmup_lr: Any, score: str) -> None:
+    """ValueError naming the value unless warmup_steps is an int >= 0 and, when > 0, warmup_lr a number > 0."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    lr_ok = not isinstance(warmup_lr, bool) and isinstance(warmup_lr, numbers.Real) and math.isfinite(warmup_lr)
+    if warmup_lr is not None and not (lr_ok and warmup_lr > 0):
+        raise ValueError(f"warmup_lr must be a finite number > 0, got {warmup_lr!r}")
+    if warmup_steps and warmup_lr is None:
+        raise ValueError(f"warmup_steps={warmup_steps} trains the targets: give its learning rate, warmup_lr")
+    if warmup_steps and score not in GRADIENT_SCORES:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} accumulates gradients over training steps; score={score!r} uses none "
+            f"(use one of {GRADIENT_SCORES})"
+        )
 
 
 def _top_k(found, raw, num_blocks, ratio, strategy, block_size) -> dict[str, list[tuple[int, int]]]:
@@ -447,11 +516,16 @@ def _batches_bar(batches, total, progress, desc):
     return tqdm(batches, total=total, disable=not progress, desc=desc, unit="batch")
 
 
-def _gradient_scores(model, found, batches, score, block_size, accumulate_device, total, training, progress):
+def _gradient_scores(
+    model, found, batches, score, block_size, accumulate_device, total, training, progress, warmup=None
+):
+    """Block scores of the summed gradients; ``warmup``: (lr, keep_updates) to take an AdamW step per batch."""
     device = next(model.parameters()).device
     acc: dict[str, _GradientAccumulator] = {}
     handles = []
     used = 0
+    backup: dict[str, torch.Tensor] = {}  # the target weights before warm-up training
+    restore = True
     # 4-bit targets have no weight Parameter: their backward hands each dense dL/dW to the accumulator's fold and
     # drops it, so one target's dense gradient exists at a time, as with the hooks below (an NF4Weight has the
     # .shape and .device the accumulator reads)
@@ -474,22 +548,34 @@ def _gradient_scores(model, found, batches, score, block_size, accumulate_device
                 raise TypeError(f"{name}.weight has dtype {w.dtype}; gradient scores need a float weight")
             a = acc[name] = _GradientAccumulator(w, score, block_size, accumulate_device)
             w.requires_grad_(True)
+            opt = None
+            if warmup is not None:
+                backup[name] = w.detach().to(accumulate_device or w.device, copy=True)
+                opt = torch.optim.AdamW([w], lr=warmup[0], betas=(0.9, 0.999), weight_decay=0.0, foreach=False)
 
-            def fold(param: torch.Tensor, a: _GradientAccumulator = a) -> None:
+            def fold(param: torch.Tensor, a: _GradientAccumulator = a, opt: torch.optim.Optimizer | None = opt):
                 a.fold(param.grad)
+                if opt is not None:  # warm-up training: this target's gradient is complete, step it now
+                    opt.step()
                 param.grad = None  # at most one dense target gradient is alive at a time
 
             handles.append(w.register_post_accumulate_grad_hook(fold))
         model.train(training)
+        desc = f"SMT selection ({score}{', warm-up training' if warmup else ''})"
         try:
             with torch.enable_grad():
-                for i, batch in enumerate(_batches_bar(batches, total, progress, f"SMT selection ({score})")):
+                for i, batch in enumerate(_batches_bar(batches, total, progress, desc)):
                     loss = _loss_of(model(**_move(batch, device)), i)
                     loss.backward()
                     used += 1
+            restore = warmup is None or not warmup[1]
         finally:
             for h in handles:
                 h.remove()
+            if restore:  # also after an error: a failed call leaves the weights as they were
+                with torch.no_grad():
+                    for name, saved in backup.items():
+                        found[name].weight.copy_(saved)
     missing = [n for n, a in acc.items() if a.steps == 0 and used]
     if missing:
         raise ValueError(

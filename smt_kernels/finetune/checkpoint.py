@@ -97,7 +97,9 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
         raise FinetuneError(
             f"--resume: {file} has checkpoint version {state.get('version')}; this smt-kernels reads version {VERSION}"
         )
-    saved, now = state["config"], cfg.to_dict()
+    # an option added since the checkpoint was written has its default there
+    saved = FinetuneConfig().to_dict() | state["config"]
+    now = cfg.to_dict()
     for name in sorted(set(saved) | set(now)):
         if name not in FREE_OPTIONS and saved.get(name) != now.get(name):
             raise FinetuneError(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from smt_kernels.config import SMTConfig
-from smt_kernels.select import SCORES, STRATEGIES
+from smt_kernels.select import GRADIENT_SCORES, SCORES, STRATEGIES
 from smt_kernels.tasks import GENERATORS
 
 METHODS = ("smt", "full", "lora", "dora")
@@ -136,6 +136,23 @@ class FinetuneConfig:
         methods=BUDGET_METHODS,
     )
     select_batches: int = option(4, "warm-up batches for selection", group=BUDGET, min=1, methods=("smt",))
+    select_warmup_steps: int = option(
+        0,
+        "the paper's warm-up: train the target weights for N AdamW steps on the warm-up batches (cycled) and score "
+        "the gradients summed over those steps; the weights are restored before training (0: the gradient at the "
+        "model's weights; needs a gradient --score; holds AdamW state for the targets meanwhile)",
+        group=BUDGET,
+        min=0,
+        methods=("smt",),
+    )
+    select_warmup_lr: float | None = option(
+        None,
+        "constant learning rate of the --select-warmup-steps training",
+        group=BUDGET,
+        min=0.0,
+        default_text="--lr",
+        methods=("smt",),
+    )
 
     steps: int = option(32, "optimizer steps", group=TRAIN, min=1)
     batch_size: int = option(
@@ -223,6 +240,14 @@ class FinetuneConfig:
         )
 
     @property
+    def select_warmup(self) -> dict[str, Any]:
+        """The warm-up keywords of ``select_blocks``: ``warmup_steps`` and ``warmup_lr`` (the run's lr by default)."""
+        if not self.select_warmup_steps:
+            return {"warmup_steps": 0}
+        lr = self.select_warmup_lr if self.select_warmup_lr is not None else self.peak_lr
+        return {"warmup_steps": self.select_warmup_steps, "warmup_lr": lr}
+
+    @property
     def budget(self) -> dict[str, float | int]:
         """The keyword select_blocks takes: ``num_blocks`` or ``ratio`` (``DEFAULT_RATIO`` when neither is set)."""
         if self.num_blocks is not None:
@@ -261,6 +286,17 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError("--ratio must be in (0, 1] (a fraction of the target weights), got 0")
     if cfg.lr is not None and cfg.lr == 0.0:
         raise FinetuneError("--lr must be > 0, got 0")
+    if cfg.select_warmup_lr is not None and cfg.select_warmup_lr == 0.0:
+        raise FinetuneError("--select-warmup-lr must be > 0, got 0")
+    if cfg.select_warmup_lr is not None and not cfg.select_warmup_steps:
+        raise FinetuneError(
+            f"--select-warmup-lr {cfg.select_warmup_lr:g} has no effect without --select-warmup-steps; give both"
+        )
+    if cfg.select_warmup_steps and cfg.score not in GRADIENT_SCORES:
+        raise FinetuneError(
+            f"--select-warmup-steps {cfg.select_warmup_steps} accumulates gradients; --score {cfg.score} uses none "
+            f"(choose from {', '.join(GRADIENT_SCORES)})"
+        )
     if cfg.ratio is not None and cfg.num_blocks is not None:
         raise FinetuneError(
             f"--ratio {cfg.ratio:g} and --num-blocks {cfg.num_blocks} both set the budget; give one of them"

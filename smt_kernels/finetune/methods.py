@@ -130,6 +130,7 @@ def _prepare_smt(
                     strategy=cfg.strategy,
                     block_size=cfg.block_size,
                     progress=cfg.progress and is_main_process(),
+                    **cfg.select_warmup,
                     **cfg.budget,
                 )
             seconds = time.perf_counter() - t0
