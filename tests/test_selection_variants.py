@@ -243,3 +243,49 @@ def test_warmup_end_to_end(tiny_model_dir, tmp_path, capsys):
         for row, col in selection["blocks"][key.rsplit(".", 1)[0]]:
             mask[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] = True
         assert torch.equal(base[key][~mask], merged[key][~mask]), key  # the warm-up left no trace
+
+
+# --------------------------------------------------------------------------------------------- activation, per_matrix
+
+
+def _covered(blocks, shape, b=16):
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for row, col in blocks:
+        mask[row * b : (row + 1) * b, col * b : (col + 1) * b] = True
+    return int(mask.sum())
+
+
+def test_activation_per_matrix_ratio_end_to_end(tiny_model_dir, tmp_path):
+    """``score="activation"`` with ``strategy="per_matrix"`` and a ratio through ``run_finetune``: every target
+    gets at least the ratio of its own weights (less than one block more), and the settings travel with the blocks."""
+    import smt_kernels
+    from smt_kernels.finetune import run_finetune
+
+    out = tmp_path / "o"
+    cfg = FinetuneConfig(model=str(tiny_model_dir), task="reverse", steps=2, batch_size=4, num_train=8, num_eval=2,
+                         eval_batch_size=2, block_size=16, select_batches=1, max_length=160, ratio=0.15,
+                         score="activation", strategy="per_matrix", output_dir=str(out), progress=False,
+                         show_examples=0, lr=1e-2, output_json=str(tmp_path / "r.json"))  # fmt: skip
+    result = run_finetune(cfg)
+    selection = json.loads((out / "selection.json").read_text())
+    assert (selection["score"], selection["strategy"]) == ("activation", "per_matrix")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    targets = find_target_linears(model, cfg.targets)
+    assert sorted(selection["blocks"]) == sorted(targets)  # per_matrix: every target has blocks
+    for name, m in targets.items():
+        covered, size = _covered(selection["blocks"][name], m.weight.shape), m.weight.numel()
+        assert 0.15 * size <= covered < 0.15 * size + 256, name
+    assert result.trainable_params == sum(_covered(v, targets[n].weight.shape) for n, v in selection["blocks"].items())
+    assert smt_kernels.read_blocks(out).config == cfg.smt_config
+    assert cfg.smt_config.score == "activation" and cfg.smt_config.strategy == "per_matrix"
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["score"] == "activation"
+
+
+def test_per_matrix_num_blocks_cli(tiny_model_dir, tmp_path, capsys):
+    js = tmp_path / "r.json"
+    argv = ["finetune", "--model", str(tiny_model_dir), *TINY, "--strategy", "per_matrix", "--num-blocks", "2"]
+    argv += ["--score", "l2", "--output-dir", "", "--output-json", str(js), "--lr", "1e-2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    r = json.loads(js.read_text())
+    assert r["num_blocks"] == 2 * 6 and r["blocks_per_kind"] == {"q_proj": 4, "k_proj": 4, "v_proj": 4}
+    assert r["eval_loss_after"] < r["eval_loss_before"]
