@@ -43,7 +43,7 @@ class Group:
     variant: str
     targets: str
     lr: float
-    lrs: dict[float, float]  # lr -> mean dev accuracy over its seeds
+    lrs: dict[float, tuple[float, int]]  # every lr tried -> (mean dev accuracy, seeds)
     params: float  # mean trainable parameters
     pct: float  # mean % of the model
     dev: float  # mean dev accuracy at the chosen lr
@@ -124,7 +124,7 @@ def choose_lrs(rows: list[dict], examples: dict[tuple[str, str], np.ndarray]) ->
             variant=first.get("variant", ""),
             targets=first.get("targets", ""),
             lr=best,
-            lrs={lr: -scored[lr][0] for lr in sorted(usable)},
+            lrs={lr: (-scored[lr][0], len(per_lr[lr])) for lr in sorted(per_lr)},
             params=float(np.mean([_float(r["trainable_params"]) for r in rs])),
             pct=float(np.mean([_float(r["trainable_pct"]) for r in rs])),
             dev=-scored[best][0],
@@ -264,11 +264,11 @@ def write_markdown(s: Summary, path: Path) -> str:
         "# Quality sweep: eval accuracy at the dev-chosen learning rate",
         "",
         "Accuracy % (95 % hierarchical bootstrap interval over seeds and eval examples). The lr of each task and "
-        "spec is the one with the highest mean dev accuracy (never chosen on eval); `lrs (dev %)` lists every lr "
-        "tried with its mean dev accuracy.",
+        "spec is the one with the highest mean dev accuracy (never chosen on eval), among the lrs run on the most "
+        "seeds; `lrs (dev %, seeds)` lists every lr tried with its mean dev accuracy and number of seeds.",
         "",
         "| task | spec | trainable params | % of model | lr | dev % | eval % [95 % CI] | seeds × examples "
-        "| lrs (dev %) |",
+        "| lrs (dev %, seeds) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for task in s.tasks:
@@ -277,7 +277,7 @@ def write_markdown(s: Summary, path: Path) -> str:
             if g is None:
                 continue
             a = s.acc[(task, spec)]
-            tried = ", ".join(f"{lr:g} ({_pct(d)})" for lr, d in g.lrs.items())
+            tried = ", ".join(f"{lr:g} ({_pct(d)}, {k}s)" for lr, (d, k) in g.lrs.items())
             lines.append(
                 f"| {task} | {spec} | {g.params:,.0f} | {g.pct:.3f} | {g.lr:g} | {_pct(g.dev)} | {_ci(a)} "
                 f"| {a.seeds} × {a.n} | {tried} |"
