@@ -1,7 +1,7 @@
-"""Fine-tuning tasks: generated prompt/answer pairs with a held-out split, a JSONL loader, exact-match scoring.
+"""Fine-tuning tasks: generated prompt/answer pairs with held-out splits, a JSONL loader, exact-match scoring.
 
 Built-in tasks are generated from a seed with ``random.Random`` only, so the same seed gives the same examples
-on every machine; train and held-out splits never share a prompt.
+on every machine; the train, eval and dev splits never share a prompt.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -26,11 +26,13 @@ class Example:
 
 @dataclass(frozen=True)
 class Task:
-    """A train split, a held-out split and how to prompt and score them.
+    """A train split, a held-out eval split, an optional dev split and how to prompt and score them.
 
-    ``system`` is an optional instruction sent as the chat template's system message (models without a chat
-    template get it prepended to the prompt); ``max_new_tokens`` bounds greedy generation at evaluation;
-    ``metric`` is how a generation is scored against the answer (see :func:`score`).
+    ``dev`` is held out like ``eval`` but meant for choosing hyperparameters (learning rates), so the reported
+    ``eval`` accuracy is not selected on; it is empty unless asked for. ``system`` is an optional instruction sent
+    as the chat template's system message (models without a chat template get it prepended to the prompt);
+    ``max_new_tokens`` bounds greedy generation at evaluation; ``metric`` is how a generation is scored against
+    the answer (see :func:`score`).
     """
 
     name: str
@@ -39,6 +41,7 @@ class Task:
     system: str | None = None
     max_new_tokens: int = 16
     metric: str = "exact"
+    dev: list[Example] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -243,6 +246,117 @@ def _reverse_problem(rng: random.Random) -> Example:
     return Example(f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words)))
 
 
+# --------------------------------------------------------------------------------------------- running chain
+
+
+def _chain_problem(rng: random.Random) -> Example:
+    """3-4 operations applied to a running number; the answer lists each intermediate result ("12, 24, 15").
+
+    Writing every intermediate keeps each step one small operation (a 135M model cannot hold a running value
+    across steps silently); what makes it hard is that one slip anywhere spoils the final number.
+    """
+    value = rng.randint(2, 12)
+    start, steps, values = value, [], []
+    for _ in range(rng.randint(3, 4)):
+        ops = ["add", "subtract"] if value >= 2 else ["add"]
+        ops += ["double"] * (value <= 30) + ["triple"] * (value <= 20) + ["halve"] * (value % 2 == 0 and value >= 4)
+        op = rng.choice(ops)
+        if op == "add":
+            k = rng.randint(2, 9)
+            steps.append(f"add {k}")
+            value += k
+        elif op == "subtract":
+            k = rng.randint(2, min(9, value))
+            steps.append(f"subtract {k}")
+            value -= k
+        elif op == "double":
+            steps.append("double it")
+            value *= 2
+        elif op == "triple":
+            steps.append("triple it")
+            value *= 3
+        else:
+            steps.append("halve it")
+            value //= 2
+        values.append(value)
+    said = ", ".join(steps[:-1]) + f", then {steps[-1]}"
+    return Example(
+        f"Start with {start}. {said[0].upper()}{said[1:]}. What number do you get?", ", ".join(map(str, values))
+    )
+
+
+# --------------------------------------------------------------------------------------------- variable binding
+
+_VARS = "abcdefghjkmnpqrstuvwxyz"  # no i, l, o: easy to misread as digits
+
+
+def _variables_problem(rng: random.Random) -> Example:
+    """Assignments with a 2-3 step dependency chain among distractors; the answer evaluates the chain in order.
+
+    Statements come in definition order (each variable is defined before use), so the answer needs no
+    backtracking, but the model must follow references past three unrelated ones ("b = 8, c = 6").
+    """
+    depth = rng.randint(2, 3)
+    names = rng.sample(_VARS, depth + 4)
+    chain, spare = names[: depth + 1], names[depth + 1 :]
+    value = rng.randint(1, 9)
+    # (name, statement) pairs; the chain stays in order and each distractor goes anywhere after what it uses
+    stmts = [(chain[0], f"{chain[0]} = {value}")]
+    shown = []
+    for prev, name in zip(chain, chain[1:], strict=False):
+        k = rng.randint(1, 9)
+        if value - k >= 0 and rng.random() < 0.5:
+            stmts.append((name, f"{name} = {prev} - {k}"))
+            value -= k
+        else:
+            stmts.append((name, f"{name} = {prev} + {k}"))
+            value += k
+        shown.append(f"{name} = {value}")
+    # distractors: a constant, one built on it, and one built on a chain variable (a tempting wrong branch)
+    d0, d1, d2 = spare
+    extra = [
+        (d0, f"{d0} = {rng.randint(1, 9)}"),
+        (d1, f"{d1} = {d0} + {rng.randint(1, 9)}"),
+        (d2, f"{d2} = {rng.choice(chain[:-1])} + {rng.randint(1, 9)}"),
+    ]
+    order = stmts[:]
+    for name, text in extra:
+        ref = text.split(" = ")[1].split(" ")[0]
+        lo = next((i + 1 for i, (n, _) in enumerate(order) if n == ref), 0)
+        order.insert(rng.randint(lo, len(order)), (name, text))
+    prompt = "; ".join(t for _, t in order) + f". What is {chain[-1]}?"
+    return Example(prompt, ", ".join(shown))
+
+
+# --------------------------------------------------------------------------------------------- sorting
+
+
+def _sort_problem(rng: random.Random) -> Example:
+    """Five distinct numbers below 100 in ascending order (a comparison task, no arithmetic)."""
+    nums = rng.sample(range(1, 100), 5)
+    return Example(
+        f"Sort these numbers from smallest to largest: {' '.join(map(str, nums))}", " ".join(map(str, sorted(nums)))
+    )
+
+
+# --------------------------------------------------------------------------------------------- counting
+
+_COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown", "gray", "purple"]
+
+
+def _count_problem(rng: random.Random) -> Example:
+    """How often one word occurs in a list of 8-12 words drawn from four; the count is uniform over 0-6.
+
+    A uniform count keeps guessing at ~1/7; four similar words make the model attend to every item.
+    """
+    target, *others = rng.sample(_COLORS, 4)
+    n = rng.randint(8, 12)
+    k = rng.randint(0, 6)
+    words = [target] * k + [rng.choice(others) for _ in range(n - k)]
+    rng.shuffle(words)
+    return Example(f"How many times does the word {target} appear in this list: {' '.join(words)}?", str(k))
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 
@@ -271,37 +385,76 @@ GENERATORS: dict[str, _Generator] = {
         "exact",
         "reverse the order of 3-5 words (a text transformation); exact match of the word sequence",
     ),
+    "chain": _Generator(
+        _chain_problem,
+        "Answer with the result after each step, separated by commas, like 12, 24, 15.",
+        20,
+        "final_number",
+        "3-4 operations (add, subtract, double, triple, halve) on a running number, answered as the running "
+        "results; exact match of the final number",
+    ),
+    "variables": _Generator(
+        _variables_problem,
+        "Answer with the value of each variable on the way, like b = 8, c = 6.",
+        20,
+        "final_number",
+        "a 2-3 step chain of assignments (+, -) among three distractors, answered as the chain's values; "
+        "exact match of the final number",
+    ),
+    "sort": _Generator(
+        _sort_problem,
+        "Answer with the numbers only, separated by spaces.",
+        20,
+        "exact",
+        "sort five numbers below 100 in ascending order; exact match of the sequence",
+    ),
+    "count": _Generator(
+        _count_problem,
+        "Answer with a number only.",
+        12,
+        "final_number",
+        "count how often one word occurs in a list of 8-12 words (answers 0-6); exact match of the number",
+    ),
 }
 
 
-def make_task(name: str, seed: int = 0, num_train: int = 1000, num_eval: int = 64) -> Task:
-    """Generate task ``name`` deterministically from ``seed``: ``num_train`` + ``num_eval`` distinct prompts."""
+def make_task(name: str, seed: int = 0, num_train: int = 1000, num_eval: int = 64, num_dev: int = 0) -> Task:
+    """Generate task ``name`` deterministically from ``seed``: ``num_eval`` + ``num_dev`` + ``num_train`` distinct
+    prompts, drawn in that order, so the eval split depends only on ``seed`` and ``num_eval``."""
     if name not in GENERATORS:
         raise DataError(f"unknown task {name!r}; choose one of {', '.join(sorted(GENERATORS))}")
-    if num_train < 1 or num_eval < 1:
-        raise DataError(f"need at least one train and one eval example, got num_train={num_train}, num_eval={num_eval}")
+    if num_train < 1 or num_eval < 1 or num_dev < 0:
+        raise DataError(
+            f"need at least one train and one eval example and no negative dev count, got num_train={num_train}, "
+            f"num_eval={num_eval}, num_dev={num_dev}"
+        )
     gen = GENERATORS[name]
     rng = random.Random(f"{name}:{seed}")
     seen: set[str] = set()
     examples: list[Example] = []
-    want = num_train + num_eval
+    want = num_eval + num_dev + num_train
     attempts = 0
     while len(examples) < want:
         attempts += 1
         if attempts > 50 * want:
-            raise DataError(f"task {name!r} cannot produce {want} distinct examples")
+            raise DataError(
+                f"task {name!r} cannot produce {want} distinct examples "
+                f"(num_eval={num_eval} + num_dev={num_dev} + num_train={num_train}); "
+                f"found {len(examples)} in {attempts - 1} draws"
+            )
         ex = gen.make(rng)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             examples.append(ex)
-    # the held-out split comes first so that it does not change when num_train changes
+    # held-out splits come first so that neither changes when num_train changes, and eval not when num_dev does
     return Task(
         name,
-        train=examples[num_eval:],
+        train=examples[num_eval + num_dev :],
         eval=examples[:num_eval],
         system=gen.system,
         max_new_tokens=gen.max_new_tokens,
         metric=gen.metric,
+        dev=examples[num_eval : num_eval + num_dev],
     )
 
 
