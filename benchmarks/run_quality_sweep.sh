@@ -34,7 +34,9 @@
 # ["3e-5 1e-4 3e-4"], DORA_BUDGETS [= BUDGETS], VARIANT_BUDGET [1%], VARIANTS [":act :pm :wu20"] (activation score,
 # per-matrix budgets, 20 warm-up steps before selecting), VARIANT_LRS [= SMT_LRS], EXTRA_SPECS [none],
 # SCREEN_SEEDS [0], SEEDS [0,1,2], GPUS [all visible, else 0], PROCS_PER_GPU [15], BUDGET [450 s per process],
-# EXTRA [more benchmarks.quality options, e.g. "--steps 20"].
+# EXTRA [more benchmarks.quality options, e.g. "--steps 20"]. Items whose method or option this checkout's
+# FinetuneConfig lacks (dora; select_warmup_steps for :wu20) are dropped with a note (--drop-unavailable), so a
+# missing piece costs its runs, not the call; a task this checkout lacks stops the call at once (dry run first).
 set -uo pipefail
 model=${1:?model directory}
 out=${2:?output directory}
