@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The quality sweep of issue 16 on the device tool's 2×H200 machine, in device calls that each fit < 10 min.
+#   call 1 (carry .model/smol.gguf.part.aa):             bash scripts/gpu_quality.sh part1
+#   call 2, right after (carry .model/smol.gguf.part.ab and .whl): bash scripts/gpu_quality.sh screen
+#   call 3, right after (the machine keeps /tmp):        bash scripts/gpu_quality.sh confirm
+# part1 leaves the first half of the SmolLM2 GGUF in /tmp (a call carries at most 64 MiB); screen joins the halves,
+# saves the model as a Hugging Face directory (/tmp/smol) and runs the sweep's screen; confirm runs the rest with
+# the screen's dev-best learning rates. Each call packs its results into $OUT/<phase>.tgz.
+set -uo pipefail
+phase=${1:?part1 | screen | confirm}
+OUT=${OUT:-/tmp/out}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+sweep=/tmp/sweep
+case $phase in
+part1)
+    mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/ && ls -la /tmp/gguf
+    ;;
+screen|confirm)
+    if [ ! -d /tmp/smol ]; then
+        cp .model/smol.gguf.part.* /tmp/gguf/ 2>/dev/null
+        [ -f /tmp/gguf/smol.gguf.part.aa ] && [ -f /tmp/gguf/smol.gguf.part.ab ] \
+            || { echo "both GGUF halves needed in /tmp/gguf (fresh machine?)"; exit 3; }
+        pip install -q --no-deps .whl/gguf-*.whl
+        cat /tmp/gguf/smol.gguf.part.* > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+        python -c "
+from smt_kernels.finetune import load_model
+m, t = load_model('/tmp/gguf', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+m.save_pretrained('/tmp/smol'); t.save_pretrained('/tmp/smol')
+print('saved /tmp/smol', sum(p.numel() for p in m.parameters()))" || exit 3
+    fi
+    mkdir -p "$sweep"
+    log="$sweep/$phase.gpu.log"
+    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    } > "$log" 2>&1
+    extra=()
+    [ "$phase" = confirm ] && extra=("$sweep/screen")
+    # the sweep stops its processes at BUDGET (+90 s grace); the outer timeout keeps the packing below in the call
+    BUDGET=${BUDGET:-400} timeout -k 5 "${LIMIT:-520}" bash benchmarks/run_quality_sweep.sh /tmp/smol "$sweep/$phase" \
+        "$phase" "${extra[@]}" >> "$log" 2>&1
+    echo "sweep rc=$? $(date -u)" >> "$log"
+    cp "$log" "$sweep/$phase/"
+    tar -czf "$OUT/$phase.tgz" -C "$sweep" "$phase"
+    tail -n 30 "$log"
+    ;;
+esac
