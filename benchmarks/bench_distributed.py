@@ -110,7 +110,7 @@ def train(args) -> int:
     device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
+    if args.mode in ("ddp", "fsdp2"):  # also with one rank (a process group without a partner)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
         )
@@ -208,7 +208,7 @@ def train(args) -> int:
         (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in result.items() if k not in ("env", "loss_curve")}), flush=True)
         print("loss", result["loss_curve"], flush=True)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return 0
