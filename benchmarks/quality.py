@@ -326,8 +326,8 @@ def spec_options(spec: Spec, targets: tuple[str, ...], block_size: int, score: s
     if spec.method == "full":
         return opts
     opts["ratio"] = spec.ratio
-    if spec.strategy is not None:
-        opts["strategy"] = spec.strategy
+    # an item without :pm/:gl is a global budget, as in the recorded sweeps (the command's default is per_matrix)
+    opts["strategy"] = spec.strategy if spec.strategy is not None else "global"
     if spec.warmup_steps is not None:
         opts["select_warmup_steps"] = spec.warmup_steps
     if spec.warmup_lr is not None:
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", default=None, help="per-method peak lr overrides, e.g. smt=1e-3,lora=2e-3,full=5e-5")
     p.add_argument(
         "--targets",
-        default=",".join(FinetuneConfig().targets),
+        default="q_proj,k_proj,v_proj",  # the earlier grid's (run_quality_grid.sh); the sweep passes its own
         help="projections: q_proj,k_proj,... or letters, e.g. qkvogud for all seven",
     )
     p.add_argument("--block-size", type=int, default=FinetuneConfig().block_size)

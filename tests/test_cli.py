@@ -230,7 +230,7 @@ def test_help_shows_every_default_once(capsys):
         assert part.count("(default:") == 1 and f"(default: {default})" in part, part
     for switch in ("--no-progress", "--save-merged", "--allow-divergence"):
         assert "(default" not in text.rsplit(switch + " ", 1)[1].split(" --", 1)[0]
-    assert text.count("(default: smt 0.001, lora 0.002, dora 0.002, full 5e-05)") == 1
+    assert text.count("(default: smt 0.01, lora 0.003, dora 0.003, full 0.0001)") == 1
 
 
 def test_version(capsys):
@@ -479,7 +479,8 @@ def test_divergence_is_an_error_and_saves_nothing(capsys, tiny_model_dir, tmp_pa
 def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     js = tmp_path / "summary.json"
-    budget = ["--ratio", "0.1"] if method != "full" else []
+    # a global budget over q/k/v: the overshoot bound below is that of one top-k over these targets
+    budget = ["--ratio", "0.1", "--targets", "q_proj,k_proj,v_proj", "--strategy", "global"] if method != "full" else []
     code = main(
         [
             "finetune",

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from smt_kernels import Selection, select_blocks, trainable_parameters
 from smt_kernels.cli import main
-from smt_kernels.finetune import FinetuneConfig, prepare_method
+from smt_kernels.finetune import DEFAULT_LR, FinetuneConfig, prepare_method
 from smt_kernels.select import DEFAULT_TARGETS, find_target_linears, score_gradient
 
 TINY_ADAPTER = [a for a in TINY if a not in ("--select-batches", "2")]  # what LoRA/DoRA accept of TINY
@@ -220,7 +220,7 @@ def test_warmup_bad_options(capsys, argv, needle):
 
 def test_warmup_config_defaults_to_the_runs_lr():
     assert FinetuneConfig().select_warmup == {"warmup_steps": 0}
-    assert FinetuneConfig(select_warmup_steps=3).select_warmup == {"warmup_steps": 3, "warmup_lr": 1e-3}
+    assert FinetuneConfig(select_warmup_steps=3).select_warmup == {"warmup_steps": 3, "warmup_lr": DEFAULT_LR["smt"]}
     cfg = FinetuneConfig(select_warmup_steps=3, lr=5e-3, select_warmup_lr=2e-4)
     assert cfg.select_warmup == {"warmup_steps": 3, "warmup_lr": 2e-4}
 
@@ -284,6 +284,7 @@ def test_activation_per_matrix_ratio_end_to_end(tiny_model_dir, tmp_path):
 def test_per_matrix_num_blocks_cli(tiny_model_dir, tmp_path, capsys):
     js = tmp_path / "r.json"
     argv = ["finetune", "--model", str(tiny_model_dir), *TINY, "--strategy", "per_matrix", "--num-blocks", "2"]
+    argv += ["--targets", "q_proj,k_proj,v_proj"]
     argv += ["--score", "l2", "--output-dir", "", "--output-json", str(js), "--lr", "1e-2"]
     assert main(argv) == 0, capsys.readouterr().err
     r = json.loads(js.read_text())
