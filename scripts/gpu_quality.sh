@@ -20,7 +20,7 @@ screen|confirm)
         cp .model/smol.gguf.part.* /tmp/gguf/ 2>/dev/null
         [ -f /tmp/gguf/smol.gguf.part.aa ] && [ -f /tmp/gguf/smol.gguf.part.ab ] \
             || { echo "both GGUF halves needed in /tmp/gguf (fresh machine?)"; exit 3; }
-        pip install -q --no-deps .whl/gguf-*.whl
+        python -m pip install -q --no-deps .whl/gguf-*.whl 2>&1 | grep -v WARNING
         cat /tmp/gguf/smol.gguf.part.* > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
         python -c "
 from smt_kernels.finetune import load_model
