@@ -33,7 +33,7 @@
 # TARGETS [qkvogud], SMT_LRS ["3e-3 1e-2 3e-2"], LORA_LRS ["1e-3 3e-3 1e-2"] (LoRA and DoRA), FULL_LRS
 # ["3e-5 1e-4 3e-4"], DORA_BUDGETS [= BUDGETS], VARIANT_BUDGET [1%], VARIANTS [":act :pm :wu20"] (activation score,
 # per-matrix budgets, 20 warm-up steps before selecting), VARIANT_LRS [= SMT_LRS], EXTRA_SPECS [none],
-# SCREEN_SEEDS [0], SEEDS [0,1,2], GPUS [all visible, else 0], PROCS_PER_GPU [15], BUDGET [450 s per process],
+# SPECS [the list above; set: exactly these items], SCREEN_SEEDS [0], SEEDS [0,1,2], GPUS [all visible, else 0], PROCS_PER_GPU [15], BUDGET [450 s per process],
 # EXTRA [more benchmarks.quality options, e.g. "--steps 20"]. Items whose method or option this checkout's
 # FinetuneConfig lacks (dora; select_warmup_steps for :wu20) are dropped with a note (--drop-unavailable), so a
 # missing piece costs its runs, not the call; a task this checkout lacks stops the call at once (dry run first).
@@ -66,6 +66,7 @@ for v in $variants; do
     for lr in $variant_lrs; do specs+=("smt@$variant_budget$v/$lr"); done
 done
 specs+=(${EXTRA_SPECS:-})
+[ -n "${SPECS:-}" ] && specs=($SPECS)  # SPECS replaces the whole list (a follow-up of chosen items)
 methods=$(IFS=,; echo "${specs[*]}")
 
 case $mode in

@@ -3,11 +3,13 @@
 #   call 1 (carry .model/smol.gguf.part.aa):             bash scripts/gpu_quality.sh part1
 #   call 2, right after (carry .model/smol.gguf.part.ab and .whl): bash scripts/gpu_quality.sh screen
 #   call 3, right after (the machine keeps /tmp):        bash scripts/gpu_quality.sh confirm
+#   or, after calls 1-2's model setup (screen with BUDGET=1, or any phase), the follow-up items of docs/results.md:
+#                                                        bash scripts/gpu_quality.sh followup
 # part1 leaves the first half of the SmolLM2 GGUF in /tmp (a call carries at most 64 MiB); screen joins the halves,
 # saves the model as a Hugging Face directory (/tmp/smol) and runs the sweep's screen; confirm runs the rest with
 # the screen's dev-best learning rates. Each call packs its results into $OUT/<phase>.tgz.
 set -uo pipefail
-phase=${1:?part1 | screen | confirm}
+phase=${1:?part1 | screen | confirm | followup}
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 sweep=/tmp/sweep
@@ -15,7 +17,7 @@ case $phase in
 part1)
     mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/ && ls -la /tmp/gguf
     ;;
-screen|confirm)
+screen|confirm|followup)
     if [ ! -d /tmp/smol ]; then
         cp .model/smol.gguf.part.* /tmp/gguf/ 2>/dev/null
         [ -f /tmp/gguf/smol.gguf.part.aa ] && [ -f /tmp/gguf/smol.gguf.part.ab ] \
@@ -36,8 +38,18 @@ print('saved /tmp/smol', sum(p.numel() for p in m.parameters()))" || exit 3
     extra=()
     [ "$phase" = confirm ] && extra=("$sweep/screen")
     # the sweep stops its processes at BUDGET (+90 s grace); the outer timeout keeps the packing below in the call
-    BUDGET=${BUDGET:-400} timeout -k 5 "${LIMIT:-520}" bash benchmarks/run_quality_sweep.sh /tmp/smol "$sweep/$phase" \
-        "$phase" "${extra[@]}" >> "$log" 2>&1
+    if [ "$phase" = followup ]; then
+        # what the first sweep left open (docs/results.md): LoRA/DoRA at per-matrix SMT's own parameter count, more
+        # seeds for per-matrix SMT, and the learning rates below the grid's edge; skips runs in the committed results
+        R=benchmarks/results/h200_2026-11-29_quality_sweep
+        SPECS=${SPECS:-"smt@1%:pm/1e-2 smt@1%:pm/3e-3 lora@1%:pm/1e-3 lora@1%:pm/3e-3 lora@1%:pm/1e-2
+            dora@1%:pm/1e-3 dora@1%:pm/3e-3 dora@1%:pm/1e-2 smt@3%/1e-3 smt@10%/1e-3 lora@0.25%/3e-4 lora@1%/3e-4"} \
+        BUDGET=${BUDGET:-400} timeout -k 5 "${LIMIT:-520}" bash benchmarks/run_quality_sweep.sh /tmp/smol \
+            "$sweep/$phase" shard 0/1 "$R/screen" "$R/confirm" >> "$log" 2>&1
+    else
+        BUDGET=${BUDGET:-400} timeout -k 5 "${LIMIT:-520}" bash benchmarks/run_quality_sweep.sh /tmp/smol "$sweep/$phase" \
+            "$phase" "${extra[@]}" >> "$log" 2>&1
+    fi
     echo "sweep rc=$? $(date -u)" >> "$log"
     cp "$log" "$sweep/$phase/"
     tar -czf "$OUT/$phase.tgz" -C "$sweep" "$phase"
