@@ -8,6 +8,11 @@ gradient and no optimizer state. What does need care, and lives here:
   ranks, and rank 0's selection is broadcast, so every rank patches exactly the same blocks.
 - ``save_blocks_distributed``, ``merged_state_dict``, ``save_merged``: gather full tensors (FSDP2 keeps only
   shards) and write once, on rank 0.
+- ``wrap_ddp``: ``DistributedDataParallel`` without the per-forward buffer broadcast, which on a 4-bit base
+  (``quantize_base``) would send the whole frozen NF4 base (buffers, not parameters) from rank 0 every forward.
+
+A 4-bit base works with all of them: its NF4 data are buffers, so DDP and FSDP2 keep them replicated on every
+rank (FSDP2 shards only the parameters: ``block_weight`` and the 16-bit rest).
 
 All collectives use the default process group; "rank 0" is its rank 0. Without an initialised process group
 (or with one rank) every function behaves like its single-process counterpart.
@@ -16,6 +21,7 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -31,6 +37,11 @@ from torch.distributed.tensor import DTensor
 from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.patch import CONFIG_ATTR, patched_modules, save_blocks
+from smt_kernels.quant.dequant import dequantize_overlay_torch
+from smt_kernels.quant.model import nf4_modules
+from smt_kernels.quant.module import _BUFFER_NAMES as NF4_BUFFERS
+from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
+from smt_kernels.quant.nf4 import NF4Weight
 from smt_kernels.select import DEFAULT_TARGETS, GRADIENT_SCORES, Selection, find_target_linears, select_blocks
 
 
@@ -51,6 +62,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 def is_sharded(model: nn.Module) -> bool:
     """True if some parameter of ``model`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel)."""
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(model, **ddp_kwargs)`` with the per-forward buffer broadcast off.
+
+    DDP broadcasts every buffer from rank 0 at the start of every forward by default. A patched model's buffers
+    never change in training (``block_indices`` and its derived index; on a 4-bit base also the whole NF4
+    weight: ``weight_packed``, the absmax scales), so that broadcast only costs time: on a 4-bit base it sends
+    the whole 4-bit model every forward (about 0.52 byte per base weight: ~36 GB for a 70B model). The buffers
+    are still broadcast once when DDP is built, so every rank starts from rank 0's base. Uses
+    ``forward_sync_buffers=False`` where torch has it (2.13+), else ``broadcast_buffers=False``; a value the
+    caller passes for either wins. Models with buffers that do change in training (BatchNorm running
+    statistics) need the default DDP instead.
+    """
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" not in ddp_kwargs and "broadcast_buffers" not in ddp_kwargs:
+        ddp_kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
 
 def _collective_device() -> torch.device:
@@ -97,6 +126,35 @@ def _averaged_gradients(weights: Iterable[torch.Tensor]):
             h.remove()
         for w, flag in flags:
             w.requires_grad_(flag)
+
+
+@contextmanager
+def _averaged_nf4_gradients(modules: Iterable[NF4Linear]):
+    """``_averaged_gradients`` for 4-bit targets, which have no weight Parameter: ``select_blocks`` hands their
+    dense gradients to a fold function it installs as ``module.weight_grad_fold`` (``nf4_weight_gradients``) when
+    the warm-up starts. A forward pre-hook wraps that function once, so that the gradient is averaged over ranks
+    before it is folded (one all-reduce per target and batch, in backward order, the same on every rank)."""
+    world = _world()
+    wrapped: dict[int, tuple] = {}
+
+    def wrap(module: NF4Linear, args: tuple) -> None:
+        current = module.weight_grad_fold
+        if current is None or wrapped.get(id(module)) is current:
+            return  # not in a gradient warm-up, or wrapped already (gradient checkpointing re-runs forwards)
+        fold, anchor = current
+
+        def averaged(grad: torch.Tensor, fold=fold) -> None:
+            dist.all_reduce(grad)
+            fold(grad.div_(world))
+
+        module.weight_grad_fold = wrapped[id(module)] = (averaged, anchor)
+
+    handles = [m.register_forward_pre_hook(wrap) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _to_cpu(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,8 +216,12 @@ def select_blocks_distributed(
 
     score = kwargs.get("score", "abs_mean")
     if score in GRADIENT_SCORES:
-        targets = find_target_linears(model, kwargs.get("targets", DEFAULT_TARGETS))
-        with _averaged_gradients(m.weight for m in targets.values()):
+        targets = find_target_linears(model, kwargs.get("targets", DEFAULT_TARGETS)).values()
+        nf4 = [m for m in targets if isinstance(m, NF4Linear)]
+        with (
+            _averaged_gradients(m.weight for m in targets if not isinstance(m, NF4Linear)),
+            _averaged_nf4_gradients(nf4),
+        ):
             local = select_blocks(model, batches, progress=progress, **kwargs)
     else:
         # a forward hook cannot reduce per-token statistics across ranks: run every rank's batches everywhere
@@ -204,10 +266,14 @@ class _GatheredModel:
         self._state = state
         self._layers = {}
         for name, m in patched_modules(model).items():
-            # a shell on the meta device: only the blocks, their indices and the shape are real
-            shell = SparseBlockLinear(
-                m.in_features, m.out_features, [], m.block_size, bias=False, device="meta", dtype=m.weight.dtype
-            )
+            # a shell on the meta device: only the blocks, their indices and the shape are real (the type tells
+            # the fingerprint which state keys are blocks, not base)
+            if isinstance(m, NF4SparseBlockLinear):
+                shell = NF4SparseBlockLinear(m.in_features, m.out_features, bias=False, device="meta")
+            else:
+                shell = SparseBlockLinear(
+                    m.in_features, m.out_features, [], m.block_size, bias=False, device="meta", dtype=m.weight.dtype
+                )
             shell.block_weight = nn.Parameter(state[f"{name}.block_weight"], requires_grad=False)
             shell.block_indices = state[f"{name}.block_indices"]
             self._layers[name] = shell
@@ -238,27 +304,55 @@ def save_blocks_distributed(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The merged model's full state dict (blocks folded into the weights, keys as in the unpatched model, on
-    the CPU) on rank 0; ``{}`` on the other ranks. Call it on every rank (it gathers shards under FSDP2).
+    """The merged model's full state dict (blocks folded into the weights, keys as in the unpatched 16-bit model,
+    on the CPU) on rank 0; ``{}`` on the other ranks. Call it on every rank (it gathers shards under FSDP2).
 
-    The model itself is left as it is (``merge`` would swap modules of a sharded model in place).
+    What ``merge(model)`` would give, tensor for tensor: a 4-bit layer (``quantize_base``) becomes a ``weight`` in
+    its compute dtype, the dequantized NF4 base with the trained blocks in place (and its bias in that dtype);
+    the frozen 4-bit layers are dequantized too. The model itself is left as it is (``merge`` would swap modules
+    of a sharded model in place).
     """
     model = unwrap(model)
     mods = patched_modules(model)
     if not mods:
         raise ValueError(
             f"merged_state_dict needs a model patched with smt_kernels.patch; this "
-            f"{type(model).__name__} has no SparseBlockLinear modules"
+            f"{type(model).__name__} has no SparseBlockLinear (or NF4SparseBlockLinear) modules"
         )
+    quantized = nf4_modules(model)
     state = _full_state_dict(model)
     if not is_main_process():
         return {}
-    for name in mods:
+    for name, m in mods.items():
+        if isinstance(m, NF4SparseBlockLinear):
+            continue
         # the gathered FSDP2 weight comes from shards that never saw the blocks: write them in
         w = state[f"{name}.weight"].clone()
         scatter_blocks(w, state.pop(f"{name}.block_weight"), state.pop(f"{name}.block_indices"))
         state[f"{name}.weight"] = w
-    return state
+    # 4-bit layers: one dequantized weight where the packed codes were (the model's key order), the NF4 buffers
+    # and blocks dropped, the bias in the compute dtype as merge's nn.Linear has it
+    packed = "." + NF4_BUFFERS["packed"]
+    drop = {f"{n}.{b}" for n in quantized for b in (*NF4_BUFFERS.values(), "block_weight", "block_indices")}
+    out = {}
+    for key, t in state.items():
+        name = key.removesuffix(packed)
+        if name in quantized and key.endswith(packed):
+            out[f"{name}.weight"] = _dequantized(name, quantized[name], state)
+        elif key not in drop:
+            module = quantized.get(key.removesuffix(".bias")) if key.endswith(".bias") else None
+            out[key] = t if module is None else t.to(module.compute_dtype)
+    return out
+
+
+def _dequantized(name: str, m: NF4Linear, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Layer ``name``'s weight as ``merge`` makes it (``NF4Linear.to_linear``), from the (gathered) state dict."""
+    fields = {f: state[f"{name}.{b}"] for f, b in NF4_BUFFERS.items() if f"{name}.{b}" in state}
+    q = NF4Weight(shape=(m.out_features, m.in_features), dtype=m.weight_dtype, **fields)
+    out = torch.empty(q.shape, dtype=m.compute_dtype)
+    if isinstance(m, NF4SparseBlockLinear):
+        return dequantize_overlay_torch(q, out, state[f"{name}.block_weight"], state[f"{name}.block_indices"])
+    return dequantize_overlay_torch(q, out)
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike, **save_pretrained_kwargs: Any) -> Path:

@@ -1,0 +1,266 @@
+"""SMT on a 4-bit NF4 base under DDP and FSDP2 on CPU: 2 forked processes, gloo, a tiny random LLaMA.
+
+The 4-bit base (``quantize_base``) is held in buffers, not parameters: DDP and FSDP2 keep it replicated and
+shard or synchronise only the parameters (``block_weight``, embeddings, norms, lm_head). Every distributed run
+is compared with one process trained on the concatenated batch (losses and blocks after 3 AdamW steps);
+saving and merging write once and equal what the single-process functions give; selection equals one process.
+The helpers (training loop, forking, reference data) are those of tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from test_distributed import (
+    SELECTION,
+    SEQ,
+    VOCAB,
+    B,
+    _save_and_merge,
+    assert_close_dicts,
+    assert_matches,
+    block_weights,
+    global_batches,
+    local_rows,
+    patch_mod,
+    run_ranks,
+    shard_fsdp,
+    train,
+    warmup_batches,
+)
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from smt_kernels import load_blocks, merge, patch, quantize_base, select_blocks
+from smt_kernels.distributed import select_blocks_distributed, wrap_ddp
+from smt_kernels.quant import NF4Linear, NF4SparseBlockLinear, nf4_modules
+from smt_kernels.quant.buffers import buffer_bytes, release_buffers
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+WORLD = 2
+
+
+def build(patched: bool = True) -> LlamaForCausalLM:
+    """The tiny LLaMA of tests/test_distributed.py with every linear but lm_head in NF4 (fp32 compute), patched
+    with its selection (fp32 blocks; k/v out 40 and the MLP's 144 leave clipped edge blocks)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=80,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = quantize_base(LlamaForCausalLM(cfg), "nf4", compute_dtype=torch.float32)
+    return patch(model, SELECTION, B, block_dtype=torch.float32, verbose=False) if patched else model
+
+
+def probe_logits(model) -> torch.Tensor:
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def nf4_buffers(model) -> dict[str, torch.Tensor]:
+    """The frozen 4-bit base: every buffer of the NF4 layers that the state dict holds."""
+    state = model.state_dict()
+    return {
+        f"{n}.{b}": state[f"{n}.{b}"]
+        for n, m in nf4_modules(model).items()
+        for b, _ in m.named_buffers(recurse=False)
+        if f"{n}.{b}" in state and b.startswith("weight_")
+    }
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process on the concatenated batch: losses, blocks, the trained model and its probe logits."""
+    model = build()
+    losses = train(model, slice(None))
+    return {"losses": losses, "blocks": block_weights(model), "model": model, "logits": probe_logits(model)}
+
+
+# ------------------------------------------------------------------------------------------------------------ DDP
+
+
+def _ddp_rank(rank: int, save_dir: Path | None, wrapped: bool):
+    model = build()
+    ddp = wrap_ddp(model) if wrapped else DDP(model)
+    sent = []  # bytes of every buffer broadcast after construction (i.e. at the start of a forward)
+    real = ddp._distributed_broadcast_coalesced
+
+    def counting(tensors, size, src=0):
+        sent.append(sum(t.numel() * t.element_size() for t in tensors))
+        return real(tensors, size, src)
+
+    ddp._distributed_broadcast_coalesced = counting
+    before = {k: v.clone() for k, v in nf4_buffers(model).items()}
+    losses = train(ddp, local_rows(rank))
+    res = {
+        "losses": losses,
+        "blocks": block_weights(model),
+        "sent": sent,
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "base_unchanged": all(torch.equal(v, nf4_buffers(model)[k]) for k, v in before.items()),
+        "logits": probe_logits(model),
+    }
+    if save_dir is not None:
+        res.update(_save_and_merge(rank, ddp, save_dir))
+    return res
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp_nf4")
+    return d, run_ranks(_ddp_rank, d / "out", d, True)
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrap_ddp", "default_ddp"])
+def test_ddp_nf4_matches_single_process(wrapped, ddp_run, reference, tmp_path):
+    """Both DDP setups train what one process trains. Default DDP broadcasts every buffer, the whole 4-bit base
+    included, at the start of every forward (harmless: equal values, written without bumping autograd's version
+    counters, but all of it every step); wrap_ddp sends nothing after construction."""
+    ranks = ddp_run[1] if wrapped else run_ranks(_ddp_rank, tmp_path / "out", None, False)
+    assert_matches(ranks, reference)
+    for res in ranks:
+        assert res["base_unchanged"]
+        if wrapped:
+            assert res["sent"] == []
+        else:
+            assert res["sent"] == [res["buffer_bytes"]] * len(global_batches())
+
+
+# ---------------------------------------------------------------------------------------------------------- FSDP2
+
+
+def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool):
+    initial = {k: v.clone() for k, v in nf4_buffers(build()).items()}
+    model = shard_fsdp(build(), reshard_after_forward)
+    release_buffers()
+    losses = train(model, local_rows(rank))
+    params = {
+        n: (type(p).__name__, tuple(p.placements) if isinstance(p, DTensor) else None)
+        for n, p in model.named_parameters()
+    }
+    base = nf4_buffers(model)
+    res = {
+        "losses": losses,
+        "blocks": block_weights(model),
+        "params": params,
+        # the 4-bit base: plain tensors, whole on every rank, never written
+        "base": {k: (isinstance(v, DTensor), torch.equal(v, initial[k])) for k, v in base.items()},
+        "base_keys": sorted(initial),
+        # one shared dequantization buffer (fp32 compute) of the largest layer: sharding adds none
+        "dequant_buffer": buffer_bytes(),
+        "largest_layer": max(m.out_features * m.in_features for m in nf4_modules(model).values()) * 4,
+        "logits": probe_logits(model),
+    }
+    if save_dir is not None:
+        res.update(_save_and_merge(rank, model, save_dir))
+    return res
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp_nf4")
+    return d, run_ranks(_fsdp_rank, d / "out", d, True)
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_fsdp2_nf4_matches_single_process(reshard_after_forward, fsdp_run, reference, tmp_path):
+    """With resharding after forward FSDP2 re-gathers block_weight before backward; the 4-bit op dequantizes
+    the base with those (current) blocks in place again for dX, so nothing depends on a weight that saw them
+    (the 16-bit op's re-scatter is not needed). Both modes equal one process."""
+    ranks = fsdp_run[1] if reshard_after_forward else run_ranks(_fsdp_rank, tmp_path / "out", None, False)
+    assert_matches(ranks, reference)
+    for res in ranks:
+        assert res["dequant_buffer"] == res["largest_layer"]
+
+
+def test_fsdp2_nf4_base_replicated_parameters_sharded(fsdp_run):
+    _, ranks = fsdp_run
+    for res in ranks:
+        assert sorted(res["base"]) == res["base_keys"] and res["base_keys"]
+        assert all(not is_dtensor and unchanged for is_dtensor, unchanged in res["base"].values())
+        # every parameter (blocks, embeddings, norms, lm_head) is a Shard(0) DTensor
+        assert res["params"] and all(v == ("DTensor", (Shard(0),)) for v in res["params"].values()), res["params"]
+        assert sum(n.endswith("block_weight") for n in res["params"]) == len(SELECTION)
+
+
+# ----------------------------------------------------------------------------------------------- save and merge
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_nf4_save_blocks_and_merge_distributed(engine, ddp_run, fsdp_run, reference, tmp_path):
+    """save_blocks_distributed / merged_state_dict / save_merged on a 4-bit base: rank 0 writes once; the block
+    files have the layout and fingerprint save_blocks writes in one process; load_blocks onto a fresh 4-bit model
+    reproduces the run's logits; the merged state dict and checkpoint equal merge() of that model."""
+    save_dir, ranks = ddp_run if engine == "ddp" else fsdp_run
+    assert [res["writes"] for res in ranks] == [{"blocks": 2, "merged": 1}, {"blocks": 0, "merged": 0}]
+    assert ranks[1]["merged"] == {}
+
+    patch_mod.save_blocks(reference["model"], tmp_path / "single")
+    got = json.loads((save_dir / "blocks" / patch_mod.META_FILE).read_text())
+    want = json.loads((tmp_path / "single" / patch_mod.META_FILE).read_text())
+    for key in ("block_size", "num_blocks", "modules", "fingerprint"):
+        assert got[key] == want[key], key
+    assert any(k.endswith(".weight_packed") for k in got["fingerprint"])  # the 4-bit base is fingerprinted
+    saved = load_file(save_dir / "blocks" / got["blocks_file"])
+    assert_close_dicts(saved, reference["blocks"], "saved blocks")
+
+    loaded = load_blocks(build(patched=False), save_dir / "blocks")
+    assert all(isinstance(m, NF4SparseBlockLinear) for m in nf4_modules(loaded, trainable=True).values())
+    assert torch.equal(probe_logits(loaded), ranks[0]["logits"])
+
+    merged = merge(loaded).state_dict()
+    assert not any(isinstance(m, NF4Linear) for m in loaded.modules())
+    assert list(ranks[0]["merged"]) == list(merged)  # the plain model's keys, in its order
+    for k, v in merged.items():
+        assert torch.equal(ranks[0]["merged"][k], v), k
+    checkpoint = LlamaForCausalLM.from_pretrained(save_dir / "merged").state_dict()
+    for k, v in merged.items():
+        assert torch.equal(checkpoint[k], v), k
+    torch.testing.assert_close(probe_logits(loaded), reference["logits"], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+SCORES = ("abs_mean", "l2", "activation")
+SELECT_KW = dict(num_blocks=7, targets=("q_proj", "k_proj", "v_proj", "down_proj"), block_size=B, progress=False)
+
+
+def _select_rank(rank: int):
+    model = build(patched=False)
+    out = {}
+    for score in SCORES:
+        sel = select_blocks_distributed(model, warmup_batches(local_rows(rank)), score=score, **SELECT_KW)
+        out[score] = (dict(sel), sel.scores, sel.num_batches)
+    out["fold_restored"] = all(m.weight_grad_fold is None for m in nf4_modules(model).values())
+    out["hooks_left"] = sum(len(m._forward_pre_hooks) for m in model.modules())
+    return out
+
+
+def test_select_blocks_distributed_on_nf4_equals_single_process(tmp_path):
+    """4-bit targets hand their dense gradients to select_blocks' fold function, not to a .grad: those are
+    averaged over ranks before folding, so every score equals one process's on the concatenated batches."""
+    ranks = run_ranks(_select_rank, tmp_path / "out")
+    for score in SCORES:
+        ref = select_blocks(build(patched=False), warmup_batches(), score=score, **SELECT_KW)
+        for r, res in enumerate(ranks):
+            blocks, scores, num_batches = res[score]
+            assert blocks == dict(ref), f"{score}: rank {r} chose other blocks than one process"
+            assert num_batches == 2 * WORLD
+            assert scores.keys() == ref.scores.keys()
+            for name in ref.scores:
+                torch.testing.assert_close(scores[name], ref.scores[name], rtol=1e-5, atol=1e-9)
+    for res in ranks:
+        assert res["fold_restored"] and res["hooks_left"] == 0
