@@ -12,6 +12,7 @@ from torch import nn
 
 from smt_kernels.layout import check_block_size
 from smt_kernels.module import SparseBlockLinear
+from smt_kernels.quant.module import NF4Linear
 from smt_kernels.select import block_element_counts, find_target_linears
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -127,7 +128,7 @@ def summarize_selection(
     block_size: int | None = None,
     targets: Sequence[str] | None = None,
 ) -> SelectionSummary:
-    """Summary of ``selection`` on ``model`` (patched or not).
+    """Summary of ``selection`` on ``model`` (patched or not; 16-bit, 4-bit NF4 or mixed targets).
 
     The target modules (the denominator of "trainable % of the target weights") are ``targets``, else the
     selection's own ``targets``, else every linear whose projection name appears in the selection.
@@ -143,8 +144,9 @@ def summarize_selection(
         found.setdefault(n, modules[n])
     choices = []
     for name, m in found.items():
-        if not isinstance(m, nn.Linear | SparseBlockLinear):
-            raise ValueError(f"{name} is a {type(m).__name__}, not an nn.Linear")
+        # shapes only: a 4-bit NF4Linear (patched or not) is summarised like the nn.Linear it stands for
+        if not isinstance(m, nn.Linear | SparseBlockLinear | NF4Linear):
+            raise ValueError(f"{name} is a {type(m).__name__}, not an nn.Linear (or a 4-bit NF4Linear)")
         blocks = torch.tensor([list(p) for p in selection.get(name, [])], dtype=torch.int64).reshape(-1, 2)
         counts = block_element_counts(m.out_features, m.in_features, block_size)
         if blocks.numel() and (
@@ -170,4 +172,6 @@ def summarize_selection(
     order = {n: i for i, n in enumerate(modules)}
     choices.sort(key=lambda c: order[c.name])
     model_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("block_weight"))
+    # a 4-bit weight lives in buffers: count its out × in elements, as trainable_parameters does
+    model_params += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
     return SelectionSummary(block_size=block_size, modules=choices, model_params=model_params)

@@ -21,6 +21,7 @@ DEFAULT_RATIO = 0.0127  # of the target weights: 1 % of SmolLM2-135M with all se
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_METHODS = ("lora", "dora")  # PEFT adapters: DoRA is LoRA with use_dora=True
 BUDGET_METHODS = ("smt", *ADAPTER_METHODS)  # the methods that train a budget of the target weights
+QUANTIZE = ("nf4",)  # formats of a 4-bit frozen base (smt_kernels.quantize_base)
 
 
 class FinetuneError(RuntimeError):
@@ -81,6 +82,14 @@ class FinetuneConfig:
     )
     gguf_file: str | None = option(
         None, "GGUF file name inside --model when it holds several", group=WHAT, metavar="NAME"
+    )
+    quantize: str | None = option(
+        None,
+        "store the frozen base in 4 bits (QLoRA's NF4; lm_head and embeddings stay) and train SMT blocks on it "
+        "(--method smt only)",
+        group=WHAT,
+        choices=QUANTIZE,
+        default_text="none, a 16-bit base",
     )
     task: str = option("arithmetic", "generated task", group=WHAT, choices=tuple(sorted(GENERATORS)))
     data: str | None = option(
@@ -284,6 +293,7 @@ def check_config(cfg: FinetuneConfig) -> None:
                 f"{flag(f.name)} is not used by --method {cfg.method} (only by "
                 f"{' and '.join(meta['methods'])}); leave it out"
             )
+    check_quantize(cfg)
     if cfg.ratio is not None and cfg.ratio == 0.0:
         raise FinetuneError("--ratio must be in (0, 1] (a fraction of the target weights), got 0")
     if cfg.lr is not None and cfg.lr == 0.0:
@@ -325,6 +335,30 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(
             f"--checkpoint-every {cfg.checkpoint_every} is not below --steps {cfg.steps}: no "
             "checkpoint would be written"
+        )
+
+
+def check_quantize(cfg: FinetuneConfig) -> None:
+    """What a 4-bit base rules out: methods that train or wrap the base weights, and warm-up training of them."""
+    if cfg.quantize is None:
+        return
+    q = f"--quantize {cfg.quantize}"
+    if cfg.method == "full":
+        raise FinetuneError(
+            f"{q} freezes the base weights in 4 bits; --method full trains every weight (use --method smt)"
+        )
+    if cfg.method in ADAPTER_METHODS:
+        # PEFT wraps nn.Linear and bitsandbytes' Linear4bit, not smt_kernels' NF4Linear. QLoRA itself
+        # (transformers' BitsAndBytesConfig + bitsandbytes Linear4bit + PEFT) is not built into this command.
+        raise FinetuneError(
+            f"{q} works with --method smt only: PEFT cannot put --method {cfg.method} adapters on smt_kernels' NF4 "
+            "layers (for the QLoRA baseline load the model with transformers' BitsAndBytesConfig(load_in_4bit=True, "
+            "bnb_4bit_quant_type='nf4') and PEFT in your own script)"
+        )
+    if cfg.select_warmup_steps:
+        raise FinetuneError(
+            f"--select-warmup-steps {cfg.select_warmup_steps} trains the target weights, which {q} keeps frozen "
+            "in 4 bits; leave one of them out"
         )
 
 

@@ -136,7 +136,9 @@ def _prepare_smt(
             seconds = time.perf_counter() - t0
             selection.num_batches = len(select_batches)  # global batches (under torchrun: not each rank's share)
         # the config explicitly: a selection read back on --resume does not carry it
-        model = smt_kernels.patch(model, selection, config=cfg.smt_config, verbose=False)
+        # fp32 blocks on a 4-bit base: the run's master weights are fp32 whatever the base's compute dtype
+        block_dtype = torch.float32 if cfg.quantize else None
+        model = smt_kernels.patch(model, selection, config=cfg.smt_config, verbose=False, block_dtype=block_dtype)
     except (ValueError, TypeError) as err:
         raise FinetuneError(f"SMT selection/patching failed: {err}") from None
     summary = summarize_selection(model, selection, block_size=cfg.block_size, targets=cfg.targets)

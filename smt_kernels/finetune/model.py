@@ -162,6 +162,19 @@ def _drop_gguf_quantizer(lm: nn.Module) -> None:
             config._is_quantized = False
 
 
+def quantize_model(model: nn.Module, method: str, device: torch.device) -> nn.Module:
+    """Make the base 4-bit in place (``smt_kernels.quantize_base``: every linear but ``lm_head``), on the model's
+    device. The compute dtype is what the run computes in: bf16 on CUDA (the run's autocast), else the weights'
+    dtype (fp32 on the CPU)."""
+    import smt_kernels
+
+    compute = torch.bfloat16 if device.type == "cuda" else None
+    try:
+        return smt_kernels.quantize_base(model, method, compute_dtype=compute)
+    except (TypeError, ValueError) as err:
+        raise FinetuneError(f"--quantize {method}: {err}") from None
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """An independent copy (for running several methods from one loaded model)."""
     return copy.deepcopy(model)

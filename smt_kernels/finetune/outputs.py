@@ -86,7 +86,11 @@ def save_outputs(model: nn.Module, tokenizer, cfg: FinetuneConfig, selection: Se
         saved["adapter"] = str(out / LORA_DIR)
     if cfg.save_merged:
         if cfg.method == "smt":
-            merged = smt_kernels.merge(model)
+            merged = smt_kernels.merge(model)  # a 4-bit base: dequantized, nn.Linear in its compute dtype
+            if cfg.quantize:
+                # bf16 linears (a CUDA run) among fp32 norms and embeddings: one dtype for the saved model
+                # (exact: bf16 values are fp32 values)
+                merged.to(merged.get_input_embeddings().weight.dtype)
         elif cfg.method in ADAPTER_METHODS:
             merged = model.merge_and_unload()
         else:

@@ -55,6 +55,7 @@ class FinetuneResult:
     loss_curve: list[dict[str, float]]
     eval_loss_curve: list[dict[str, float]]
     config: dict[str, Any]
+    quantize: str | None = None  # the base's 4-bit format (--quantize), None for a 16-bit base
     before: EvalResult | None = field(default=None, repr=False)  # for reuse by later runs; not in the JSON
 
     @property
@@ -94,7 +95,7 @@ def format_summary(r: FinetuneResult) -> str:
     of_targets = r.trainable_pct_of_targets
     lines = [
         f"== {r.method} on {r.task} ({r.model}, {r.device}{f' × {r.ranks} ranks' if r.ranks > 1 else ''}, "
-        f"seed {r.seed}) ==",
+        f"seed {r.seed}{f', 4-bit {r.quantize.upper()} base' if r.quantize else ''}) ==",
         f"trainable      {r.trainable_params:,} of {r.total_params:,} parameters ({r.trainable_pct:.3f}%)"
         + (f"; {of_targets:.2f}% of the target weights" if of_targets else ""),
     ]

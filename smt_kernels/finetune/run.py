@@ -17,7 +17,7 @@ from smt_kernels.finetune.data import TokenizedTask, build_task, data_fingerprin
 from smt_kernels.finetune.evaluate import EvalResult, eval_loss, evaluate
 from smt_kernels.finetune.loop import TrainingRun, TrainLog, check_converged
 from smt_kernels.finetune.methods import Prepared, prepare_method, smt_budget
-from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, resolve_model_source
+from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, quantize_model, resolve_model_source
 from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
 from smt_kernels.finetune.parallel import Ranks, check_world, data_parallel
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
@@ -118,6 +118,8 @@ def _check_and_load(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, 
         smt_budget(model, cfg)  # a budget that does not fit fails before the slow part
     load_seconds = time.perf_counter() - t_start
     model.to(device)
+    if cfg.quantize:  # before the baseline evaluation and selection: the 4-bit model is the one trained
+        quantize_model(model, cfg.quantize, device)
     model.config.use_cache = True
     data = TokenizedTask.build(task, tokenizer, cfg)
     log.info("task %s: %d train / %d held-out examples; method %s on %s", task.name, len(task.train),
@@ -187,7 +189,8 @@ def _result(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared, tr
         resumed_from_step=job.resume.step if job.resume else None, saved=saved,
         examples=[{"prompt": ex.prompt, "answer": ex.answer, "before": b, "after": a}
                   for ex, b, a in zip(task.eval, before.predictions, after.predictions, strict=True)],
-        loss_curve=train_log.curve, eval_loss_curve=train_log.eval_curve, config=cfg.to_dict(), before=before,
+        loss_curve=train_log.curve, eval_loss_curve=train_log.eval_curve, config=cfg.to_dict(), quantize=cfg.quantize,
+        before=before,
     )  # fmt: skip
 
 
