@@ -167,3 +167,26 @@ def test_summarize_selection_accepts_4bit_targets(tiny_model_dir):
     smt_kernels.patch(nf4, selection, block_size=16, verbose=False)
     assert summarize_selection(nf4, selection, block_size=16, targets=targets) == want
     assert want.model_params == smt_kernels.trainable_parameters(nf4)[1]
+
+
+def test_two_ranks_on_a_4bit_base_equal_one_process(tiny_model_dir, tmp_path, capsys):
+    """Under torchrun (2 forked gloo ranks): the same selection, losses and blocks as one process."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    from test_cli_torchrun import _argv, _weights, assert_same_run, run_two_ranks
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--quantize", "nf4"]
+    assert main(_argv(tiny_model_dir, "smt", one, *extra)) == 0, capsys.readouterr().err
+    ranks = run_two_ranks(_argv(tiny_model_dir, "smt", two, *extra), tmp_path / "ranks")
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert "cpu × 2 ranks, seed 0, 4-bit NF4 base" in ranks[0]["stdout"]
+    r1, r2 = json.loads((one / "r.json").read_text()), json.loads((two / "r.json").read_text())
+    assert_same_run(r2, r1)  # losses and held-out curve within rtol 1e-5 (fp32 all-reduce rounding)
+    assert json.loads((two / "selection.json").read_text()) == json.loads((one / "selection.json").read_text())
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6)

@@ -162,10 +162,6 @@ def _rank_device(name: str) -> torch.device:
 def check_world(cfg: FinetuneConfig, world: int, num_train: int | None = None) -> None:
     """FinetuneError if ``cfg`` cannot run on ``world`` ranks: the global batch (or, with fewer training examples
     than ``--batch-size``, the one short batch an epoch then holds) must split evenly over the ranks."""
-    if world > 1 and cfg.quantize:
-        # selection on several ranks all-reduces each target's dense gradient through parameter hooks, which a
-        # 4-bit base (weights in buffers) does not have
-        raise FinetuneError(f"--quantize {cfg.quantize} runs in one process only, not under torchrun ({world} ranks)")
     if world > 1 and cfg.batch_size % world:
         raise FinetuneError(
             f"--batch-size {cfg.batch_size} (the global batch) does not split over {world} ranks; give a multiple of "
