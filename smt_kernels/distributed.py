@@ -330,18 +330,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         w = state[f"{name}.weight"].clone()
         scatter_blocks(w, state.pop(f"{name}.block_weight"), state.pop(f"{name}.block_indices"))
         state[f"{name}.weight"] = w
-    # 4-bit layers: one dequantized weight where the packed codes were (the model's key order), the NF4 buffers
+    # 4-bit layers: one dequantized weight first among the module's keys (where nn.Linear has it), the NF4 buffers
     # and blocks dropped, the bias in the compute dtype as merge's nn.Linear has it
-    packed = "." + NF4_BUFFERS["packed"]
     drop = {f"{n}.{b}" for n in quantized for b in (*NF4_BUFFERS.values(), "block_weight", "block_indices")}
     out = {}
     for key, t in state.items():
-        name = key.removesuffix(packed)
-        if name in quantized and key.endswith(packed):
-            out[f"{name}.weight"] = _dequantized(name, quantized[name], state)
-        elif key not in drop:
-            module = quantized.get(key.removesuffix(".bias")) if key.endswith(".bias") else None
-            out[key] = t if module is None else t.to(module.compute_dtype)
+        name = key.rpartition(".")[0]
+        m = quantized.get(name)
+        if m is not None and f"{name}.weight" not in out:
+            out[f"{name}.weight"] = _dequantized(name, m, state)
+        if key not in drop:
+            out[key] = t if m is None else t.to(m.compute_dtype)
     return out
 
 

@@ -10,6 +10,7 @@ The helpers (training loop, forking, reference data) are those of tests/test_dis
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from test_distributed import (
+    ROWS,
     SELECTION,
     SEQ,
     VOCAB,
@@ -89,6 +91,13 @@ def reference():
     return {"losses": losses, "blocks": block_weights(model), "model": model, "logits": probe_logits(model)}
 
 
+@pytest.fixture(scope="module")
+def reference_two_micro():
+    """One process on the concatenated batches of 2 micro-batches per step."""
+    model = build()
+    return {"losses": train(model, slice(None), rows_per_step=2 * ROWS), "blocks": block_weights(model)}
+
+
 # ------------------------------------------------------------------------------------------------------------ DDP
 
 
@@ -142,11 +151,17 @@ def test_ddp_nf4_matches_single_process(wrapped, ddp_run, reference, tmp_path):
 # ---------------------------------------------------------------------------------------------------------- FSDP2
 
 
-def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool):
+def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, micro: int = 1):
     initial = {k: v.clone() for k, v in nf4_buffers(build()).items()}
     model = shard_fsdp(build(), reshard_after_forward)
     release_buffers()
-    losses = train(model, local_rows(rank))
+
+    def sync(last):  # reduce-scatter the block gradients only after the last micro-batch
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    rows = micro * ROWS
+    losses = train(model, local_rows(rank, rows), micro=micro, sync=sync, rows_per_step=rows)
     params = {
         n: (type(p).__name__, tuple(p.placements) if isinstance(p, DTensor) else None)
         for n, p in model.named_parameters()
@@ -184,6 +199,11 @@ def test_fsdp2_nf4_matches_single_process(reshard_after_forward, fsdp_run, refer
     assert_matches(ranks, reference)
     for res in ranks:
         assert res["dequant_buffer"] == res["largest_layer"]
+
+
+def test_fsdp2_nf4_gradient_accumulation(tmp_path, reference_two_micro):
+    """set_requires_gradient_sync(False) on all micro-batches but the last, resharding after every forward."""
+    assert_matches(run_ranks(_fsdp_rank, tmp_path / "out", None, True, 2), reference_two_micro)
 
 
 def test_fsdp2_nf4_base_replicated_parameters_sharded(fsdp_run):
@@ -244,6 +264,10 @@ def _select_rank(rank: int):
     for score in SCORES:
         sel = select_blocks_distributed(model, warmup_batches(local_rows(rank)), score=score, **SELECT_KW)
         out[score] = (dict(sel), sel.scores, sel.num_batches)
+    # gradient checkpointing re-runs the 4-bit forwards in backward: each gradient is still averaged once
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sel = select_blocks_distributed(model, warmup_batches(local_rows(rank)), training=True, **SELECT_KW)
+    out["checkpointed"] = (dict(sel), sel.scores)
     out["fold_restored"] = all(m.weight_grad_fold is None for m in nf4_modules(model).values())
     out["hooks_left"] = sum(len(m._forward_pre_hooks) for m in model.modules())
     return out
@@ -263,4 +287,47 @@ def test_select_blocks_distributed_on_nf4_equals_single_process(tmp_path):
             for name in ref.scores:
                 torch.testing.assert_close(scores[name], ref.scores[name], rtol=1e-5, atol=1e-9)
     for res in ranks:
+        blocks, scores = res["checkpointed"]
+        assert blocks == res["abs_mean"][0]
+        for name, want in res["abs_mean"][1].items():
+            torch.testing.assert_close(scores[name], want, rtol=1e-6, atol=1e-12)
         assert res["fold_restored"] and res["hooks_left"] == 0
+
+
+# ------------------------------------------------------------------------------------------ without a process group
+
+
+def test_merged_state_dict_of_a_mixed_model_equals_merge(tmp_path):
+    """One process, no process group: 4-bit layers with biases (Qwen2's q/k/v; bf16 compute over an fp32 model,
+    so merge's bias is bf16), a 16-bit target left out of quantize_base, frozen 4-bit layers: merged_state_dict
+    and save_merged equal merge() tensor for tensor, in the plain model's key order and dtypes."""
+    from tiny_models import tiny
+
+    from smt_kernels.distributed import merged_state_dict, save_merged
+
+    assert not dist.is_initialized()
+    model = quantize_base(tiny("qwen2", 0, torch.float32), "nf4", skip=("v_proj",), compute_dtype=torch.bfloat16)
+    sel = {
+        "model.layers.0.self_attn.q_proj": [(0, 0), (2, 2)],
+        "model.layers.0.self_attn.v_proj": [(1, 1)],
+        "model.layers.1.mlp.down_proj": [(2, 4)],
+    }
+    patch(model, sel, 32, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("block_weight"):
+                p.add_(0.25)
+    got = merged_state_dict(model)
+    save_merged(model, tmp_path / "merged")
+    assert any(isinstance(m, NF4Linear) for m in model.modules())  # the model is left as it is
+    want = merge(model).state_dict()
+    assert list(got) == list(want)
+    assert got["model.layers.0.self_attn.q_proj.bias"].dtype == torch.bfloat16
+    assert got["model.layers.0.self_attn.v_proj.weight"].dtype == torch.float32
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    from transformers import Qwen2ForCausalLM
+
+    saved = Qwen2ForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto").state_dict()
+    for k, v in want.items():
+        assert torch.equal(saved[k].to(v.dtype), v), k
