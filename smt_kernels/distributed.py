@@ -10,9 +10,10 @@ gradient and no optimizer state. What does need care, and lives here:
   shards) and write once, on rank 0.
 - ``wrap_ddp``: ``DistributedDataParallel`` without the per-forward buffer broadcast, which on a 4-bit base
   (``quantize_base``) would send the whole frozen NF4 base (buffers, not parameters) from rank 0 every forward.
+- ``shard_nf4_base``: before ``fully_shard``, makes the 4-bit codes parameters, so that FSDP2 shards them too.
 
-A 4-bit base works with all of them: its NF4 data are buffers, so DDP and FSDP2 keep them replicated on every
-rank (FSDP2 shards only the parameters: ``block_weight`` and the 16-bit rest).
+A 4-bit base works with all of them. Its NF4 data are buffers, so DDP and FSDP2 keep them replicated on every
+rank (FSDP2 shards only the parameters: ``block_weight`` and the 16-bit rest) unless ``shard_nf4_base`` is used.
 
 All collectives use the default process group; "rank 0" is its rank 0. Without an initialised process group
 (or with one rank) every function behaves like its single-process counterpart.
@@ -80,6 +81,33 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedData
     if "forward_sync_buffers" not in ddp_kwargs and "broadcast_buffers" not in ddp_kwargs:
         ddp_kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+# the 4-bit codes of an NF4 layer: uint8, so FSDP2's mixed precision never casts them; they are 99.9 % of a
+# double-quantized base (the fp32 scales, 4 bytes per 16384 weights, stay replicated buffers)
+_NF4_CODES = (NF4_BUFFERS["packed"], NF4_BUFFERS["absmax_q"])
+
+
+def shard_nf4_base(model: nn.Module) -> nn.Module:
+    """Let FSDP2 shard the 4-bit base too: call it on the patched 4-bit model right before ``fully_shard``.
+
+    ``fully_shard`` shards parameters only, and an NF4 layer keeps its 4-bit data in buffers, so by default every
+    rank holds the whole 4-bit base. This turns each NF4 layer's uint8 codes (``weight_packed`` and, with double
+    quantization, ``weight_absmax_q``) into frozen ``nn.Parameter`` s: FSDP2 then shards them (``Shard(0)``),
+    all-gathers a layer's codes before its forward and backward with its other parameters and frees them after,
+    as it does for a 16-bit weight. The fp32 scales stay replicated buffers (with double quantization 4 bytes per
+    16384 weights; without it the fp32 absmax, 1/8 of the packed codes, stays replicated). State-dict keys are
+    unchanged, so saving, merging and ``load_blocks`` work as before. Afterwards ``model.parameters()`` includes
+    these uint8 tensors (``trainable_parameters``' total counts them twice), so call it after ``patch`` and after
+    any ``.to(dtype)``. Returns the same model.
+    """
+    for m in nf4_modules(model).values():
+        for name in _NF4_CODES:
+            t = m._buffers.get(name)
+            if t is not None:
+                del m._buffers[name]
+                m.register_parameter(name, nn.Parameter(t, requires_grad=False))
+    return model
 
 
 def _collective_device() -> torch.device:

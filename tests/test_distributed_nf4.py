@@ -27,6 +27,7 @@ from test_distributed import (
     assert_close_dicts,
     assert_matches,
     block_weights,
+    full,
     global_batches,
     local_rows,
     patch_mod,
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from smt_kernels import load_blocks, merge, patch, quantize_base, select_blocks
-from smt_kernels.distributed import select_blocks_distributed, wrap_ddp
+from smt_kernels.distributed import select_blocks_distributed, shard_nf4_base, wrap_ddp
 from smt_kernels.quant import NF4Linear, NF4SparseBlockLinear, nf4_modules
 from smt_kernels.quant.buffers import buffer_bytes, release_buffers
 
@@ -72,15 +73,11 @@ def probe_logits(model) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def nf4_buffers(model) -> dict[str, torch.Tensor]:
-    """The frozen 4-bit base: every buffer of the NF4 layers that the state dict holds."""
+def nf4_base(model) -> dict[str, torch.Tensor]:
+    """The frozen 4-bit base: every ``weight_*`` tensor of the NF4 layers' state (buffers, or parameters after
+    ``shard_nf4_base``)."""
     state = model.state_dict()
-    return {
-        f"{n}.{b}": state[f"{n}.{b}"]
-        for n, m in nf4_modules(model).items()
-        for b, _ in m.named_buffers(recurse=False)
-        if f"{n}.{b}" in state and b.startswith("weight_")
-    }
+    return {k: v for n in nf4_modules(model) for k, v in state.items() if k.startswith(f"{n}.weight_")}
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +109,14 @@ def _ddp_rank(rank: int, save_dir: Path | None, wrapped: bool):
         return real(tensors, size, src)
 
     ddp._distributed_broadcast_coalesced = counting
-    before = {k: v.clone() for k, v in nf4_buffers(model).items()}
+    before = {k: v.clone() for k, v in nf4_base(model).items()}
     losses = train(ddp, local_rows(rank))
     res = {
         "losses": losses,
         "blocks": block_weights(model),
         "sent": sent,
         "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
-        "base_unchanged": all(torch.equal(v, nf4_buffers(model)[k]) for k, v in before.items()),
+        "base_unchanged": all(torch.equal(v, nf4_base(model)[k]) for k, v in before.items()),
         "logits": probe_logits(model),
     }
     if save_dir is not None:
@@ -151,9 +148,13 @@ def test_ddp_nf4_matches_single_process(wrapped, ddp_run, reference, tmp_path):
 # ---------------------------------------------------------------------------------------------------------- FSDP2
 
 
-def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, micro: int = 1):
-    initial = {k: v.clone() for k, v in nf4_buffers(build()).items()}
-    model = shard_fsdp(build(), reshard_after_forward)
+def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, micro: int = 1, base: bool = False):
+    """FSDP2 training; ``base``: shard the 4-bit codes too (``shard_nf4_base``), else they stay replicated."""
+    initial = {k: v.clone() for k, v in nf4_base(build()).items()}
+    model = build()
+    if base:
+        shard_nf4_base(model)
+    model = shard_fsdp(model, reshard_after_forward)
     release_buffers()
 
     def sync(last):  # reduce-scatter the block gradients only after the last micro-batch
@@ -166,14 +167,20 @@ def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, mi
         n: (type(p).__name__, tuple(p.placements) if isinstance(p, DTensor) else None)
         for n, p in model.named_parameters()
     }
-    base = nf4_buffers(model)
     res = {
         "losses": losses,
         "blocks": block_weights(model),
         "params": params,
-        # the 4-bit base: plain tensors, whole on every rank, never written
-        "base": {k: (isinstance(v, DTensor), torch.equal(v, initial[k])) for k, v in base.items()},
-        "base_keys": sorted(initial),
+        # the 4-bit base, never written: (placements or None, local elements, equal to the initial base)
+        "base": {
+            k: (
+                tuple(v.placements) if isinstance(v, DTensor) else None,
+                (v.to_local() if isinstance(v, DTensor) else v).numel(),
+                torch.equal(full(v), initial[k]),
+            )
+            for k, v in nf4_base(model).items()
+        },
+        "initial_numel": {k: v.numel() for k, v in initial.items()},
         # one shared dequantization buffer (fp32 compute) of the largest layer: sharding adds none
         "dequant_buffer": buffer_bytes(),
         "largest_layer": max(m.out_features * m.in_features for m in nf4_modules(model).values()) * 4,
@@ -187,18 +194,29 @@ def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, mi
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp_nf4")
-    return d, run_ranks(_fsdp_rank, d / "out", d, True)
+    return d, run_ranks(_fsdp_rank, d / "out", d, True)  # FSDP2's (and accelerate's) default
 
 
+@pytest.fixture(scope="module")
+def fsdp_base_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp_nf4_base")
+    return d, run_ranks(_fsdp_rank, d / "out", d, True, 1, True)
+
+
+@pytest.mark.parametrize("base", [False, True], ids=["base_replicated", "base_sharded"])
 @pytest.mark.parametrize("reshard_after_forward", [True, False])
-def test_fsdp2_nf4_matches_single_process(reshard_after_forward, fsdp_run, reference, tmp_path):
-    """With resharding after forward FSDP2 re-gathers block_weight before backward; the 4-bit op dequantizes
-    the base with those (current) blocks in place again for dX, so nothing depends on a weight that saw them
-    (the 16-bit op's re-scatter is not needed). Both modes equal one process."""
-    ranks = fsdp_run[1] if reshard_after_forward else run_ranks(_fsdp_rank, tmp_path / "out", None, False)
+def test_fsdp2_nf4_matches_single_process(reshard_after_forward, base, fsdp_run, fsdp_base_run, reference, tmp_path):
+    """With resharding after forward FSDP2 re-gathers block_weight (and, sharded, the 4-bit codes) before
+    backward; the 4-bit op dequantizes the base with those (current) blocks in place again for dX, so nothing
+    depends on a weight that saw them (the 16-bit op's re-scatter is not needed). All modes equal one process."""
+    if reshard_after_forward:
+        ranks = (fsdp_base_run if base else fsdp_run)[1]
+    else:
+        ranks = run_ranks(_fsdp_rank, tmp_path / "out", None, False, 1, base)
     assert_matches(ranks, reference)
     for res in ranks:
         assert res["dequant_buffer"] == res["largest_layer"]
+        assert all(unchanged for *_, unchanged in res["base"].values())
 
 
 def test_fsdp2_nf4_gradient_accumulation(tmp_path, reference_two_micro):
@@ -209,22 +227,39 @@ def test_fsdp2_nf4_gradient_accumulation(tmp_path, reference_two_micro):
 def test_fsdp2_nf4_base_replicated_parameters_sharded(fsdp_run):
     _, ranks = fsdp_run
     for res in ranks:
-        assert sorted(res["base"]) == res["base_keys"] and res["base_keys"]
-        assert all(not is_dtensor and unchanged for is_dtensor, unchanged in res["base"].values())
+        assert res["base"].keys() == res["initial_numel"].keys() and res["base"]
+        # plain tensors, whole on every rank
+        assert all(p is None and n == res["initial_numel"][k] for k, (p, n, _) in res["base"].items())
         # every parameter (blocks, embeddings, norms, lm_head) is a Shard(0) DTensor
         assert res["params"] and all(v == ("DTensor", (Shard(0),)) for v in res["params"].values()), res["params"]
         assert sum(n.endswith("block_weight") for n in res["params"]) == len(SELECTION)
 
 
+def test_fsdp2_shard_nf4_base_shards_the_codes(fsdp_base_run):
+    """After shard_nf4_base the uint8 codes are Shard(0) parameters (each rank keeps its torch.chunk part); the
+    fp32 scales stay whole buffers."""
+    _, ranks = fsdp_base_run
+    for rank, res in enumerate(ranks):
+        codes = {k for k in res["base"] if k.endswith((".weight_packed", ".weight_absmax_q"))}
+        assert codes and codes < res["base"].keys()
+        for k, (placements, local, _) in res["base"].items():
+            n = res["initial_numel"][k]
+            if k in codes:
+                assert placements == (Shard(0),) and local == torch.empty(n).chunk(WORLD)[rank].numel(), k
+                assert res["params"][k] == ("DTensor", (Shard(0),))
+            else:
+                assert placements is None and local == n and k not in res["params"], k
+
+
 # ----------------------------------------------------------------------------------------------- save and merge
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_nf4_save_blocks_and_merge_distributed(engine, ddp_run, fsdp_run, reference, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2_base_sharded"])
+def test_nf4_save_blocks_and_merge_distributed(engine, ddp_run, fsdp_run, fsdp_base_run, reference, tmp_path):
     """save_blocks_distributed / merged_state_dict / save_merged on a 4-bit base: rank 0 writes once; the block
     files have the layout and fingerprint save_blocks writes in one process; load_blocks onto a fresh 4-bit model
     reproduces the run's logits; the merged state dict and checkpoint equal merge() of that model."""
-    save_dir, ranks = ddp_run if engine == "ddp" else fsdp_run
+    save_dir, ranks = {"ddp": ddp_run, "fsdp2": fsdp_run, "fsdp2_base_sharded": fsdp_base_run}[engine]
     assert [res["writes"] for res in ranks] == [{"blocks": 2, "merged": 1}, {"blocks": 0, "merged": 0}]
     assert ranks[1]["merged"] == {}
 
