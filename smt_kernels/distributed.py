@@ -101,7 +101,17 @@ def shard_nf4_base(model: nn.Module) -> nn.Module:
     these uint8 tensors (``trainable_parameters``' total counts them twice), so call it after ``patch`` and after
     any ``.to(dtype)``. Returns the same model.
     """
-    for m in nf4_modules(model).values():
+    layers = nf4_modules(model)
+    if not layers:
+        raise ValueError(
+            f"shard_nf4_base: this {type(model).__name__} has no NF4 layers; quantize_base(model, 'nf4') first"
+        )
+    if is_sharded(model):
+        raise ValueError(
+            "shard_nf4_base must run before fully_shard: FSDP2 only shards the parameters that exist when it wraps "
+            f"a module, and {sum(isinstance(p, DTensor) for p in model.parameters())} parameters are sharded already"
+        )
+    for m in layers.values():
         for name in _NF4_CODES:
             t = m._buffers.get(name)
             if t is not None:

@@ -27,6 +27,7 @@ from test_distributed import (
     assert_close_dicts,
     assert_matches,
     block_weights,
+    free_port,
     full,
     global_batches,
     local_rows,
@@ -366,3 +367,21 @@ def test_merged_state_dict_of_a_mixed_model_equals_merge(tmp_path):
     saved = Qwen2ForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto").state_dict()
     for k, v in want.items():
         assert torch.equal(saved[k].to(v.dtype), v), k
+
+
+def test_shard_nf4_base_refuses_a_model_it_cannot_shard():
+    from torch.distributed.fsdp import fully_shard
+
+    with pytest.raises(ValueError, match="has no NF4 layers; quantize_base"):
+        shard_nf4_base(LlamaForCausalLM(build().config))
+    model = shard_nf4_base(shard_nf4_base(build()))  # a second call changes nothing
+    codes = [n for n, p in model.named_parameters() if n.endswith((".weight_packed", ".weight_absmax_q"))]
+    assert len(codes) == 2 * len(nf4_modules(model)) and not any(
+        p.requires_grad for n, p in model.named_parameters() if n in codes
+    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="must run before fully_shard"):
+            shard_nf4_base(fully_shard(build()))
+    finally:
+        dist.destroy_process_group()
