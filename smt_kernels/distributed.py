@@ -71,7 +71,7 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedData
     DDP broadcasts every buffer from rank 0 at the start of every forward by default. A patched model's buffers
     never change in training (``block_indices`` and its derived index; on a 4-bit base also the whole NF4
     weight: ``weight_packed``, the absmax scales), so that broadcast only costs time: on a 4-bit base it sends
-    the whole 4-bit model every forward (about 0.52 byte per base weight: ~36 GB for a 70B model). The buffers
+    the whole 4-bit model every forward (about 0.52 byte per base weight: ~35 GB for LLaMA-3-70B). The buffers
     are still broadcast once when DDP is built, so every rank starts from rank 0's base. Uses
     ``forward_sync_buffers=False`` where torch has it (2.13+), else ``broadcast_buffers=False``; a value the
     caller passes for either wins. Models with buffers that do change in training (BatchNorm running
