@@ -42,3 +42,20 @@ def backend(request, monkeypatch):
     name, device = request.param
     monkeypatch.setenv("SMT_KERNELS_BACKEND", name)
     return name, torch.device(device)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one intra-op thread: extra threads only add contention on a busy 2-core CI machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny random Llama with the character tokenizer (``test_cli.save_tiny_llama``), read-only for tests."""
+    from test_cli import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

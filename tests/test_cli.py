@@ -259,13 +259,9 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path):
 # --------------------------------------------------------------------------------------------- tiny model end to end
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on one thread: extra threads only add contention on a busy CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(autouse=True)
+def _tiny_models_on_one_thread(one_thread):
+    """Every test here runs on one intra-op thread (conftest's ``one_thread``)."""
 
 
 CHAT_TEMPLATE = (
@@ -314,11 +310,6 @@ def save_tiny_llama(d):
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 TINY = [
@@ -524,9 +515,11 @@ def test_end_to_end_tiny(method, tiny_model_dir, tmp_path, capsys):
     assert all(type(m).__name__ != "SparseBlockLinear" for m in merged.modules())
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("strategy, ratio", [("global", 0.1), ("per_matrix", 0.15)])
-def test_lora_budget_matches_smt(tiny_model_dir, strategy, ratio):
-    """LoRA's rank is chosen from SMT's own budget rule: equal parameters (to half a rank step) under both strategies.
+def test_adapter_budget_matches_smt(tiny_model_dir, method, strategy, ratio):
+    """LoRA's and DoRA's rank comes from SMT's own budget rule: equal parameters (to half a rank step) under both
+    strategies; DoRA's magnitude vectors (out_features per target, whatever the rank) count against the budget.
 
     The ratios are ones where rounding ratio·elements/b² (instead of select's "at least the ratio") differs.
     """
@@ -543,15 +536,18 @@ def test_lora_budget_matches_smt(tiny_model_dir, strategy, ratio):
         [{"input_ids": ids, "labels": ids}],
         torch.device("cpu"),
     )
-    lora = prepare_method(
+    adapter = prepare_method(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        FinetuneConfig(method="lora", **opts),
+        FinetuneConfig(method=method, **opts),
         [],
         torch.device("cpu"),
     )
-    n_smt, n_lora = trainable_parameters(smt.model)[0], trainable_parameters(lora.model)[0]
-    per_rank = n_lora // lora.lora_rank
-    assert abs(n_lora - n_smt) <= per_rank / 2, (n_smt, n_lora, lora.lora_rank)
+    named = list(adapter.model.named_parameters())
+    magnitude = sum(p.numel() for n, p in named if "lora_magnitude_vector" in n)
+    assert (magnitude > 0) == (method == "dora") and any("lora_A" in n and p.requires_grad for n, p in named)
+    n_smt, n_adapter = trainable_parameters(smt.model)[0], trainable_parameters(adapter.model)[0]
+    per_rank = (n_adapter - magnitude) // adapter.lora_rank
+    assert abs(n_adapter - n_smt) <= per_rank / 2, (n_smt, n_adapter, adapter.lora_rank)
 
 
 def test_trained_blocks_reload(tiny_model_dir, tmp_path):
@@ -728,10 +724,25 @@ def _tensors(path):
     return load_file(path)
 
 
+def run_interrupted(args: list[str], out, monkeypatch) -> int:
+    """Run ``args`` with ``--output-dir out --checkpoint-every 2``, interrupted (Ctrl-C) before step 2; exit code."""
+    from smt_kernels.finetune import loop
+
+    real_step = loop.TrainingRun._step
+
+    def crash_at_third_step(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.TrainingRun, "_step", crash_at_third_step)
+        return main([*args, "--output-dir", str(out), "--checkpoint-every", "2"])
+
+
 @pytest.mark.parametrize("method", ["smt", "lora", "full"])
 def test_resume_equals_uninterrupted_run(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """4 steps in one run == 2 steps, a crash, and 2 more after --resume: the same losses and weights, bit for bit."""
-    from smt_kernels.finetune import loop
 
     args = [
         "finetune",
@@ -751,17 +762,8 @@ def test_resume_equals_uninterrupted_run(method, tiny_model_dir, tmp_path, monke
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([*args, "--output-dir", str(a), "--output-json", str(a / "r.json")]) == 0, capsys.readouterr().err
 
-    real_step = loop.TrainingRun._step
-
-    def crash_at_third_step(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(loop.TrainingRun, "_step", crash_at_third_step)
-    assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2"]) == 130
+    assert run_interrupted(args, b, monkeypatch) == 130
     assert f"interrupted; continue with the same options and --resume {b / 'checkpoint'}" in capsys.readouterr().err
-    monkeypatch.undo()
     assert (b / "checkpoint" / "state.pt").is_file() and not (b / "merged").exists()
     assert (
         main(

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_cli import TINY_FOR, save_tiny_llama
+from test_cli import TINY_FOR
 from test_distributed import free_port, run_ranks
 
 from smt_kernels.cli import main
@@ -32,17 +32,9 @@ WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+@pytest.fixture(autouse=True)
+def _tiny_models_on_one_thread(one_thread):
+    """Every test here runs on one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _argv(model_dir: Path, method: str, out: Path, *extra: str) -> list[str]:
@@ -136,13 +128,13 @@ def assert_same_run(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("method", ["smt", "lora", "full"])
-def test_two_ranks_equal_one_process(method, tiny_dir, tmp_path, capsys):
+def test_two_ranks_equal_one_process(method, tiny_model_dir, tmp_path, capsys):
     """Global batch 4 = 2 rows on each of 2 ranks: the same selection, losses and weights as one process on 4;
     rank 0 alone writes the outputs, the checkpoint and the JSON, and prints the summary."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--checkpoint-every", "2", "--save-merged"]
-    assert main(_argv(tiny_dir, method, one, *extra)) == 0, capsys.readouterr().err
-    ranks = run_two_ranks(_argv(tiny_dir, method, two, *extra), tmp_path / "ranks")
+    assert main(_argv(tiny_model_dir, method, one, *extra)) == 0, capsys.readouterr().err
+    ranks = run_two_ranks(_argv(tiny_model_dir, method, two, *extra), tmp_path / "ranks")
 
     assert [r["code"] for r in ranks] == [0, 0]
     assert [(r["outputs"], r["checkpoint"], r["json"]) for r in ranks] == [(1, 1, 1), (0, 0, 0)]
@@ -163,7 +155,7 @@ def test_two_ranks_equal_one_process(method, tiny_dir, tmp_path, capsys):
     if method == "full":
         from safetensors.torch import load_file
 
-        base = load_file(tiny_dir / "model.safetensors")
+        base = load_file(tiny_model_dir / "model.safetensors")
         assert any(not torch.equal(base[k], w2[k]) for k in base)  # it trained
 
 
@@ -182,7 +174,7 @@ def _load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir)
 
 
-def test_selection_on_shares_scores_like_one_process(tiny_dir, tmp_path):
+def test_selection_on_shares_scores_like_one_process(tiny_model_dir, tmp_path):
     """Each rank's share of a warm-up batch is scaled by the global label-token count, so the block scores equal
     one process's on the whole batch even when the ranks' shares hold different numbers of answer tokens."""
     from transformers import AutoTokenizer
@@ -191,26 +183,26 @@ def test_selection_on_shares_scores_like_one_process(tiny_dir, tmp_path):
     from smt_kernels.finetune import FinetuneConfig, build_task
     from smt_kernels.finetune.data import IGNORE, TokenizedTask
 
-    cfg = FinetuneConfig(model=str(tiny_dir), task="reverse", num_train=24, max_length=160, block_size=16)
-    data = TokenizedTask.build(build_task(cfg), AutoTokenizer.from_pretrained(tiny_dir), cfg)
+    cfg = FinetuneConfig(model=str(tiny_model_dir), task="reverse", num_train=24, max_length=160, block_size=16)
+    data = TokenizedTask.build(build_task(cfg), AutoTokenizer.from_pretrained(tiny_model_dir), cfg)
     stream = data.stream(4, seed=1)
     batches = [next(stream) for _ in range(2)]
     halves = [[int((b["labels"][r : r + 2, 1:] != IGNORE).sum()) for r in (0, 2)] for b in batches]
     assert any(a != b for a, b in halves), halves  # unequal shares: a plain mean per rank would weigh them wrong
     kwargs = dict(ratio=0.1, block_size=16, progress=False)
-    want = select_blocks(_load(tiny_dir), batches, **kwargs).scores
-    for rank, got in enumerate(run_ranks(_select_on_share, tmp_path, batches, {**kwargs, "model_dir": tiny_dir})):
+    want = select_blocks(_load(tiny_model_dir), batches, **kwargs).scores
+    for rank, got in enumerate(run_ranks(_select_on_share, tmp_path, batches, {**kwargs, "model_dir": tiny_model_dir})):
         assert got.keys() == want.keys()
         for k in want:
             where = f"rank {rank} {k}"
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-12, msg=lambda m, w=where: f"{w}: {m}")
 
 
-def test_batch_that_does_not_split_over_the_ranks(tiny_dir, tmp_path, capsys, monkeypatch):
+def test_batch_that_does_not_split_over_the_ranks(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Refused before any process group or model load, naming the numbers."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    argv = _argv(tiny_dir, "smt", tmp_path / "o", "--batch-size", "5")
+    argv = _argv(tiny_model_dir, "smt", tmp_path / "o", "--batch-size", "5")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
@@ -238,17 +230,17 @@ def test_check_world(batch_size, num_train, needle):
     check_world(FinetuneConfig(batch_size=4), 2, num_train)  # an even batch of at most num_train rows splits
 
 
-def test_resume_under_torchrun(tiny_dir, tmp_path, capsys):
+def test_resume_under_torchrun(tiny_model_dir, tmp_path, capsys):
     """The step-2 checkpoint of a 2-rank run, resumed by ``torchrun --nproc-per-node 2 -m smt_kernels``, ends
     where the uninterrupted 2-rank run ended."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    ranks = run_two_ranks(_argv(tiny_dir, "smt", whole, "--checkpoint-every", "2"), tmp_path / "ranks")
+    ranks = run_two_ranks(_argv(tiny_model_dir, "smt", whole, "--checkpoint-every", "2"), tmp_path / "ranks")
     assert [r["code"] for r in ranks] == [0, 0]
     resumed.mkdir()
     shutil.copytree(whole / "checkpoint", resumed / "checkpoint")  # the run was interrupted after step 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
-    argv = _argv(tiny_dir, "smt", resumed, "--checkpoint-every", "2", "--resume", str(resumed / "checkpoint"))
+    argv = _argv(tiny_model_dir, "smt", resumed, "--checkpoint-every", "2", "--resume", str(resumed / "checkpoint"))
     proc = subprocess.run([*cmd, "-m", "smt_kernels", *argv], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("== smt on reverse") == 1, proc.stdout  # rank 0 prints, rank 1 does not

@@ -65,7 +65,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def build(patched: bool = True) -> LlamaForCausalLM:
+def tiny_llama() -> LlamaForCausalLM:
+    """The seeded tiny LLaMA every distributed test trains (k/v out 40 and the MLP's 144: clipped edge blocks)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
@@ -76,7 +77,11 @@ def build(patched: bool = True) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def build(patched: bool = True) -> LlamaForCausalLM:
+    model = tiny_llama()
     return patch(model, SELECTION, B, verbose=False) if patched else model
 
 

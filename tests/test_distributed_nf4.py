@@ -34,12 +34,13 @@ from test_distributed import (
     patch_mod,
     run_ranks,
     shard_fsdp,
+    tiny_llama,
     train,
     warmup_batches,
 )
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from smt_kernels import load_blocks, merge, patch, quantize_base, select_blocks
 from smt_kernels.distributed import select_blocks_distributed, shard_nf4_base, wrap_ddp
@@ -54,17 +55,7 @@ WORLD = 2
 def build(patched: bool = True) -> LlamaForCausalLM:
     """The tiny LLaMA of tests/test_distributed.py with every linear but lm_head in NF4 (fp32 compute), patched
     with its selection (fp32 blocks; k/v out 40 and the MLP's 144 leave clipped edge blocks)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=80,
-        intermediate_size=144,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = quantize_base(LlamaForCausalLM(cfg), "nf4", compute_dtype=torch.float32)
+    model = quantize_base(tiny_llama(), "nf4", compute_dtype=torch.float32)
     return patch(model, SELECTION, B, block_dtype=torch.float32, verbose=False) if patched else model
 
 

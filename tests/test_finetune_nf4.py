@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli import TINY, TINY_FOR, save_tiny_llama
+from test_cli import TINY, TINY_FOR, run_interrupted
 
 import smt_kernels
 from smt_kernels.cli import main
@@ -19,17 +19,9 @@ from smt_kernels.selection_summary import summarize_selection
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+@pytest.fixture(autouse=True)
+def _tiny_models_on_one_thread(one_thread):
+    """Every test here runs on one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _fresh(model_dir, quantize: bool = True):
@@ -124,21 +116,10 @@ def test_resume_on_a_4bit_base_equals_uninterrupted_run(tiny_model_dir, tmp_path
     """4 steps in one run == 2 steps, a crash, and 2 more after --resume (the base is quantized again on resume)."""
     from safetensors.torch import load_file
 
-    from smt_kernels.finetune import loop
-
     args = ["finetune", "--model", str(tiny_model_dir), *TINY, "--steps", "4", "--lr", "1e-2", "--quantize", "nf4"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([*args, "--output-dir", str(a), "--output-json", str(a / "r.json")]) == 0, capsys.readouterr().err
-    real_step = loop.TrainingRun._step
-
-    def crash_at_third_step(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(loop.TrainingRun, "_step", crash_at_third_step)
-    assert main([*args, "--output-dir", str(b), "--checkpoint-every", "2"]) == 130
-    monkeypatch.undo()
+    assert run_interrupted(args, b, monkeypatch) == 130
     capsys.readouterr()
     ckpt = str(b / "checkpoint")
     # the checkpoint's base was 4-bit: resuming on a 16-bit base is refused, naming the option
