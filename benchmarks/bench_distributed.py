@@ -35,7 +35,7 @@ import torch.distributed as dist  # noqa: E402
 from benchmarks.bench_model import MODELS, build_model, random_selection, set_checkpointing  # noqa: E402
 from benchmarks.common import env_info  # noqa: E402
 from smt_kernels import load_blocks, patch  # noqa: E402
-from smt_kernels.distributed import save_blocks_distributed  # noqa: E402
+from smt_kernels.distributed import save_blocks_distributed, wrap_ddp  # noqa: E402
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("single", "ddp", "fsdp2", "verify")
@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prefetch", type=int, default=0, help="FSDP2: explicit prefetch of the next N layers (0: implicit)"
     )
+    p.add_argument(
+        "--ddp-buffers",
+        choices=("sync", "off"),
+        default="sync",
+        help="ddp: DDP's default per-forward buffer broadcast, or off (smt_kernels.distributed.wrap_ddp)",
+    )
+    p.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones (table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo smoke test)")
     p.add_argument("--tag", default=None, help="name of the output files instead of the mode")
@@ -126,9 +133,11 @@ def train(args) -> int:
     vocab = model.config.vocab_size
     layers = list(model.model.layers)
     if args.mode == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local] if device.type == "cuda" else None, gradient_as_bucket_view=True
-        )
+        ddp_kwargs = dict(device_ids=[local] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if args.ddp_buffers == "off":
+            model = wrap_ddp(model, **ddp_kwargs)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     elif args.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -150,7 +159,14 @@ def train(args) -> int:
     micro = range(args.world) if args.mode == "single" else [rank]
     losses: list[torch.Tensor] = []
     times: list[float] = []
-    for step in range(args.warmup + args.steps):
+    profiler = None
+    for step in range(args.warmup + args.steps + args.profile):
+        if step == args.warmup + args.steps and args.profile:  # profiled steps: after the timed ones, not timed
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            )
+            profiler.__enter__()
         ids_all = _global_batch(step, args, vocab)
         _sync(device)
         if world > 1:
@@ -165,9 +181,16 @@ def train(args) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        if step >= args.warmup:
+        if args.warmup <= step < args.warmup + args.steps:
             times.append(time.perf_counter() - start)
-        losses.append(step_loss)
+            losses.append(step_loss)
+        elif step < args.warmup:
+            losses.append(step_loss)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+        (out / f"profile_{tag}_rank{rank}.txt").write_text(f"{args.profile} steps after the timed ones\n{table}\n")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     curve = torch.stack(losses)
     if world > 1:  # the global batch's loss: the mean of the ranks' micro-batch losses
@@ -189,6 +212,7 @@ def train(args) -> int:
         "seq": args.seq,
         "grad_ckpt": bool(args.grad_ckpt),
         "prefetch": args.prefetch,
+        "ddp_buffers": args.ddp_buffers if args.mode == "ddp" else None,
         "ratio": args.ratio,
         "block_size": args.block_size,
         "num_blocks": sum(len(v) for v in selection.values()),

@@ -21,12 +21,14 @@ rm -rf "$bd"
 A=(--model "${MODEL:-llama3-8b}" --batch "${BATCH:-4}" --seq 1024 --steps "${STEPS:-12}" --warmup 3 --ratio 0.01 --out "$bd")
 run() { local name=$1; shift; "$@" > "$out/$name.log" 2>&1; echo "$name rc=$? $(date -u +%T)" >> "$log"; }
 TR=(torchrun --standalone --nproc-per-node 2)
-run single python -m benchmarks.bench_distributed --mode single "${A[@]}"
-run ddp "${TR[@]}" -m benchmarks.bench_distributed --mode ddp "${A[@]}"
+# 2 profiled steps after the timed ones (profile_<tag>_rank<r>.txt): where DDP's extra ~95 ms per step go
+run single python -m benchmarks.bench_distributed --mode single --profile 2 "${A[@]}"
+run ddp "${TR[@]}" -m benchmarks.bench_distributed --mode ddp --profile 2 "${A[@]}"
+run ddp_off "${TR[@]}" -m benchmarks.bench_distributed --mode ddp --ddp-buffers off --tag ddp_buffers_off "${A[@]}"
 run fsdp2 "${TR[@]}" -m benchmarks.bench_distributed --mode fsdp2 "${A[@]}"
 run fsdp2_p2 "${TR[@]}" -m benchmarks.bench_distributed --mode fsdp2 --prefetch 2 --tag fsdp2_prefetch2 "${A[@]}"
 run verify python -m benchmarks.bench_distributed --mode verify "${A[@]}"
-cp "$bd"/*.json "$out/"
+cp "$bd"/*.json "$bd"/profile_*.txt "$out/"
 
 # 2. smt-kernels finetune under torchrun (NCCL, one GPU per rank) against one process, tiny random Llama
 python -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_cli import save_tiny_llama; save_tiny_llama(Path('/tmp/tiny_llama'))" >> "$log" 2>&1
