@@ -66,6 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="sync",
         help="ddp: DDP's default per-forward buffer broadcast, or off (smt_kernels.distributed.wrap_ddp)",
     )
+    p.add_argument(
+        "--shard-embeddings",
+        type=int,
+        default=0,
+        help="FSDP2: 1 gives embed_tokens and lm_head their own fully_shard units (freed between uses; the root "
+        "unit keeps its parameters gathered from forward to backward)",
+    )
     p.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones (table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo smoke test)")
@@ -141,6 +148,11 @@ def train(args) -> int:
     elif args.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        if args.shard_embeddings:
+            if model.config.tie_word_embeddings:
+                raise SystemExit("--shard-embeddings needs untied embeddings (lm_head and embed_tokens share here)")
+            fully_shard(model.model.embed_tokens)
+            fully_shard(model.lm_head)
         for layer in layers:
             fully_shard(layer)
         fully_shard(model)
@@ -212,6 +224,7 @@ def train(args) -> int:
         "seq": args.seq,
         "grad_ckpt": bool(args.grad_ckpt),
         "prefetch": args.prefetch,
+        "shard_embeddings": bool(args.shard_embeddings),
         "ddp_buffers": args.ddp_buffers if args.mode == "ddp" else None,
         "ratio": args.ratio,
         "block_size": args.block_size,
