@@ -85,8 +85,8 @@ class FinetuneConfig:
     )
     quantize: str | None = option(
         None,
-        "store the frozen base in 4 bits (QLoRA's NF4; lm_head and embeddings stay) and train SMT blocks on it "
-        "(--method smt only)",
+        "store the frozen base in 4 bits (QLoRA's NF4; lm_head and embeddings stay) and train SMT blocks on it, "
+        "or LoRA adapters (--method lora: QLoRA)",
         group=WHAT,
         choices=QUANTIZE,
         default_text="none, a 16-bit base",
@@ -339,21 +339,22 @@ def check_config(cfg: FinetuneConfig) -> None:
 
 
 def check_quantize(cfg: FinetuneConfig) -> None:
-    """What a 4-bit base rules out: methods that train or wrap the base weights, and warm-up training of them."""
+    """What a 4-bit base rules out: methods that train the base weights or need them unquantized (full, DoRA), and
+    warm-up training of them."""
     if cfg.quantize is None:
         return
     q = f"--quantize {cfg.quantize}"
     if cfg.method == "full":
         raise FinetuneError(
-            f"{q} freezes the base weights in 4 bits; --method full trains every weight (use --method smt)"
+            f"{q} freezes the base weights in 4 bits; --method full trains every weight (use --method smt or lora)"
         )
-    if cfg.method in ADAPTER_METHODS:
-        # PEFT wraps nn.Linear and bitsandbytes' Linear4bit, not smt_kernels' NF4Linear. QLoRA itself
-        # (transformers' BitsAndBytesConfig + bitsandbytes Linear4bit + PEFT) is not built into this command.
+    if cfg.method == "dora":
+        # DoRA's magnitude needs the base weight's column norms: PEFT reads them from a .weight, which NF4Linear
+        # does not have (smt_kernels.quant.lora implements plain LoRA on it)
         raise FinetuneError(
-            f"{q} works with --method smt only: PEFT cannot put --method {cfg.method} adapters on smt_kernels' NF4 "
-            "layers (for the QLoRA baseline load the model with transformers' BitsAndBytesConfig(load_in_4bit=True, "
-            "bnb_4bit_quant_type='nf4') and PEFT in your own script)"
+            f"{q} works with --method smt and lora (QLoRA); --method dora on the 4-bit base is not implemented "
+            "(use --method lora, dora without --quantize, or bitsandbytes through transformers' "
+            "BitsAndBytesConfig(load_in_4bit=True) and PEFT in your own script)"
         )
     if cfg.select_warmup_steps:
         raise FinetuneError(

@@ -88,14 +88,15 @@ def prepare_method(
 
 
 def _prepare_lora(model: nn.Module, cfg: FinetuneConfig, elements: int) -> Prepared:
-    """LoRA, or DoRA (``use_dora=True``) for ``method="dora"``, at the rank of SMT's budget."""
+    """LoRA, or DoRA (``use_dora=True``) for ``method="dora"``, at the rank of SMT's budget; on a 4-bit base
+    (``cfg.quantize``) LoRA through ``smt_kernels.quant.lora`` (QLoRA)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise FinetuneError(f"--method {cfg.method} needs PEFT: pip install peft") from None
     dora = cfg.method == "dora"
     rank = lora_rank(model, cfg.targets, smt_budget(model, cfg), dora=dora)
-    lcfg = LoraConfig(
+    options = dict(
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
@@ -104,7 +105,13 @@ def _prepare_lora(model: nn.Module, cfg: FinetuneConfig, elements: int) -> Prepa
         use_dora=dora,
         task_type="CAUSAL_LM",
     )
-    return Prepared(get_peft_model(model, lcfg), target_params=elements, lora_rank=rank)
+    if cfg.quantize:  # QLoRA: the same adapters on the 4-bit NF4Linear targets (check_config refused DoRA)
+        from smt_kernels.quant.lora import get_nf4_peft_model, nf4_lora_config
+
+        peft_model = get_nf4_peft_model(model, nf4_lora_config(**options))
+    else:
+        peft_model = get_peft_model(model, LoraConfig(**options))
+    return Prepared(peft_model, target_params=elements, lora_rank=rank)
 
 
 def _prepare_smt(

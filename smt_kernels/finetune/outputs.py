@@ -11,6 +11,7 @@ from torch import nn
 
 import smt_kernels
 from smt_kernels.finetune.config import ADAPTER_METHODS, FinetuneConfig, FinetuneError, same_path
+from smt_kernels.quant import merge_nf4
 from smt_kernels.select import Selection
 
 SELECTION_FILE = "selection.json"
@@ -87,14 +88,18 @@ def save_outputs(model: nn.Module, tokenizer, cfg: FinetuneConfig, selection: Se
     if cfg.save_merged:
         if cfg.method == "smt":
             merged = smt_kernels.merge(model)  # a 4-bit base: dequantized, nn.Linear in its compute dtype
-            if cfg.quantize:
-                # bf16 linears (a CUDA run) among fp32 norms and embeddings: one dtype for the saved model
-                # (exact: bf16 values are fp32 values)
-                merged.to(merged.get_input_embeddings().weight.dtype)
         elif cfg.method in ADAPTER_METHODS:
             merged = model.merge_and_unload()
+            if cfg.quantize:
+                # each adapted layer is now an fp32 nn.Linear (dequantized weight + B·A·scaling,
+                # smt_kernels.quant.lora); layers outside --targets are still 4-bit: dequantize them too
+                merged = merge_nf4(merged)
         else:
             merged = model
+        if cfg.quantize:
+            # bf16 linears (a CUDA run) among fp32 norms and embeddings: one dtype for the saved model
+            # (exact: bf16 values are fp32 values)
+            merged.to(merged.get_input_embeddings().weight.dtype)
         merged.save_pretrained(out / MERGED_DIR)
         tokenizer.save_pretrained(out / MERGED_DIR)
         saved["merged"] = str(out / MERGED_DIR)
