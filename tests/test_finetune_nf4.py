@@ -92,7 +92,6 @@ def test_trains_on_a_4bit_base_and_outputs_reproduce(tiny_model_dir, tmp_path, c
     "argv, needles",
     [
         (["--method", "full", *TINY_FOR["full"]], ["--quantize nf4", "--method full", "--method smt"]),
-        (["--method", "lora", *TINY_FOR["lora"]], ["--quantize nf4", "--method smt only", "--method lora"]),
         (["--method", "dora", *TINY_FOR["lora"]], ["--quantize nf4", "--method dora", "BitsAndBytesConfig"]),
         ([*TINY, "--select-warmup-steps", "2"], ["--select-warmup-steps 2", "--quantize nf4"]),
     ],
