@@ -48,6 +48,23 @@ def _eval_batches(model_dir, argv):
 RUN = [*TINY, "--steps", "8", "--lr", "1e-2", "--ratio", "0.1", "--quantize", "nf4"]
 
 
+def check_merged_output(out, trained, batches, loss_after: float, base) -> None:
+    """``out/merged`` (``--save-merged``) is a plain fp32 HF model with the trained held-out loss and ``trained``'s
+    logits: the GEMM's rounding only (bit for bit on this CPU so far; 1e-5 leaves room for another BLAS); ``base``,
+    the untrained model, gives other logits."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert eval_loss(merged, batches, CPU) == pytest.approx(loss_after, rel=1e-5)
+    ids = torch.randint(7, 100, (2, 12))
+    with torch.no_grad():
+        a, b, c = trained(ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, c)  # training changed the model
+
+
 def test_trains_on_a_4bit_base_and_outputs_reproduce(tiny_model_dir, tmp_path, capsys):
     out, js = tmp_path / "out", tmp_path / "r.json"
     argv = ["--model", str(tiny_model_dir), *RUN, "--output-dir", str(out), "--output-json", str(js), "--save-merged"]
@@ -71,21 +88,8 @@ def test_trains_on_a_4bit_base_and_outputs_reproduce(tiny_model_dir, tmp_path, c
     with pytest.raises(ValueError, match="4-bit"):
         smt_kernels.load_blocks(_fresh(tiny_model_dir, quantize=False), out)
 
-    # --save-merged: a plain fp32 Hugging Face model (dequantized base + blocks) with the trained held-out loss
-    from transformers import AutoModelForCausalLM
-
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
-    assert {p.dtype for p in merged.parameters()} == {torch.float32}
-    # merge is the dequantized weight with the blocks in place, the forward's own weight: differences are the
-    # GEMM's rounding only (bit for bit on this CPU so far; 1e-5 leaves room for another BLAS)
-    assert eval_loss(merged, batches, CPU) == pytest.approx(r["eval_loss_after"], rel=1e-5)
-    ids = torch.randint(7, 100, (2, 12))
-    with torch.no_grad():
-        a, b = fresh(ids).logits, merged(ids).logits
-        base = _fresh(tiny_model_dir)(ids).logits
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(a, base)  # training changed the model
+    # --save-merged: the dequantized weight with the blocks in place, the forward's own weight
+    check_merged_output(out, fresh, batches, r["eval_loss_after"], _fresh(tiny_model_dir))
 
 
 @pytest.mark.parametrize(
