@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import quality, quality_stats  # noqa: E402
-from benchmarks.quality import Run, Spec, parse_spec  # noqa: E402
+from benchmarks import quality, quality_specs, quality_stats  # noqa: E402
+from benchmarks.quality import Run  # noqa: E402
+from benchmarks.quality_specs import Spec, parse_spec  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ spec syntax
 
@@ -34,8 +35,8 @@ def test_spec_parsing_and_canonical_text():
     for bad in ["smt", "full@1%", "lora@1%:act", "dora@1%:wu20", "smt@1%:zz", "smt@1%:t=qx", "adam@1%", "smt@x%"]:
         with pytest.raises(SystemExit):
             parse_spec(bad)
-    assert quality.parse_targets("qkvogud") == tuple(quality.TARGET_LETTERS[c] for c in "qkvogud")
-    assert quality.parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
+    assert quality_specs.parse_targets("qkvogud") == tuple(quality_specs.TARGET_LETTERS[c] for c in "qkvogud")
+    assert quality_specs.parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
 
 
 def test_budget_in_percent_of_the_model_becomes_a_ratio_of_the_targets():
@@ -43,8 +44,8 @@ def test_budget_in_percent_of_the_model_becomes_a_ratio_of_the_targets():
 
     model = tiny()
     total = sum(p.numel() for p in model.parameters())
-    targets = tuple(quality.TARGET_LETTERS[c] for c in "qkvogud")
-    elements = quality.target_elements(model, targets)
+    targets = tuple(quality_specs.TARGET_LETTERS[c] for c in "qkvogud")
+    elements = quality_specs.target_elements(model, targets)
     assert elements == 2 * (80 * 80 * 2 + 40 * 80 * 2 + 136 * 80 * 3)  # 2 layers of q,o + k,v + gate,up,down
     s = parse_spec("smt@5%").resolve(total, elements)
     assert s.ratio == pytest.approx(0.05 * total / elements) and s.key == "smt@5%"
