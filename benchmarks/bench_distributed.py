@@ -169,16 +169,9 @@ def train(args) -> int:
         torch.cuda.reset_peak_memory_stats(device)
 
     micro = range(args.world) if args.mode == "single" else [rank]
-    losses: list[torch.Tensor] = []
-    times: list[float] = []
-    profiler = None
-    for step in range(args.warmup + args.steps + args.profile):
-        if step == args.warmup + args.steps and args.profile:  # profiled steps: after the timed ones, not timed
-            profiler = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU]
-                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            )
-            profiler.__enter__()
+
+    def train_step(step: int) -> tuple[torch.Tensor, float]:
+        """One optimizer step on the step's global batch (this process's micro-batches); (loss, seconds)."""
         ids_all = _global_batch(step, args, vocab)
         _sync(device)
         if world > 1:
@@ -193,24 +186,33 @@ def train(args) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        if args.warmup <= step < args.warmup + args.steps:
-            times.append(time.perf_counter() - start)
-            losses.append(step_loss)
-        elif step < args.warmup:
-            losses.append(step_loss)
-    if profiler is not None:
-        profiler.__exit__(None, None, None)
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
-        (out / f"profile_{tag}_rank{rank}.txt").write_text(f"{args.profile} steps after the timed ones\n{table}\n")
+        return step_loss, time.perf_counter() - start
+
+    losses: list[torch.Tensor] = []
+    times: list[float] = []
+    for step in range(args.warmup + args.steps):
+        loss, seconds = train_step(step)
+        losses.append(loss)
+        if step >= args.warmup:
+            times.append(seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     curve = torch.stack(losses)
     if world > 1:  # the global batch's loss: the mean of the ranks' micro-batch losses
         dist.all_reduce(curve)
         curve /= world
 
+    # the blocks and probe of the trained run, before any profiled step trains further
     save_blocks_distributed(model, out / f"blocks_{tag}")
     logits = _probe_logits(model, _probe(vocab, args.seq), device)
+    if args.profile:  # more steps, profiled, after the timed ones: they change neither times nor curve nor files
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+        with torch.profiler.profile(activities=activities) as profiler:
+            for step in range(args.warmup + args.steps, args.warmup + args.steps + args.profile):
+                train_step(step)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+        (out / f"profile_{tag}_rank{rank}.txt").write_text(f"{args.profile} steps after the timed ones\n{table}\n")
     step_s = statistics.median(times)
     tokens_per_gpu = len(micro) * args.batch * args.seq / step_s
     result = {

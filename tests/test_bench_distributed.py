@@ -22,9 +22,11 @@ def _run(cmd: list[str], out) -> None:
 @pytest.mark.timeout(600)
 def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "single"], tmp_path)
+    _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "single", "--profile", "1"], tmp_path)
+    # the non-default paths: DDP through wrap_ddp, FSDP2 with explicit prefetch and embeddings in their own units
+    extra = {"ddp": ["--ddp-buffers", "off"], "fsdp2": ["--prefetch", "1", "--shard-embeddings", "1"]}
     for mode in ("ddp", "fsdp2"):
-        _run(torchrun + ["-m", "benchmarks.bench_distributed", "--mode", mode, "--prefetch", "1"], tmp_path)
+        _run(torchrun + ["-m", "benchmarks.bench_distributed", "--mode", mode, *extra[mode]], tmp_path)
     _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "verify"], tmp_path)
     single = json.loads((tmp_path / "single.json").read_text())
     report = json.loads((tmp_path / "verify.json").read_text())
@@ -34,6 +36,7 @@ def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
         assert run["world"] == 2 and run["trainable_params"] == single["trainable_params"]
         assert report[mode]["loss_max_abs_diff_vs_single"] < 1e-4
         assert report[mode]["probe_max_abs_diff_vs_single"] < 1e-4
+    assert "_SparseBlockLinearFunction" in (tmp_path / "profile_single_rank0.txt").read_text()
     for entry in report.values():
         assert entry["probe_max_abs_diff"] < 1e-5
     # the blocks trained: the loss of the last step differs from the first
