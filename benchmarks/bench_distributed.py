@@ -33,11 +33,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.bench_model import MODELS, build_model, random_selection, set_checkpointing  # noqa: E402
-from benchmarks.common import env_info  # noqa: E402
+from benchmarks.common import env_info, synchronize  # noqa: E402
 from smt_kernels import load_blocks, patch  # noqa: E402
 from smt_kernels.distributed import save_blocks_distributed, wrap_ddp  # noqa: E402
+from smt_kernels.select import PROJECTIONS  # noqa: E402
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("single", "ddp", "fsdp2", "verify")
 PROBE_VOCAB = 2048  # logits columns kept for the reproduction check (the full vocab would be 128k per token)
 
@@ -93,7 +93,7 @@ def _probe(vocab: int, seq: int) -> torch.Tensor:
 def _build(args, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(args.model, args.layers, args.seq, dtype, device, args.seed)
-    selection = random_selection(model, args.ratio, args.block_size, args.seed, targets=ALL_TARGETS)
+    selection = random_selection(model, args.ratio, args.block_size, args.seed, targets=PROJECTIONS)
     return model, selection
 
 
@@ -104,11 +104,6 @@ def _probe_logits(model, probe: torch.Tensor, device: torch.device) -> torch.Ten
         logits = model(input_ids=probe.to(device)).logits
     model.train(was_training)
     return logits[0, :, :PROBE_VOCAB].float().cpu()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train(args) -> int:
@@ -173,7 +168,7 @@ def train(args) -> int:
     def train_step(step: int) -> tuple[torch.Tensor, float]:
         """One optimizer step on the step's global batch (this process's micro-batches); (loss, seconds)."""
         ids_all = _global_batch(step, args, vocab)
-        _sync(device)
+        synchronize(device)
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
@@ -185,7 +180,7 @@ def train(args) -> int:
             step_loss += loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         return step_loss, time.perf_counter() - start
 
     losses: list[torch.Tensor] = []
@@ -261,6 +256,7 @@ def verify(args) -> int:
     runs = sorted(p.stem for p in out.glob("*.json") if p.stem != "verify")
     report: dict[str, dict] = {}
     single = json.loads((out / "single.json").read_text()) if (out / "single.json").exists() else None
+    probe_single = torch.load(out / "probe_single.pt") if single is not None else None
     for tag in runs:
         res = json.loads((out / f"{tag}.json").read_text())
         model, _ = _build(args, device)
@@ -276,7 +272,6 @@ def verify(args) -> int:
             entry["loss_max_abs_diff_vs_single"] = float((a - b).abs().max())
             entry["loss_final"] = res["loss_curve"][-1]
             entry["loss_final_single"] = single["loss_curve"][-1]
-            probe_single = torch.load(out / "probe_single.pt")
             entry["probe_max_abs_diff_vs_single"] = float((want - probe_single).abs().max())
         report[tag] = entry
         print(tag, json.dumps(entry), flush=True)

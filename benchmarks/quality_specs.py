@@ -14,16 +14,9 @@ import torch
 
 from smt_kernels.finetune import DEFAULT_LR, FinetuneConfig
 from smt_kernels.finetune import config as finetune_config
+from smt_kernels.select import PROJECTIONS
 
-TARGET_LETTERS = {
-    "q": "q_proj",
-    "k": "k_proj",
-    "v": "v_proj",
-    "o": "o_proj",
-    "g": "gate_proj",
-    "u": "up_proj",
-    "d": "down_proj",
-}
+TARGET_LETTERS = {name[0]: name for name in PROJECTIONS}  # q k v o g(ate) u(p) d(own)
 SHORT_SCORES = {"act": "activation", "abs": "abs_mean"}
 SHORT_STRATEGIES = {"pm": "per_matrix", "gl": "global"}
 BUDGET_METHODS = ("smt", "lora", "dora")

@@ -42,7 +42,9 @@ if TYPE_CHECKING:  # smt_kernels.config imports this module (SCORES, STRATEGIES)
 GRADIENT_SCORES = ("abs_mean", "mean_abs", "l1", "l2")
 SCORES = (*GRADIENT_SCORES, "activation")
 STRATEGIES = ("global", "per_matrix")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
+# the linear layers of a LLaMA-family decoder layer, attention then MLP (their names in Hugging Face models)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = PROJECTIONS[:3]
 
 
 class Selection(dict):

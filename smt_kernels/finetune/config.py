@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from smt_kernels.config import SMTConfig
-from smt_kernels.select import GRADIENT_SCORES, SCORES, STRATEGIES
+from smt_kernels.select import GRADIENT_SCORES, PROJECTIONS, SCORES, STRATEGIES
 from smt_kernels.tasks import GENERATORS
 
 METHODS = ("smt", "full", "lora", "dora")
@@ -18,7 +18,7 @@ METHODS = ("smt", "full", "lora", "dora")
 # dev split of the H200 quality sweep (docs/results.md, "Defaults from the sweep"), like the budget defaults below.
 DEFAULT_LR = {"smt": 1e-2, "lora": 3e-3, "dora": 3e-3, "full": 1e-4}
 DEFAULT_RATIO = 0.0127  # of the target weights: 1 % of SmolLM2-135M with all seven projections targeted
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = PROJECTIONS  # all seven: the quality sweep measured these (docs/results.md)
 ADAPTER_METHODS = ("lora", "dora")  # PEFT adapters: DoRA is LoRA with use_dora=True
 BUDGET_METHODS = ("smt", *ADAPTER_METHODS)  # the methods that train a budget of the target weights
 QUANTIZE = ("nf4",)  # formats of a 4-bit frozen base (smt_kernels.quantize_base)
