@@ -95,9 +95,13 @@ def test_trains_on_a_4bit_base_and_outputs_reproduce(tiny_model_dir, tmp_path, c
 @pytest.mark.parametrize(
     "argv, needles",
     [
-        (["--method", "full", *TINY_FOR["full"]], ["--quantize nf4", "--method full", "--method smt"]),
-        (["--method", "dora", *TINY_FOR["lora"]], ["--quantize nf4", "--method dora", "BitsAndBytesConfig"]),
+        (["--method", "full", *TINY_FOR["full"]], ["--quantize nf4", "--method full", "--method smt or lora"]),
+        (
+            ["--method", "dora", *TINY_FOR["lora"]],
+            ["--quantize nf4", "--method dora", "BitsAndBytesConfig", "not implemented", "--method lora"],
+        ),
         ([*TINY, "--select-warmup-steps", "2"], ["--select-warmup-steps 2", "--quantize nf4"]),
+        (["--method", "lora", *TINY_FOR["lora"], "--score", "l1"], ["--score", "--method lora"]),  # QLoRA's options
     ],
 )
 def test_refused_combinations(argv, needles, capsys, tmp_path):

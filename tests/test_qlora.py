@@ -133,23 +133,6 @@ def test_qlora_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, monkeyp
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize(
-    "argv, needles",
-    [
-        (["--method", "dora", *LORA], ["--quantize nf4", "--method dora", "not implemented", "--method lora"]),
-        (["--method", "full", *TINY_FOR["full"]], ["--quantize nf4", "--method full", "--method smt or lora"]),
-        (["--method", "lora", *LORA, "--score", "l1"], ["--score", "--method lora"]),
-    ],
-)
-def test_refused_combinations(argv, needles, capsys, tmp_path):
-    code = main(["finetune", "--quantize", "nf4", *argv, "--output-dir", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("smt-kernels finetune: error: "), err
-    assert all(n in err for n in needles), err
-    assert not (tmp_path / "o").exists()
-
-
 def test_qlora_two_ranks_equal_one_process(tiny_model_dir, tmp_path, capsys):
     """Under torchrun (2 forked gloo ranks): the same losses and adapter as one process."""
     import torch.distributed as dist
