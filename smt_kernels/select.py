@@ -131,7 +131,7 @@ def find_target_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGE
 
     Modules already patched into ``SparseBlockLinear`` match too (so summaries work on patched models), and so
     do the 4-bit ``NF4Linear`` layers of a ``quantize_base`` model.
-    Raises ValueError listing the projection names the model has if nothing matches.
+    Raises ValueError listing the projection names the model has if a target matches nothing.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -144,12 +144,16 @@ def find_target_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGE
         if isinstance(m, nn.Linear | SparseBlockLinear | NF4Linear)
         and (name.rsplit(".", 1)[-1] in targets or name in targets)
     }
-    if not found:
+    # a target that matches nothing is a typo or another architecture's name: silently training fewer
+    # projections than asked would be worse than stopping
+    unmatched = [t for t in targets if not any(n == t or n.rsplit(".", 1)[-1] == t for n in found)]
+    if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
-            f"no nn.Linear module of {type(model).__name__} matches targets {list(targets)}; "
-            f"its linear modules are named {leaves}"
-        )
+        if not found:
+            msg = f"no nn.Linear module of {type(model).__name__} matches targets {list(targets)}"
+        else:
+            msg = f"targets {unmatched} match no linear module of {type(model).__name__}"
+        raise ValueError(f"{msg}; its linear modules are named {leaves}")
     return found
 
 

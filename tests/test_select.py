@@ -300,6 +300,9 @@ def test_bad_inputs():
         select_blocks(model, batches, num_blocks=1, block_size=48, progress=False)
     with pytest.raises(ValueError, match=r"matches targets \['qkv'\]; its linear modules are named \['down_proj'"):
         select_blocks(model, batches, num_blocks=1, targets=("qkv",), **kw)
+    # one misspelt target among good ones is refused too, not dropped
+    with pytest.raises(ValueError, match=r"targets \['v_prj'\] match no linear module of LlamaForCausalLM; its"):
+        select_blocks(model, batches, num_blocks=1, targets=("q_proj", "v_prj"), **kw)
     with pytest.raises(ValueError, match="batches is empty"):
         select_blocks(model, [], num_blocks=1, **kw)
     with pytest.raises(ValueError, match="batch 0 produced no loss"):
