@@ -25,23 +25,30 @@ TR=(torchrun --standalone --nproc-per-node 2)
 run single python -m benchmarks.bench_distributed --mode single --profile 2 "${A[@]}"
 run ddp "${TR[@]}" -m benchmarks.bench_distributed --mode ddp --profile 2 "${A[@]}"
 run ddp_off "${TR[@]}" -m benchmarks.bench_distributed --mode ddp --ddp-buffers off --tag ddp_buffers_off "${A[@]}"
-run fsdp2 "${TR[@]}" -m benchmarks.bench_distributed --mode fsdp2 "${A[@]}"
+# plain FSDP2 and explicit prefetch were measured on 2026-11-29 (benchmarks/results/h200_2026-11-29_multi/)
+[ -n "${ALL:-}" ] && run fsdp2 "${TR[@]}" -m benchmarks.bench_distributed --mode fsdp2 "${A[@]}"
 run fsdp2_emb "${TR[@]}" -m benchmarks.bench_distributed --mode fsdp2 --shard-embeddings 1 --tag fsdp2_shard_embeddings "${A[@]}"
 run verify python -m benchmarks.bench_distributed --mode verify "${A[@]}"
-cp "$bd"/*.json "$bd"/profile_*.txt "$out/"
+cp "$bd"/*.json "$bd"/profile_*.txt "$out/" 2>/dev/null
 
 # 2. smt-kernels finetune under torchrun (NCCL, one GPU per rank) against one process, tiny random Llama
 python -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_cli import save_tiny_llama; save_tiny_llama(Path('/tmp/tiny_llama'))" >> "$log" 2>&1
 F=(finetune --model /tmp/tiny_llama --method smt --ratio 0.1 --block-size 16 --select-batches 2 --steps 8 --batch-size 8
    --num-train 64 --num-eval 16 --max-length 160 --lr 1e-2 --eval-every 4 --task reverse --no-progress)
 run cli_one python -m smt_kernels "${F[@]}" --output-dir /tmp/cli_one --output-json "$out/cli_one.json"
-run cli_two "${TR[@]}" -m smt_kernels "${F[@]}" --output-dir /tmp/cli_two --output-json "$out/cli_two.json"
+[ -n "${ALL:-}" ] && run cli_two "${TR[@]}" -m smt_kernels "${F[@]}" --output-dir /tmp/cli_two --output-json "$out/cli_two.json"
+# the smt-kernels entry point exists only once the package is installed (the device copy is a plain tree)
+python -m pip install -q --no-deps --no-build-isolation --no-index -e . >> "$log" 2>&1 \
+  || python -m pip install -q --no-deps --no-build-isolation --no-index . >> "$log" 2>&1
+echo "entry point: $(command -v smt-kernels)" >> "$log"
 run cli_entry "${TR[@]}" --no-python smt-kernels "${F[@]}" --output-dir /tmp/cli_entry --output-json "$out/cli_entry.json"
 python - >> "$log" 2>&1 <<'PY'
 import json, os
 out = os.environ.get("OUT", "/tmp/out") + "/multi"
 one = json.load(open(f"{out}/cli_one.json"))
 for name in ("cli_two", "cli_entry"):
+    if not os.path.exists(f"{out}/{name}.json"):
+        print(name, "no result"); continue
     two = json.load(open(f"{out}/{name}.json"))
     keys = ("ranks", "device", "train_loss_last", "eval_loss_after", "accuracy_after", "num_blocks", "trainable_params")
     print(name, {k: (one.get(k), two.get(k)) for k in keys})
@@ -50,7 +57,13 @@ for name in ("cli_two", "cli_entry"):
 PY
 
 # 3. GPU tests
-run pytest python -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py tests/test_custom_ops.py
+# the GPU tests that failed on 2026-11-29 (fixed since) and the rest of the two-GPU file; ALL=1 for every GPU test
+if [ -n "${ALL:-}" ]; then
+  run pytest python -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py tests/test_custom_ops.py
+else
+  run pytest python -m pytest -q -p no:cacheprovider tests/test_multi_gpu.py \
+    "tests/test_custom_ops.py::test_written_indices_are_validated_before_any_kernel_runs"
+fi
 date -u >> "$log"
 tar -czf "${OUT:-/tmp/out}/multi.tgz" -C "${OUT:-/tmp/out}" multi
 cp "$log" "${OUT:-/tmp/out}/multi_run.log"
