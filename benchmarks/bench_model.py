@@ -60,6 +60,15 @@ MODELS = {
         num_key_value_heads=8,
         vocab_size=128256,
     ),
+    # only with a 4-bit base on one GPU (benchmarks/bench_nf4_model.py): 141 GB in bf16
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
     # SmolLM2-135M (what `smt-kernels finetune` trains by default) and TinyLlama-1.1B
     "smollm2-135m": dict(
         hidden_size=576,
@@ -142,14 +151,25 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each module its own new tensor: tied embeddings would come apart
-    gen = torch.Generator(device=device).manual_seed(seed)
+    fill_random(model, torch.Generator(device=device).manual_seed(seed))
+    rebuild_rotary(model, device)
+    model.train()
+    return model
+
+
+def fill_random(module: nn.Module, gen: torch.Generator, recurse: bool = True) -> None:
+    """Matrices N(0, 0.02), vectors (RMSNorm scales) 1: speed and memory do not depend on the values."""
     with torch.no_grad():
-        for p in model.parameters():
+        for p in module.parameters(recurse=recurse):
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=gen)
             else:
-                p.fill_(1.0)  # RMSNorm scales
-    # non-persistent buffers (rotary inverse frequencies) are garbage after to_empty: rebuild those modules
+                p.fill_(1.0)
+
+
+def rebuild_rotary(model: nn.Module, device: torch.device) -> None:
+    """Rebuild the rotary-embedding modules: their non-persistent buffers (inverse frequencies) are garbage after
+    ``to_empty``."""
     for mname, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
             parent_name, _, attr = mname.rpartition(".")
@@ -158,8 +178,6 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
                 attr,
                 type(module)(config=model.config).to(device),
             )
-    model.train()
-    return model
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,3 +25,29 @@ def test_bench_nf4_smoke(tmp_path):
         assert float(r["time_ms"]) > 0 and float(r["resident_mib"]) > 0
         assert (r["dequant_gbps"] != "") == r["method"].startswith("nf4")
         assert (int(r["trainable"]) > 0) == r["method"].endswith("smt")
+
+
+def test_bench_nf4_model_smoke(tmp_path):
+    """Every method of the whole-model benchmark on the tiny model: one 4-bit model serves the floor, selection,
+    QLoRA (removed again) and SMT; the 4-bit and 16-bit models count the same parameters."""
+    from benchmarks import bench_nf4_model
+
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    assert bench_nf4_model.main(["--device", "cpu", "--no-results", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "nf4_model.csv").open(newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == list(bench_nf4_model.METHODS)
+    for method, r in rows.items():
+        if method.startswith("bnb") and not has_bnb:
+            assert r["status"] == "error" and "bitsandbytes" in r["notes"], r
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["step_ms"]) > 0
+        if method.endswith("_frozen"):
+            assert float(r["ratio_to_floor"]) == 1.0 and r["trainable_params"] == ""
+    assert len({r["params"] for r in rows.values() if r["status"] == "ok"}) == 1
+    assert rows["nf4_smt"]["trainable_params"] == rows["bf16_smt"]["trainable_params"] != ""
+    assert int(rows["nf4_select"]["n_blocks"]) == int(rows["nf4_smt"]["n_blocks"])
+    assert rows["qlora"]["trainable_params"] != "" and int(rows["qlora"]["lora_rank"]) >= 1
+    if has_bnb:  # the same rank rule on both 4-bit bases
+        assert rows["bnb_qlora"]["trainable_params"] == rows["qlora"]["trainable_params"]
