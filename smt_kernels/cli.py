@@ -57,6 +57,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(_converter(int)(t) for t in _names(text))
+
+
 def add_config_options(parser: argparse.ArgumentParser, config: type = FinetuneConfig) -> None:
     """One option per field of the ``config`` dataclass, in argument groups, with its default shown once."""
     hints = typing.get_type_hints(config)
@@ -73,7 +77,7 @@ def add_config_options(parser: argparse.ArgumentParser, config: type = FinetuneC
         base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default if f.default is not MISSING else None}
         if typing.get_origin(base) is tuple:
-            kwargs["type"] = _names
+            kwargs["type"] = _ints if typing.get_args(base)[0] is int else _names
         elif base in (int, float):
             kwargs["type"] = _converter(base)
         if meta["choices"]:
@@ -90,7 +94,7 @@ def _show(default: Any) -> str | None:
     if default is None:
         return None
     if isinstance(default, tuple):
-        return ",".join(default)
+        return ",".join(map(str, default))
     if default == "":
         return "''"
     return f"{default:g}" if isinstance(default, float) else str(default)

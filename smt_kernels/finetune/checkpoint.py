@@ -1,8 +1,9 @@
 """Checkpoints of a fine-tuning run: one file, written atomically, that ``--resume`` continues bit for bit.
 
 ``OUTPUT_DIR/checkpoint/state.pt`` holds the training state (``TrainingRun.state_dict``: trainable tensors,
-optimizer, step, data position, RNG), the SMT selection, the baseline evaluation and the options that decide the
-result; resuming with other such options is refused. It is read with ``torch.load(weights_only=True)``.
+optimizer, step, data position, RNG), the SMT selection (after ``--reselect-at`` the current one, and the
+values of the earlier selections' blocks, folded into the weights), the baseline evaluation and the options that
+decide the result; resuming with other such options is refused. It is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Checkpoint:
     selection: Selection | None
     before: EvalResult
     data_sha256: str
+    reselect: dict[str, Any] | None = None  # --reselect-at: folded blocks and records (``Reselector.state_dict``)
 
 
 def save_checkpoint(
@@ -56,6 +58,7 @@ def save_checkpoint(
     selection: Selection | None,
     before: EvalResult,
     data_sha256: str,
+    reselect: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``directory/state.pt`` through a temporary file and a rename: a crash leaves the old or the new one."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,6 +69,7 @@ def save_checkpoint(
         "data_sha256": data_sha256,
         "training": training,
         "selection": selection.to_json() if selection is not None else None,
+        "reselect": reselect,
         "before": {"loss": before.loss, "accuracy": before.accuracy, "predictions": list(before.predictions)},
     }
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
@@ -111,7 +115,9 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
         raise FinetuneError(f"--resume: the checkpoint is at step {training['log']['step']} of {cfg.steps}")
     before = EvalResult(**state["before"])
     selection = Selection.from_json(state["selection"]) if state["selection"] is not None else None
-    return Checkpoint(file, training["log"]["step"], training, selection, before, state["data_sha256"])
+    return Checkpoint(
+        file, training["log"]["step"], training, selection, before, state["data_sha256"], state.get("reselect")
+    )
 
 
 def _shown(value: Any) -> str:

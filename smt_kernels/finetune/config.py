@@ -165,6 +165,17 @@ class FinetuneConfig:
         methods=("smt",),
     )
 
+    reselect_at: tuple[int, ...] = option(
+        (),
+        "comma-separated steps after which the blocks are chosen again: the trained blocks are folded into the "
+        "weights, the same selection runs on --select-batches fresh training batches, and training continues on "
+        "the new blocks (AdamW state kept for the matrices whose blocks stay the same)",
+        group=BUDGET,
+        metavar="STEPS",
+        default_text="never",
+        methods=("smt",),
+    )
+
     steps: int = option(32, "optimizer steps", group=TRAIN, min=1)
     batch_size: int = option(
         8, "examples per step (under torchrun the global batch, split evenly over the ranks)", group=TRAIN, min=1
@@ -226,6 +237,7 @@ class FinetuneConfig:
         if self.output_dir == "":
             self.output_dir = None
         self.targets = tuple(self.targets)
+        self.reselect_at = tuple(self.reselect_at)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as JSON-ready values (tuples as lists)."""
@@ -294,6 +306,7 @@ def check_config(cfg: FinetuneConfig) -> None:
                 f"{' and '.join(meta['methods'])}); leave it out"
             )
     check_quantize(cfg)
+    check_reselect(cfg)
     if cfg.ratio is not None and cfg.ratio == 0.0:
         raise FinetuneError("--ratio must be in (0, 1] (a fraction of the target weights), got 0")
     if cfg.lr is not None and cfg.lr == 0.0:
@@ -360,6 +373,29 @@ def check_quantize(cfg: FinetuneConfig) -> None:
         raise FinetuneError(
             f"--select-warmup-steps {cfg.select_warmup_steps} trains the target weights, which {q} keeps frozen "
             "in 4 bits; leave one of them out"
+        )
+
+
+def check_reselect(cfg: FinetuneConfig) -> None:
+    """``--reselect-at``: integer steps, strictly increasing, each in 1..steps-1; not on a 4-bit base."""
+    steps = cfg.reselect_at
+    if not steps:
+        return
+    shown = ",".join(str(s) for s in steps)
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise FinetuneError(f"--reselect-at {shown}: steps must be integers")
+    outside = [s for s in steps if not 1 <= s < cfg.steps]
+    if outside:
+        raise FinetuneError(
+            f"--reselect-at {shown}: step(s) {','.join(map(str, outside))} outside 1..{cfg.steps - 1} (--steps "
+            f"{cfg.steps})"
+        )
+    if any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+        raise FinetuneError(f"--reselect-at {shown}: give the steps in increasing order, each once")
+    if cfg.quantize:
+        raise FinetuneError(
+            f"--reselect-at {shown} folds the trained blocks into the base weights, which --quantize "
+            f"{cfg.quantize} keeps frozen in 4 bits (folding would round them to NF4); leave one of them out"
         )
 
 

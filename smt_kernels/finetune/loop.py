@@ -69,15 +69,35 @@ class TrainingRun:
             log_,
         )
         self.device = ranks.device
+        self.set_model(model)
+
+    def set_model(self, model: nn.Module) -> None:
+        """Train ``model``'s trainable tensors from here on with a fresh AdamW (and a fresh DDP wrapper under
+        torchrun); the learning rate follows the schedule at the current step."""
+        self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise FinetuneError("nothing to train: no parameter requires grad after preparing the model")
         self.params = [p for _, p in self.named]
+        cfg = self.cfg
         self.opt = torch.optim.AdamW(self.params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-        self.loss = DataParallelLoss(model, ranks)  # the model's own loss, or DDP's under torchrun
+        self.loss = DataParallelLoss(model, self.ranks)  # the model's own loss, or DDP's under torchrun
 
-    def run(self, on_step: Callable[[int], None] | None = None) -> TrainLog:
-        """Train from ``log.step`` to ``cfg.steps``; ``on_step(step)`` after each (e.g. to checkpoint)."""
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """AdamW's state of each trainable tensor by parameter name (empty before the first step)."""
+        return {n: self.opt.state[p] for n, p in self.named if p in self.opt.state}
+
+    def set_optimizer_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Give the named trainable tensors this AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``)."""
+        params = dict(self.named)
+        for name, state in states.items():
+            self.opt.state[params[name]] = state
+
+    def run(
+        self, on_step: Callable[[int], None] | None = None, before_step: Callable[[int], None] | None = None
+    ) -> TrainLog:
+        """Train from ``log.step`` to ``cfg.steps``; ``before_step(steps_done)`` before each step (e.g. to choose
+        the blocks again), ``on_step(step)`` after each (e.g. to checkpoint)."""
         cfg, model = self.cfg, self.model
         model.train()
         model.config.use_cache = False
@@ -91,6 +111,12 @@ class TrainingRun:
         )
         t_start, t_other = time.perf_counter(), 0.0
         for step in bar:
+            if before_step is not None:
+                t0 = time.perf_counter()
+                before_step(step)  # merge and patch work in place: ``model`` is still the model trained
+                model.train()
+                model.config.use_cache = False
+                t_other += time.perf_counter() - t0  # re-selection is reported on its own
             loss, lr, grad_norm = self._step(step)
             if not math.isfinite(loss) and not cfg.allow_divergence:
                 raise FinetuneError(

@@ -123,32 +123,51 @@ def _prepare_smt(
     elements: int,
 ) -> Prepared:
     seconds = None
+    if selection is None:
+        selection, seconds = select_smt(model, cfg, select_batches, device)
+    prepared = patch_smt(model, cfg, selection)
+    prepared.target_params, prepared.select_seconds = elements, seconds
+    if is_main_process():
+        log.info("%s", prepared.summary)
+    return prepared
+
+
+def select_smt(
+    model: nn.Module, cfg: FinetuneConfig, select_batches: list[dict], device: torch.device
+) -> tuple[Selection, float]:
+    """``cfg``'s block selection on ``select_batches`` (an unpatched model) and the seconds it took.
+
+    One process: select_blocks; under torchrun each rank warms up on its share of the batches and every rank
+    gets rank 0's selection.
+    """
+    t0 = time.perf_counter()
     try:
-        if selection is None:
-            t0 = time.perf_counter()
-            # one process: select_blocks; under torchrun each rank warms up on its share of the batches and
-            # every rank gets rank 0's selection
-            with autocast(device):
-                selection = select_blocks_distributed(
-                    model,
-                    select_batches,
-                    targets=cfg.targets,
-                    score=cfg.score,
-                    strategy=cfg.strategy,
-                    block_size=cfg.block_size,
-                    progress=cfg.progress and is_main_process(),
-                    **cfg.select_warmup,
-                    **cfg.budget,
-                )
-            seconds = time.perf_counter() - t0
-            selection.num_batches = len(select_batches)  # global batches (under torchrun: not each rank's share)
+        with autocast(device):
+            selection = select_blocks_distributed(
+                model,
+                select_batches,
+                targets=cfg.targets,
+                score=cfg.score,
+                strategy=cfg.strategy,
+                block_size=cfg.block_size,
+                progress=cfg.progress and is_main_process(),
+                **cfg.select_warmup,
+                **cfg.budget,
+            )
+    except (ValueError, TypeError) as err:
+        raise FinetuneError(f"SMT selection failed: {err}") from None
+    selection.num_batches = len(select_batches)  # global batches (under torchrun: not each rank's share)
+    return selection, time.perf_counter() - t0
+
+
+def patch_smt(model: nn.Module, cfg: FinetuneConfig, selection: Selection) -> Prepared:
+    """``model`` patched with ``selection`` (its blocks the only trainable tensors) and the selection's summary."""
+    try:
         # the config explicitly: a selection read back on --resume does not carry it
         # fp32 blocks on a 4-bit base: the run's master weights are fp32 whatever the base's compute dtype
         block_dtype = torch.float32 if cfg.quantize else None
         model = smt_kernels.patch(model, selection, config=cfg.smt_config, verbose=False, block_dtype=block_dtype)
     except (ValueError, TypeError) as err:
-        raise FinetuneError(f"SMT selection/patching failed: {err}") from None
+        raise FinetuneError(f"SMT patching failed: {err}") from None
     summary = summarize_selection(model, selection, block_size=cfg.block_size, targets=cfg.targets)
-    if is_main_process():
-        log.info("%s", summary)
-    return Prepared(model, target_params=elements, selection=selection, summary=summary, select_seconds=seconds)
+    return Prepared(model, selection=selection, summary=summary)

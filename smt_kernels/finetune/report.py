@@ -56,6 +56,7 @@ class FinetuneResult:
     eval_loss_curve: list[dict[str, float]]
     config: dict[str, Any]
     quantize: str | None = None  # the base's 4-bit format (--quantize), None for a 16-bit base
+    reselections: list[dict[str, Any]] | None = None  # --reselect-at: per re-selection step, kept, changed, seconds
     before: EvalResult | None = field(default=None, repr=False)  # for reuse by later runs; not in the JSON
 
     @property
@@ -102,6 +103,9 @@ def format_summary(r: FinetuneResult) -> str:
     if r.num_blocks is not None:
         kinds = ", ".join(f"{k} {v}" for k, v in (r.blocks_per_kind or {}).items())
         lines.append(f"blocks chosen  {r.num_blocks} ({kinds})")
+    if r.reselections:
+        moves = ", ".join(f"step {x['step']}: {x['changed']} changed, {x['kept']} kept" for x in r.reselections)
+        lines.append(f"re-selected    {moves}")
     if r.lora_rank is not None:
         lines.append(f"LoRA rank      {r.lora_rank}")
     metric = "exact match of the final number" if r.metric == "final_number" else "exact match"

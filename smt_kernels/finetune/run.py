@@ -21,6 +21,7 @@ from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, quantize_
 from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
 from smt_kernels.finetune.parallel import Ranks, check_world, data_parallel
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
+from smt_kernels.finetune.reselect import Reselector, apply_folded, patch_union
 from smt_kernels.patch import trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _run(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer, 
     prepared = _prepare(cfg, job, ranks)
     trainable = trainable_parameters(prepared.model)[0]
     _log_trainable(prepared, trainable, job.total_params)
-    train_log = _train(cfg, job, ranks, prepared, before)
+    train_log, reselector = _train(cfg, job, ranks, prepared, before)
     loss_after = ranks.on_main(lambda: eval_loss(prepared.model, job.data.eval_batches, job.device))
     check_converged(train_log, before.loss, loss_after, cfg)
     peak = peak_memory(job.device)
@@ -87,10 +88,12 @@ def _run(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer, 
 
     saved = {}
     if cfg.output_dir:  # one writer
-        saved = ranks.on_main(lambda: save_outputs(prepared.model, job.tokenizer, cfg, prepared.selection))
+        saved = ranks.on_main(lambda: _save(cfg, job, prepared, reselector))
     if cfg.output_json:
         saved["summary_json"] = str(cfg.output_json)
     result = _result(cfg, job, ranks, prepared, trainable, train_log, before, after, peak, saved, t_start)
+    if reselector is not None:
+        result.reselections = list(reselector.records)
     if cfg.output_json:
         ranks.on_main(lambda: result.write_json(cfg.output_json))
     return result
@@ -139,17 +142,30 @@ def _prepare(cfg: FinetuneConfig, job: _Job, ranks: Ranks) -> Prepared:
         if cfg.method == "smt" and not selection
         else []
     )
+    if job.resume is not None and job.resume.reselect:  # the blocks of earlier selections, trained, as they were
+        apply_folded(job.model, job.resume.reselect, cfg.block_size)
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: the same in every run of this seed
     prepared = prepare_method(job.model, cfg, batches, job.device, selection)
     prepared.model.to(job.device)
     return prepared
 
 
-def _train(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared, before: EvalResult) -> TrainLog:
-    """The training steps left (all, or those after the resumed checkpoint), checkpointing as asked (rank 0)."""
+def _train(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared,
+           before: EvalResult) -> tuple[TrainLog, Reselector | None]:  # fmt: skip
+    """The training steps left (all, or those after the resumed checkpoint), checkpointing as asked (rank 0) and
+    choosing the blocks again at ``--reselect-at`` (the returned ``Reselector``, None without)."""
     stream = job.data.stream(cfg.batch_size, cfg.seed)
     start = TrainLog(eval_curve=[{"step": 0, "loss": before.loss}])
     run = TrainingRun(prepared.model, cfg, ranks, stream, job.data.eval_batches, start)
+    reselector = None
+    if cfg.reselect_at:
+        reselector = Reselector(cfg, ranks, job.data, prepared, run)
+        if job.resume is not None and job.resume.reselect:
+            reselector.records = list(job.resume.reselect["records"])
+            reselector.folded = {
+                n: {tuple(int(x) for x in p) for p in e["indices"].tolist()}
+                for n, e in job.resume.reselect["folded"].items()
+            }
     if job.resume is not None:
         run.load_state_dict(job.resume.training)
         log.info("resumed from %s at step %d of %d", job.resume.path, job.resume.step, cfg.steps)
@@ -160,10 +176,19 @@ def _train(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared, bef
 
     def checkpoint(step: int) -> None:
         if directory is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps and ranks.main:
-            save_checkpoint(directory, cfg, run.state_dict(), prepared.selection, before, job.data_sha256)
+            extra = reselector.state_dict() if reselector is not None else None
+            save_checkpoint(directory, cfg, run.state_dict(), prepared.selection, before, job.data_sha256, extra)
             log.info("checkpoint at step %d: %s", step, directory)
 
-    return run.run(checkpoint)
+    return run.run(checkpoint, reselector.before_step if reselector else None), reselector
+
+
+def _save(cfg: FinetuneConfig, job: _Job, prepared: Prepared, reselector: Reselector | None) -> dict[str, str]:
+    """The outputs; after re-selections the blocks saved are every block trained (``patch_union``)."""
+    selection = prepared.selection
+    if reselector is not None and reselector.folded:
+        prepared.model, selection = patch_union(prepared.model, cfg, selection, reselector.folded)
+    return save_outputs(prepared.model, job.tokenizer, cfg, selection)
 
 
 def _result(cfg: FinetuneConfig, job: _Job, ranks: Ranks, prepared: Prepared, trainable: int, train_log: TrainLog,
