@@ -22,11 +22,16 @@ can be picked without looking at the reported eval split (benchmarks/quality_sta
              pm | gl                    per-matrix or global top-k (smt, lora, dora)
              wuN | wuNlrX               SMT selection warm-up: N training steps (at peak lr X) before selecting
              t=LETTERS                  targets of this item instead of --targets: q k v o g(ate) u(p) d(own)
+             rsN[,M...]                 SMT re-selection after steps N, M, ... (FinetuneConfig.reselect_at)
+             nf4                        a 4-bit NF4 frozen base (FinetuneConfig.quantize): SMT on it, or QLoRA
+                                        (lora); not dora, not with rs or wu
     /LR      this item's peak learning rate
 
 e.g. ``smt@1%:act:pm:wu20lr3e-3/1e-2`` = SMT on 1 % of the model, activation score, per-matrix budget, 20 warm-up
-steps at lr 3e-3 before selecting, trained at peak lr 1e-2. The label of a row is the item without its
-``/LR`` plus `` lr=LR``; the item without ``/LR`` (``spec``) is what learning rates are chosen over.
+steps at lr 3e-3 before selecting, trained at peak lr 1e-2; ``smt@1%:pm:rs50,100/1e-2`` chooses the blocks again
+after steps 50 and 100 (a comma followed by a digit stays in the item); ``lora@1%:pm:nf4/3e-3`` is QLoRA. The label
+of a row is the item without its ``/LR`` plus `` lr=LR``; the item without ``/LR`` (``spec``) is what learning rates
+are chosen over.
 
 Rows are appended to ``quality.csv`` (and each eval/dev example's 0/1 to ``examples.csv``) as runs finish, so a
 run cut short keeps its results. Runs already in ``quality.csv`` of --out or of a --skip-done directory are
@@ -122,6 +127,9 @@ FIELDS = [
     "strategy",
     "select_warmup_steps",
     "select_warmup_lr",
+    "reselect_at",  # '50,100' or '' (rows of CSVs written before this column: none, as for quantize)
+    "quantize",
+    "reselections",  # JSON [[step, kept, changed], ...] of the run's re-selections
     "num_dev",
     "accuracy_dev",
     "dev_loss",
@@ -240,7 +248,10 @@ def dev_examples(cfg: FinetuneConfig, num_dev: int) -> tuple[list[Example], str]
 def cached_before(cache: Path | None, cfg: FinetuneConfig, memo: dict) -> tuple[str, EvalResult | None]:
     """The base model's evaluation on this run's eval split if a run of this or another process made it."""
     task = build_task(cfg)
-    payload = json.dumps([[(e.prompt, e.answer) for e in task.eval], cfg.max_length, cfg.chat_template])
+    payload = [[(e.prompt, e.answer) for e in task.eval], cfg.max_length, cfg.chat_template]
+    if getattr(cfg, "quantize", None):  # a 4-bit base is another model to evaluate (16-bit keys as before)
+        payload.append(cfg.quantize)
+    payload = json.dumps(payload)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
     if key in memo:
         return key, memo[key]
@@ -349,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("; ".join(f"{s.key}: {why}" for s, why in missing))
         print("dropped (not in this checkout): " + "; ".join(f"{s.label}: {why}" for s, why in missing), flush=True)
         specs = [s for s in specs if s not in {m for m, _ in missing}]
+    if late := [s.key for s in specs if s.reselect_at and s.reselect_at[-1] >= args.steps]:
+        raise SystemExit(f"{', '.join(late)}: re-selection steps must be below --steps {args.steps}")
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from smt_kernels.tasks import GENERATORS
 
@@ -477,6 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             strategy=eff.get("strategy") if spec.method != "full" else "",
             select_warmup_steps=eff.get("select_warmup_steps") if spec.method == "smt" else "",
             select_warmup_lr=eff.get("select_warmup_lr") if spec.method == "smt" else "",
+            reselect_at=",".join(map(str, spec.reselect_at or ())),
+            quantize=spec.quantize or "",
+            reselections=json.dumps([[x["step"], x["kept"], x["changed"]] for x in r.reselections or []])
+            if spec.reselect_at
+            else "",
             num_dev=len(dev),
             accuracy_dev=dev_result.accuracy if dev else None,
             dev_loss=dev_result.loss if dev else None,

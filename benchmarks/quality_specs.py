@@ -21,6 +21,8 @@ SHORT_SCORES = {"act": "activation", "abs": "abs_mean"}
 SHORT_STRATEGIES = {"pm": "per_matrix", "gl": "global"}
 BUDGET_METHODS = ("smt", "lora", "dora")
 _WARMUP = re.compile(r"^wu(\d+)(?:lr([0-9.eE+-]+))?$")
+_RESELECT = re.compile(r"^rs(.*)$")
+QUANTIZE = ("nf4",)  # :nf4 = FinetuneConfig.quantize (a 4-bit frozen base: SMT on it, or LoRA = QLoRA)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Spec:
     warmup_steps: int | None = None
     warmup_lr: float | None = None
     targets: tuple[str, ...] | None = None
+    reselect_at: tuple[int, ...] | None = None
+    quantize: str | None = None
 
     @property
     def budget(self) -> str:
@@ -62,6 +66,10 @@ class Spec:
         if self.targets is not None:
             letters = {v: k for k, v in TARGET_LETTERS.items()}
             out.append("t=" + "".join(letters[t] for t in self.targets))
+        if self.reselect_at is not None:
+            out.append("rs" + ",".join(map(str, self.reselect_at)))
+        if self.quantize is not None:
+            out.append(self.quantize)
         return "".join(":" + o for o in out)
 
     @property
@@ -130,22 +138,38 @@ def parse_spec(item: str) -> Spec:
                 kw["warmup_lr"] = float(m.group(2)) if m.group(2) else None
             except ValueError:
                 raise bad(f"bad warm-up lr in {opt!r}") from None
+        elif opt in QUANTIZE:
+            kw["quantize"] = opt
+        elif (rs := _RESELECT.match(opt)) is not None:
+            try:
+                steps = tuple(int(x) for x in rs.group(1).split(","))
+            except ValueError:
+                raise bad(f"{opt!r}: rs takes steps, e.g. rs50 or rs50,100") from None
+            if any(x < 1 for x in steps) or any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+                raise bad(f"{opt!r}: re-selection steps must be >= 1, increasing, each once")
+            kw["reselect_at"] = steps
         elif opt.startswith("t="):
             letters = opt[2:]
             if not letters or any(c not in TARGET_LETTERS for c in letters) or len(set(letters)) != len(letters):
                 raise bad(f"t= takes letters of {''.join(TARGET_LETTERS)} (q k v o gate up down), got {letters!r}")
             kw["targets"] = tuple(TARGET_LETTERS[c] for c in "qkvogud" if c in letters)
         else:
-            raise bad(f"unknown option {opt!r} (act, abs, score=NAME, pm, gl, wuN, wuNlrX, t=LETTERS)")
-    smt_only = [k for k in ("score", "warmup_steps") if k in kw]
+            raise bad(f"unknown option {opt!r} (act, abs, score=NAME, pm, gl, wuN, wuNlrX, t=LETTERS, rsN[,M...], nf4)")
+    smt_only = [k for k in ("score", "warmup_steps", "reselect_at") if k in kw]
     if name != "smt" and smt_only:
         raise bad(f"{', '.join(smt_only)} apply to smt only")
+    if "quantize" in kw and name == "dora":
+        raise bad(f"{kw['quantize']}: DoRA on a 4-bit base is not implemented (smt and lora only)")
+    for k, what in (("reselect_at", "re-selection folds blocks into"), ("warmup_steps", "warm-up trains")):
+        if "quantize" in kw and k in kw:
+            raise bad(f"{kw['quantize']}: {what} the base weights, which stay frozen in 4 bits; leave one out")
     return Spec(name, **kw)
 
 
 def parse_methods(text: str) -> list[Spec]:
-    """'smt@0.01,smt@1%:act/3e-3,lora@1%,dora@1%,full/1e-4' -> specs (see the module docstring)."""
-    return [parse_spec(s) for s in text.split(",") if s.strip()]
+    """'smt@0.01,smt@1%:act/3e-3,lora@1%,dora@1%,full/1e-4' -> specs (see the module docstring). A comma followed
+    by a digit continues the item (the steps of ``:rs50,100``)."""
+    return [parse_spec(s) for s in re.split(r",(?!\s*\d)", text) if s.strip()]
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -197,6 +221,10 @@ def unavailable(specs: Iterable[Spec]) -> list[tuple[Spec, str]]:
             out.append((s, "FinetuneConfig has no select_warmup_steps"))
         elif s.warmup_lr is not None and "select_warmup_lr" not in have:
             out.append((s, "FinetuneConfig has no select_warmup_lr"))
+        elif s.reselect_at is not None and "reselect_at" not in have:
+            out.append((s, "FinetuneConfig has no reselect_at"))
+        elif s.quantize is not None and "quantize" not in have:
+            out.append((s, "FinetuneConfig has no quantize"))
     return out
 
 
@@ -213,6 +241,10 @@ def spec_options(spec: Spec, targets: tuple[str, ...], block_size: int, score: s
     opts = method_options(spec.method, spec.targets or targets, block_size, spec.score or score)
     if spec.method == "full":
         return opts
+    if spec.quantize is not None:
+        opts["quantize"] = spec.quantize
+    if spec.reselect_at is not None:
+        opts["reselect_at"] = spec.reselect_at
     opts["ratio"] = spec.ratio
     # an item without :pm/:gl is a global budget, as in the recorded sweeps (the command's default is per_matrix)
     opts["strategy"] = spec.strategy if spec.strategy is not None else "global"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 COLORS = {"smt": "#2ca02c", "lora": "#1f77b4", "dora": "#9467bd", "full": "#d62728"}
+QUANTIZE = ("nf4",)  # spec options naming the base's format (quality_specs.QUANTIZE): part of the baseline too
 BASELINES = ("lora", "dora", "full")
 AVERAGE = "average"
 
@@ -201,12 +202,14 @@ def average(stats: list[Stat]) -> Stat:
     return Stat(float(np.mean([s.mean for s in stats])), *interval(r), r, min(s.seeds for s in stats), 0)
 
 
-def baseline_spec(g: Group, method: str) -> str:
-    """The spec ``method`` is compared with ``g`` under: same budget and targets option, no selection options."""
+def baseline_spec(g: Group, method: str, strategy: bool = False) -> str:
+    """The spec ``method`` is compared with ``g`` under: same budget, targets and base (``:nf4``: QLoRA), no
+    selection options (``strategy``: but the same ``:pm``/``:gl``, which sizes an adapter's rank)."""
     if method == "full":
         return "full"
-    targets = [o for o in g.variant.split(":") if o.startswith("t=")]
-    return f"{method}@{g.budget}" + "".join(":" + t for t in targets)
+    keep = ("pm", "gl", *QUANTIZE) if strategy else QUANTIZE
+    same = [o for o in g.variant.split(":") if o.startswith("t=") or o in keep]
+    return f"{method}@{g.budget}" + "".join(":" + o for o in same)
 
 
 @dataclass
@@ -230,7 +233,7 @@ def summarize(rows: list[dict], examples: dict, reps: int = 4000, seed: int = 0)
         if g.method != "smt":
             continue
         for m in BASELINES:
-            other = groups.get((task, baseline_spec(g, m)))
+            other = groups.get((task, baseline_spec(g, m, strategy=True))) or groups.get((task, baseline_spec(g, m)))
             if other is not None and (d := diff_stat(g, other, reps, seed)) is not None:
                 diffs[(task, spec, other.spec)] = d
     pairs = {(s, b) for _, s, b in diffs}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not
 from benchmarks import quality, quality_specs, quality_stats  # noqa: E402
 from benchmarks.quality import Run  # noqa: E402
 from benchmarks.quality_specs import Spec, parse_spec  # noqa: E402
+from smt_kernels.finetune import FinetuneConfig  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ spec syntax
 
@@ -37,6 +41,47 @@ def test_spec_parsing_and_canonical_text():
             parse_spec(bad)
     assert quality_specs.parse_targets("qkvogud") == tuple(quality_specs.TARGET_LETTERS[c] for c in "qkvogud")
     assert quality_specs.parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
+
+
+def test_reselect_and_nf4_options():
+    """``:rsN[,M...]`` -> reselect_at, ``:nf4`` -> quantize: in the variant, key and label (never colliding with the
+    item without them), in the FinetuneConfig keywords, and refused where finetune refuses them."""
+    rs = parse_spec("smt@1%:pm:rs50/1e-2")
+    assert rs.reselect_at == (50,) and rs.variant == ":pm:rs50" and rs.label == "smt@1%:pm:rs50 lr=0.01"
+    assert parse_spec(rs.key + "/1e-2") == rs and rs.key != parse_spec("smt@1%:pm/1e-2").key
+    # a comma followed by a digit stays in the item
+    specs = quality_specs.parse_methods("smt@1%:pm:rs50,100/1e-2, lora@1%:pm:nf4/3e-3,smt@1%:pm:nf4/1e-2,full")
+    assert [s.key for s in specs] == ["smt@1%:pm:rs50,100", "lora@1%:pm:nf4", "smt@1%:pm:nf4", "full"]
+    assert specs[0].reselect_at == (50, 100) and (specs[1].quantize, specs[2].quantize) == ("nf4", "nf4")
+    assert specs[1].key != "lora@1%:pm" and specs[2].quantize and specs[2].reselect_at is None
+    targets = quality_specs.parse_targets("qkvogud")
+    opts = quality_specs.spec_options(dataclasses.replace(specs[0], ratio=0.1), targets, 64, "abs_mean")
+    assert opts["reselect_at"] == (50, 100) and "quantize" not in opts
+    opts = quality_specs.spec_options(dataclasses.replace(specs[1], ratio=0.1), targets, 64, "abs_mean")
+    assert opts["quantize"] == "nf4" and "reselect_at" not in opts and "score" not in opts
+    FinetuneConfig(**opts)  # what quality.py builds
+    assert "quantize" not in quality_specs.spec_options(parse_spec("smt@0.1"), targets, 64, "abs_mean")
+    for bad, needle in [
+        ("lora@1%:rs50", "apply to smt only"),
+        ("smt@1%:rs", "rs takes steps"),
+        ("smt@1%:rs50,x", "rs takes steps"),
+        ("smt@1%:rs0", ">= 1"),
+        ("smt@1%:rs50,50", "increasing"),
+        ("smt@1%:rs100,50", "increasing"),
+        ("dora@1%:nf4", "DoRA on a 4-bit base"),
+        ("smt@1%:nf4:rs50", "leave one out"),
+        ("smt@1%:wu5:nf4", "leave one out"),
+        ("full:nf4", "no budget or options"),
+        ("smt@1%:nf8", "unknown option 'nf8'"),
+    ]:
+        with pytest.raises(SystemExit, match=re.escape(needle)):
+            parse_spec(bad)
+    # stats compare an SMT spec on the 4-bit base with QLoRA, and a re-selecting one with plain LoRA
+    fake = type("G", (), {"budget": "1%", "variant": ":pm:nf4"})  # baseline_spec reads these two of a Group
+    assert quality_stats.baseline_spec(fake, "lora") == "lora@1%:nf4"
+    assert quality_stats.baseline_spec(fake, "lora", strategy=True) == "lora@1%:pm:nf4"
+    fake.variant = ":act:pm:rs50:t=qv"
+    assert quality_stats.baseline_spec(fake, "lora") == "lora@1%:t=qv"
 
 
 def test_budget_in_percent_of_the_model_becomes_a_ratio_of_the_targets():
@@ -221,3 +266,47 @@ def test_quality_harness_tiny_resume_and_stats(tmp_path, monkeypatch):
     assert quality_stats.main([str(tmp_path / "out"), "--out", str(tmp_path / "stats"), "--reps", "200"]) == 0
     assert (tmp_path / "stats" / "accuracy_vs_params.png").stat().st_size > 0
     assert "smt@5% | lora@5%" in (tmp_path / "stats" / "summary.md").read_text()
+
+
+def test_quality_harness_reselect_nf4_and_old_csv(tmp_path, monkeypatch):
+    """A quality.csv from before the reselect_at/quantize columns is still read (its plain run is skipped, its
+    header widened); ``:rs1`` and ``:nf4`` runs get their own keys, columns, 4-bit baseline evaluation and stats."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli import save_tiny_llama
+
+    from smt_kernels.finetune import build_task
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    monkeypatch.setattr(quality, "dev_examples", lambda cfg, n: (build_task(cfg).eval, "eval (test)"))
+    out, claims = tmp_path / "out", tmp_path / "claims"
+    argv = ["--model-dir", str(model_dir), "--steps", "2", "--batch-size", "4", "--num-train", "16", "--num-eval", "3",
+            "--num-dev", "3", "--block-size", "16", "--seeds", "0", "--eval-every", "0", "--tasks", "reverse",
+            "--targets", "qkvogud", "--out", str(out), "--claims", str(claims)]  # fmt: skip
+    assert quality.main([*argv, "--methods", "smt@5%:pm/1e-2"]) == 0
+    # the file as an older harness wrote it: without the new columns
+    path = out / "quality.csv"
+    rows = list(csv.DictReader(path.open()))
+    new = ("reselect_at", "quantize", "reselections")
+    old_fields = [k for k in rows[0] if k not in new]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(SystemExit, match="below --steps 2"):
+        quality.main([*argv, "--methods", "smt@5%:pm:rs2/1e-2"])
+    methods = "smt@5%:pm/1e-2,smt@5%:pm:rs1/1e-2,smt@5%:pm:nf4/1e-2,lora@5%:pm:nf4/1e-2"
+    assert quality.main([*argv, "--methods", methods]) == 0
+    listed = list(csv.DictReader(path.open()))
+    rows = {r["spec"]: r for r in listed}  # the plain run is not run again
+    assert [r["spec"] for r in listed] == ["smt@5%:pm", "smt@5%:pm:rs1", "smt@5%:pm:nf4", "lora@5%:pm:nf4"]
+    assert len({r["run_key"] for r in rows.values()}) == 4
+    assert [(r["reselect_at"], r["quantize"]) for r in rows.values()] == [("", ""), ("1", ""), ("", "nf4"), ("", "nf4")]
+    [[step, kept, changed]] = json.loads(rows["smt@5%:pm:rs1"]["reselections"])
+    assert step == 1 and kept + changed == int(rows["smt@5%:pm:rs1"]["num_blocks"])
+    # the 4-bit base is evaluated on its own (not the 16-bit base's cached result)
+    assert len(list(claims.glob("before_*.json"))) == 2
+    assert rows["smt@5%:pm:nf4"]["eval_loss_before"] == rows["lora@5%:pm:nf4"]["eval_loss_before"]
+    assert rows["smt@5%:pm:nf4"]["eval_loss_before"] != rows["smt@5%:pm"]["eval_loss_before"]
+    assert quality_stats.main([str(out), "--out", str(tmp_path / "stats"), "--reps", "100", "--no-plot"]) == 0
+    got = _summary(tmp_path / "stats" / "summary.csv")
+    assert ("reverse", "smt@5%:pm:nf4", "lora@5%:pm:nf4") in got and ("reverse", "smt@5%:pm:rs1", "") in got
