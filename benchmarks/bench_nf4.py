@@ -78,7 +78,7 @@ def measure(method, shape, tokens, blocks, args, device, dtype) -> dict:
         for p in trainable:
             p.grad = None
 
-    step()  # warm: kernels compiled, shared buffer allocated
+    step()  # warm: kernels compiled (and the pooled buffer allocated, if on)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -87,7 +87,7 @@ def measure(method, shape, tokens, blocks, args, device, dtype) -> dict:
     peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
     row = {
         "method": method,
-        "resident_mib": round(resident_bytes(layer) / 2**20, 2),
+        "resident_mib": round(resident_bytes(layer) / 2**20, 4),
         "step_peak_mib": None if peak is None else round(peak / 2**20, 2),
         "trainable": sum(map(torch.numel, trainable)),
     }
@@ -99,10 +99,10 @@ def measure(method, shape, tokens, blocks, args, device, dtype) -> dict:
 
 
 def kernel_bandwidth(layer: NF4Linear, device, dtype, args) -> dict:
-    """The dequantize-and-overlay launch alone into the shared buffer: time and effective GB/s."""
+    """The dequantize-and-overlay launch alone into a dequantization buffer: time and effective GB/s."""
     q = layer.nf4
     kernels = kernels_for(device)
-    out = buffers.shared_buffer(device, q.shape, dtype)
+    out = buffers.dequant_buffer(device, q.shape, dtype)
     blocks = getattr(layer, "block_weight", None)
     idx = getattr(layer, "block_indices", None)
     bmap = getattr(layer, "block_map", None) if blocks is not None else None

@@ -1,6 +1,6 @@
 """Launch-configuration sweep of the NF4 dequantize-and-overlay kernel (GPU only): time and effective GB/s of
 every (QBLOCKS, num_warps) pair at LLaMA-3 weight shapes, with and without 1 % trained blocks, each checked
-bit for bit against the shipped configuration's output.
+bit for bit against the output of the configuration shipped before (QBLOCKS 32, 4 warps).
 
     python -m benchmarks.bench_nf4_kernel --out DIR        # DIR/nf4_kernel.csv
 
@@ -32,8 +32,8 @@ SHAPES = ((4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672))
 CONFIGS = [(q, w) for q in (16, 32, 64, 128) for w in (2, 4, 8, 16)]
 
 
-def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int) -> None:
-    """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS and num_warps as given."""
+def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs: bool = True) -> None:
+    """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS, num_warps and the per-run overlay as given."""
     t = q.tensors()
     dq = q.double_quant
     has = bw is not None
@@ -47,6 +47,7 @@ def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int) -> N
         bw if has else out, bmap if has else q.packed, q.numel, q.shape[1], bmap.shape[1] if has else 1,
         DOUBLE_QUANT=dq, HAS_BLOCKS=has, BLOCK_SIZE=block_size if has else 16, QBLOCKS=qblocks,
         WIDE=q.numel + qblocks * 64 >= 2**31, WIDE_ROWS=q.shape[1] >= qblocks * 64,
+        RUNS=runs and has and nf4_dequant.runs_fit(q.shape[1], block_size, qblocks),
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
 
@@ -73,15 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         for with_blocks in (False, True):
             b_w, b_m = (bw, bmap) if with_blocks else (None, None)
             ref = torch.empty(n, k, device=device, dtype=torch.bfloat16)
-            launch(q, ref, b_w, b_m, args.block_size, nf4_dequant.QBLOCKS, 4)
+            launch(q, ref, b_w, b_m, args.block_size, 32, 4, runs=False)  # as shipped until 2026-11-30
             moved = q.nbytes() + ref.numel() * 2 + (bw.numel() * 2 if with_blocks else 0)
-            for qb, nw in CONFIGS:
+            for qb, nw, runs in [*((qb, nw, True) for qb, nw in CONFIGS), (32, 4, False)]:
                 out = torch.full_like(ref, float("nan"))
                 try:
-                    launch(q, out, b_w, b_m, args.block_size, qb, nw)
+                    launch(q, out, b_w, b_m, args.block_size, qb, nw, runs)
                     same = bool(torch.equal(out, ref))
                     ms = triton.testing.do_bench(
-                        functools.partial(launch, q, out, b_w, b_m, args.block_size, qb, nw),
+                        functools.partial(launch, q, out, b_w, b_m, args.block_size, qb, nw, runs),
                         warmup=25,
                         rep=100,
                     )
@@ -90,10 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                     row["pct_of_peak"] = round(100 * gbps / args.peak_gbps, 1)
                 except Exception as err:  # noqa: BLE001 - a config that does not compile is a row, not the end
                     row = dict(status=f"{type(err).__name__}: {err}"[:200])
-                row = dict(shape=f"{n}x{k}", blocks=len(blocks) if with_blocks else 0, qblocks=qb, num_warps=nw, **row)
+                row = dict(
+                    shape=f"{n}x{k}",
+                    blocks=len(blocks) if with_blocks else 0,
+                    qblocks=qb,
+                    num_warps=nw,
+                    runs=runs,
+                    **row,
+                )
                 rows.append(row)
                 print(row, flush=True)
-    fields = ["shape", "blocks", "qblocks", "num_warps", "status", "equal", "ms", "gbps", "pct_of_peak"]
+    fields = ["shape", "blocks", "qblocks", "num_warps", "runs", "status", "equal", "ms", "gbps", "pct_of_peak"]
     with (args.out / "nf4_kernel.csv").open("w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=[*fields, *env])
         wr.writeheader()

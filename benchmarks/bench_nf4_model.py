@@ -45,12 +45,13 @@ from benchmarks.bench_model import (  # noqa: E402
     set_checkpointing,
 )
 from smt_kernels import finetune, patch, select_blocks  # noqa: E402
-from smt_kernels.quant import quantize_base, release_buffers  # noqa: E402
+from smt_kernels.quant import quantize_base, release_buffers, use_pooled_buffer  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
 
 METHODS = ("nf4_frozen", "nf4_select", "qlora", "nf4_smt", "bnb_frozen", "bnb_qlora", "bf16_frozen", "bf16_smt")
 # (batch, seq) per model unless --batch/--seq: the issue's settings
 SHAPES = {"llama3-70b": (1, 2048), "llama3-8b": (4, 1024), "tiny": (2, 32)}
+NF4_METHODS = ("nf4_frozen", "nf4_select", "qlora", "nf4_smt")
 FLOOR = {"nf4": "nf4_frozen", "qlora": "nf4_frozen", "bnb": "bnb_frozen", "bf16": "bf16_frozen"}
 FIELDS = common.ENV_FIELDS + [
     "model",
@@ -205,7 +206,7 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> list
     rows: list[dict] = []
     want = set(args.methods)
     groups = [
-        ("nf4", [m for m in ("nf4_frozen", "nf4_select", "qlora", "nf4_smt") if m in want]),
+        ("nf4", [m for m in NF4_METHODS if m in want]),
         ("bnb", [m for m in ("bnb_frozen", "bnb_qlora") if m in want]),
         ("bf16", [m for m in ("bf16_frozen", "bf16_smt") if m in want]),
     ]
@@ -330,6 +331,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.01, help="share of the seven projections' blocks SMT trains")
     p.add_argument("--block-size", type=int, default=None, help="256 (CPU default 16)")
     p.add_argument("--param-dtype", default="bf16", choices=["bf16", "fp32"], help="SMT blocks and LoRA adapters")
+    p.add_argument(
+        "--pooled-buffer",
+        action="store_true",
+        help="NF4 layers dequantize into one pooled buffer (smt_kernels.quant.use_pooled_buffer) instead of a "
+        "fresh tensor per call",
+    )
     p.add_argument("--name", default="nf4_model", help="CSV base name (default nf4_model.csv)")
     args = p.parse_args(argv)
     args.device_obj = common.pick_device(args.device)
@@ -349,6 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_pooled_buffer(args.pooled_buffer)
     with common.smoke_threads(args.device_obj):
         device, dtype, env = common.start_run(args, "benchmarks.bench_nf4_model", argv)
         print(f"# {env['gpu']} | torch {env['torch']} | peft {env['peft']} | {env['command']}", flush=True)
@@ -363,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 r.update(env, batch=args.batch, seq=args.seq, block_size=args.block_size)
                 r["param_dtype"] = str(args.param_dtype).removeprefix("torch.")
+                if args.pooled_buffer and r["method"] in NF4_METHODS:
+                    r["notes"] = "; ".join(filter(None, [r.get("notes"), "pooled dequantization buffer"]))
                 r.setdefault("status", "ok")
                 if r.get("status") == "ok" and r.get("step_ms") and r["method"] != "nf4_select":
                     r["tokens_per_s"] = common.sig(args.batch * args.seq / (r["step_ms"] * 1e-3), 4)

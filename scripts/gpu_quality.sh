@@ -42,8 +42,9 @@ print('saved /tmp/smol', sum(p.numel() for p in m.parameters()))" || exit 3
         # what the first sweep left open (docs/results.md): LoRA/DoRA at per-matrix SMT's own parameter count, more
         # seeds for per-matrix SMT, and the learning rates below the grid's edge; skips runs in the committed results
         R=benchmarks/results/h200_2026-11-29_quality_sweep
-        SPECS=${SPECS:-"smt@1%:pm/1e-2 smt@1%:pm/3e-3 lora@1%:pm/1e-3 lora@1%:pm/3e-3 lora@1%:pm/1e-2
-            dora@1%:pm/1e-3 dora@1%:pm/3e-3 dora@1%:pm/1e-2 smt@3%/1e-3 smt@10%/1e-3 lora@0.25%/3e-4 lora@1%/3e-4"} \
+        # (2026-11-30: plus re-selection at step 50 and the 4-bit base, SMT and QLoRA, for issues 16 and 13)
+        SPECS=${SPECS:-"smt@1%:pm/1e-2 lora@1%:pm/1e-3 lora@1%:pm/3e-3 lora@1%:pm/1e-2 smt@1%:pm:rs50/1e-2
+            smt@1%:pm:nf4/1e-2 lora@1%:pm:nf4/3e-3 dora@1%:pm/3e-3 smt@3%/1e-3 smt@10%/1e-3"} \
         BUDGET=${BUDGET:-400} timeout -k 5 "${LIMIT:-520}" bash benchmarks/run_quality_sweep.sh /tmp/smol \
             "$sweep/$phase" shard 0/1 "$R/screen" "$R/confirm" >> "$log" 2>&1
     else

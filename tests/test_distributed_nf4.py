@@ -45,7 +45,7 @@ from transformers import LlamaForCausalLM
 from smt_kernels import load_blocks, merge, patch, quantize_base, select_blocks
 from smt_kernels.distributed import select_blocks_distributed, shard_nf4_base, wrap_ddp
 from smt_kernels.quant import NF4Linear, NF4SparseBlockLinear, nf4_modules
-from smt_kernels.quant.buffers import buffer_bytes, release_buffers
+from smt_kernels.quant.buffers import buffer_bytes, release_buffers, use_pooled_buffer
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -148,6 +148,7 @@ def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, mi
         shard_nf4_base(model)
     model = shard_fsdp(model, reshard_after_forward)
     release_buffers()
+    use_pooled_buffer(True)  # so that the buffer's size can be checked: sharding adds none
 
     def sync(last):  # reduce-scatter the block gradients only after the last micro-batch
         model.set_requires_gradient_sync(last)
@@ -173,7 +174,7 @@ def _fsdp_rank(rank: int, save_dir: Path | None, reshard_after_forward: bool, mi
             for k, v in nf4_base(model).items()
         },
         "initial_numel": {k: v.numel() for k, v in initial.items()},
-        # one shared dequantization buffer (fp32 compute) of the largest layer: sharding adds none
+        # one pooled dequantization buffer (fp32 compute) of the largest layer: sharding adds none
         "dequant_buffer": buffer_bytes(),
         "largest_layer": max(m.out_features * m.in_features for m in nf4_modules(model).values()) * 4,
         "logits": probe_logits(model),

@@ -133,7 +133,23 @@ def test_gradient_checkpointing_and_accumulation():
     assert torch.allclose(l2.block_weight.grad, want[1], rtol=1e-5, atol=1e-6)
 
 
-def test_one_shared_buffer_per_device_and_dtype():
+def test_no_dequantized_weight_is_kept_by_default():
+    layer = NF4Linear.from_linear(nn.Linear(96, 80))
+    x = torch.randn(2, 96, requires_grad=True)
+    layer(x).sum().backward()
+    assert buffers.buffer_bytes() == 0
+
+
+def test_one_pooled_buffer_per_device_and_dtype():
+    previous = buffers.use_pooled_buffer(True)
+    try:
+        _check_one_pooled_buffer()
+    finally:
+        buffers.use_pooled_buffer(previous)
+    assert buffers.buffer_bytes() == 0  # switching the pool off releases it
+
+
+def _check_one_pooled_buffer():
     buffers.release_buffers()
     small = NF4Linear.from_linear(nn.Linear(64, 32))
     big = NF4Linear.from_linear(nn.Linear(96, 80))

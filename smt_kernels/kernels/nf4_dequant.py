@@ -4,7 +4,10 @@ Each program handles ``QBLOCKS`` absmax blocks (64 values each, 32 packed bytes)
 splits the nibbles (high nibble first, as bitsandbytes packs them), looks the codes up in the 16-value NF4 table,
 scales each 64-value block by its absmax (undoing double quantization on the fly) and stores the row-major weight.
 Elements inside a trained block take the block's value instead, read through a small (N/b, K/b) slot map, so
-the output never holds a stale base value and no second pass over it is needed.
+the output never holds a stale base value and no second pass over it is needed. When b divides K (and the tile),
+every aligned run of b consecutive elements lies in one row of one block: the map is read once per run and a
+program whose runs hit no trained block (most of them at 1 % blocks) reads nothing more; otherwise (a ragged K)
+the map is read per element.
 The value for an element is ``fp32(code) * fp32(absmax)`` rounded once (to nearest even) to the output dtype:
 bit for bit what ``smt_kernels.quant.nf4.dequantize_nf4`` and bitsandbytes compute. (Triton's CPU interpreter
 truncates fp32 -> bf16 instead, so there bf16 outputs can be one bf16 ulp smaller in magnitude.)
@@ -20,8 +23,11 @@ import triton.language as tl
 
 from smt_kernels.kernels.launcher import DirectLauncher, interpreting
 
-# absmax blocks (of 64 values) per program: 2048 values, 1 KiB of packed input, 4 KiB of bf16 output
-QBLOCKS = 32
+# absmax blocks (of 64 values) per program: 4096 values, 2 KiB of packed input, 8 KiB of bf16 output; with
+# NUM_WARPS the fastest pair of benchmarks/bench_nf4_kernel.py's sweep at LLaMA-3 shapes on an H200
+# (docs/quantization.md)
+QBLOCKS = 64
+NUM_WARPS = 2
 
 
 @triton.jit
@@ -45,6 +51,7 @@ def _nf4_dequant_overlay_kernel(
     QBLOCKS: tl.constexpr,
     WIDE: tl.constexpr,
     WIDE_ROWS: tl.constexpr,
+    RUNS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if WIDE:  # element indices past 2^31
@@ -67,7 +74,24 @@ def _nf4_dequant_overlay_kernel(
     out = (values * scale[:, None]).to(out_ptr.dtype.element_ty)
     elem = qb[:, None] * 64 + tl.arange(0, 64)[None, :]
     e_ok = elem < numel
-    if HAS_BLOCKS:
+    if HAS_BLOCKS and RUNS:
+        # b divides K and the tile: run j of the tile (BLOCK_SIZE consecutive elements) is one row of one block
+        N_RUNS: tl.constexpr = QBLOCKS * 64 // BLOCK_SIZE
+        start = (pid * N_RUNS + tl.arange(0, N_RUNS)) * BLOCK_SIZE
+        run_row = start // K
+        run_col = start - run_row * K
+        run_slot = tl.load(
+            map_ptr + (run_row // BLOCK_SIZE) * n_col_blocks + run_col // BLOCK_SIZE, mask=start < numel, other=-1
+        )
+        if tl.max(run_slot, axis=0) >= 0:  # rare at small budgets: only then are trained values read
+            hit = run_slot >= 0
+            src = run_slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (run_row % BLOCK_SIZE) * BLOCK_SIZE
+            within = tl.arange(0, BLOCK_SIZE)
+            trained = tl.load(bw_ptr + src[:, None] + within[None, :], mask=hit[:, None], other=0.0)
+            runs = tl.reshape(out, (N_RUNS, BLOCK_SIZE))
+            runs = tl.where(hit[:, None], trained.to(out_ptr.dtype.element_ty), runs)
+            out = tl.reshape(runs, (QBLOCKS, 64))
+    elif HAS_BLOCKS:
         if WIDE_ROWS:  # K >= the tile: a tile spans at most two rows, found with one division per program
             row0 = (pid * (QBLOCKS * 64)) // K
             row = row0 + (elem >= (row0 + 1) * K).to(row0.dtype)
@@ -155,10 +179,21 @@ def dequantize_overlay(
         QBLOCKS=QBLOCKS,
         WIDE=numel + QBLOCKS * 64 >= 2**31,
         WIDE_ROWS=q.shape[1] >= QBLOCKS * 64,
-        num_warps=4,
+        RUNS=has_blocks and runs_fit(q.shape[1], block_size),
+        num_warps=NUM_WARPS,
         **options,
     )
     return out
+
+
+def runs_fit(k: int, block_size: int, qblocks: int = QBLOCKS) -> bool:
+    """Whether the per-run overlay applies: b a power of two dividing both K and the tile of ``qblocks``·64."""
+    return (
+        block_size > 0
+        and block_size & (block_size - 1) == 0
+        and k % block_size == 0
+        and (qblocks * 64) % block_size == 0
+    )
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}

@@ -6,7 +6,7 @@ model), ``fold_blocks_into_checkpoint`` (the trained blocks in the original 16-b
 ``merge_nf4`` are ``patch`` / ``merge`` for 4-bit targets only.
 """
 
-from smt_kernels.quant.buffers import release_buffers
+from smt_kernels.quant.buffers import release_buffers, use_pooled_buffer
 from smt_kernels.quant.checkpoint import fold_blocks_into_checkpoint, load_nf4_pretrained
 from smt_kernels.quant.model import (
     merge_nf4,
@@ -34,4 +34,5 @@ __all__ = [
     "quantize_nf4",
     "release_buffers",
     "trained_blocks",
+    "use_pooled_buffer",
 ]

@@ -7,12 +7,12 @@ so it sees the kernels (``wrap_triton``) and launches them itself. The ``custom_
 backend and the Triton interpreter. In eager mode the wrappers call the implementations directly.
 
 Where the dequantized weight goes:
-- eager: into the buffer shared by all NF4 layers (``smt_kernels.quant.buffers``), as before;
+- eager: into ``smt_kernels.quant.buffers.dequant_buffer`` (a fresh tensor, or the optional pooled buffer);
 - compiled: into a fresh tensor the operator returns. A module-level buffer is not a graph input, so its mutation
   cannot be declared (``mutates_args`` names arguments), and making it one would put the same storage into every
   layer's op and serialise them through functionalization copies. A fresh output is a plain graph value: it dies
   after its GEMM, and Inductor's memory planner reuses the freed storage for the next layer's weight, which is
-  what the shared buffer does by hand. (``aot_eager`` has no planner; the caching allocator reuses the memory.)
+  what the caching allocator does in eager mode. (``aot_eager`` has no planner; the allocator reuses the memory.)
 
 Operators (weight N×K, n blocks of b×b, u distinct block-columns, M tokens; ``backend`` "triton" or "torch"):
 - ``nf4_dequantize_overlay(packed, absmax?, absmax_q?, absmax_scale?, absmax_offset?, absmax_code?, N, K,
@@ -31,7 +31,7 @@ from torch.library import custom_op
 
 from smt_kernels.kernels.backend import kernels
 from smt_kernels.kernels.launcher import interpreting
-from smt_kernels.quant.buffers import shared_buffer
+from smt_kernels.quant.buffers import dequant_buffer
 from smt_kernels.quant.dequant import overlay_kernel
 from smt_kernels.quant.nf4 import NF4Weight
 
@@ -147,10 +147,10 @@ def dequantize_overlay(
     backward: bool = False,
 ) -> torch.Tensor:
     """(N, K) in ``dtype``: the NF4 weight ``q`` with ``block_weight`` (n, b, b) in place at block_indices (n, 2)
-    (block_map: ``block_slot_map``). Eager: a view of the shared buffer, valid until the next NF4 layer runs;
+    (block_map: ``block_slot_map``). Eager: ``buffers.dequant_buffer`` (fresh, or the pooled buffer);
     compiled: a new tensor. ``backward``: set by the backward's call (see the module docstring)."""
     if not _is_compiling():
-        out = shared_buffer(q.device, q.shape, dtype)
+        out = dequant_buffer(q.device, q.shape, dtype)
         return overlay_kernel(backend)(q, out, block_weight, block_indices, block_map, block_size)
     t = q.tensors()
     args = (

@@ -1,12 +1,12 @@
 """The autograd operator of a linear layer on a frozen NF4 weight, with optional trainable b×b blocks.
 
-Forward: dequantize the weight with the current blocks in place into the shared buffer, y = x·Wᵀ + bias, keep
+Forward: dequantize the weight with the current blocks in place (``quant.buffers``), y = x·Wᵀ + bias, keep
 only the input block-columns the blocks read. Backward: the block gradients from those columns
-(``block_weight_grad``, unchanged from the bf16 layer) and dX = dY·W with W dequantized into the buffer again,
+(``block_weight_grad``, unchanged from the bf16 layer) and dX = dY·W with W dequantized again,
 so no dequantized weight outlives a call. Gradient checkpointing only re-runs the forward.
 The kernels are called through registered operators (``smt_kernels.quant.custom_ops``, ``smt_kernels.custom_ops``),
 so ``torch.compile`` traces both layers without graph breaks; compiled, each dequantization returns a new tensor
-instead of the shared buffer (see there why).
+of its own (see there why).
 """
 
 from __future__ import annotations
