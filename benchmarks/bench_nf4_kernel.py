@@ -33,7 +33,7 @@ CONFIGS = [(q, w) for q in (16, 32, 64, 128) for w in (2, 4, 8, 16)]
 
 
 def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs: bool = True) -> None:
-    """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS, num_warps and the per-run overlay as given."""
+    """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS, num_warps and the overlay path as given."""
     t = q.tensors()
     dq = q.double_quant
     has = bw is not None
@@ -47,7 +47,7 @@ def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs
         bw if has else out, bmap if has else q.packed, q.numel, q.shape[1], bmap.shape[1] if has else 1,
         DOUBLE_QUANT=dq, HAS_BLOCKS=has, BLOCK_SIZE=block_size if has else 16, QBLOCKS=qblocks,
         WIDE=q.numel + qblocks * 64 >= 2**31, WIDE_ROWS=q.shape[1] >= qblocks * 64,
-        RUNS=runs and has and nf4_dequant.runs_fit(q.shape[1], block_size, qblocks),
+        RUNS=runs and has and nf4_dequant.runs_fit(q.shape[1], block_size),
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
 

@@ -22,10 +22,11 @@ CASES = {
     "b32_ragged_row": (40, 150, 32, [(1, c) for c in range(5)]),
     "aligned_many_groups": (128, 320, 64, [(1, 4), (0, 2)]),  # 40960 values: 640 absmax blocks, 3 groups
     "rows_wider_than_a_tile": (3, 4200, 64, [(0, 65), (0, 0), (0, 16)]),  # K >= the tile: one division per tile
-    # b divides K: the trained values are read per run of b elements (kernels/nf4_dequant.py), only where they hit
-    "runs_most_tiles_untouched": (256, 96, 32, [(7, 1)]),
-    "runs_clipped_rows": (70, 128, 32, [(2, 3), (0, 0), (1, 1)]),
+    # 64 | b | K: the slot map is read per absmax block (kernels/nf4_dequant.py), trained values only where hit
+    "runs_most_tiles_untouched": (256, 128, 64, [(3, 1)]),
+    "runs_clipped_rows": (70, 128, 64, [(1, 1), (0, 0)]),
     "runs_wide_rows": (4, 8192, 64, [(0, 100), (0, 0)]),
+    "b32_aligned_per_element": (64, 96, 32, [(1, 2), (0, 0)]),  # b < 64: the per-element map path
 }
 
 

@@ -4,10 +4,10 @@ Each program handles ``QBLOCKS`` absmax blocks (64 values each, 32 packed bytes)
 splits the nibbles (high nibble first, as bitsandbytes packs them), looks the codes up in the 16-value NF4 table,
 scales each 64-value block by its absmax (undoing double quantization on the fly) and stores the row-major weight.
 Elements inside a trained block take the block's value instead, read through a small (N/b, K/b) slot map, so
-the output never holds a stale base value and no second pass over it is needed. When b divides K (and the tile),
-every aligned run of b consecutive elements lies in one row of one block: the map is read once per run and a
-program whose runs hit no trained block (most of them at 1 % blocks) reads nothing more; otherwise (a ragged K)
-the map is read per element.
+the output never holds a stale base value and no second pass over it is needed. When 64 divides b and b divides
+K (b = 256 on LLaMA shapes), every absmax block lies in one row of one trained-block column: the map is read once
+per absmax block and a program that hits no trained block reads nothing more; otherwise (a ragged K, b < 64) the
+map is read per element.
 The value for an element is ``fp32(code) * fp32(absmax)`` rounded once (to nearest even) to the output dtype:
 bit for bit what ``smt_kernels.quant.nf4.dequantize_nf4`` and bitsandbytes compute. (Triton's CPU interpreter
 truncates fp32 -> bf16 instead, so there bf16 outputs can be one bf16 ulp smaller in magnitude.)
@@ -75,22 +75,18 @@ def _nf4_dequant_overlay_kernel(
     elem = qb[:, None] * 64 + tl.arange(0, 64)[None, :]
     e_ok = elem < numel
     if HAS_BLOCKS and RUNS:
-        # b divides K and the tile: run j of the tile (BLOCK_SIZE consecutive elements) is one row of one block
-        N_RUNS: tl.constexpr = QBLOCKS * 64 // BLOCK_SIZE
-        start = (pid * N_RUNS + tl.arange(0, N_RUNS)) * BLOCK_SIZE
-        run_row = start // K
-        run_col = start - run_row * K
-        run_slot = tl.load(
-            map_ptr + (run_row // BLOCK_SIZE) * n_col_blocks + run_col // BLOCK_SIZE, mask=start < numel, other=-1
-        )
-        if tl.max(run_slot, axis=0) >= 0:  # rare at small budgets: only then are trained values read
-            hit = run_slot >= 0
-            src = run_slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (run_row % BLOCK_SIZE) * BLOCK_SIZE
-            within = tl.arange(0, BLOCK_SIZE)
-            trained = tl.load(bw_ptr + src[:, None] + within[None, :], mask=hit[:, None], other=0.0)
-            runs = tl.reshape(out, (N_RUNS, BLOCK_SIZE))
-            runs = tl.where(hit[:, None], trained.to(out_ptr.dtype.element_ty), runs)
-            out = tl.reshape(runs, (QBLOCKS, 64))
+        # 64 divides b and b divides K: each absmax block (64 consecutive values) lies in one row of one block, so
+        # the slot map is read once per absmax block, and trained values only by programs that hit a block
+        q_row = (qb * 64) // K
+        q_col = qb * 64 - q_row * K
+        q_slot = tl.load(map_ptr + (q_row // BLOCK_SIZE) * n_col_blocks + q_col // BLOCK_SIZE, mask=q_ok, other=-1)
+        if tl.max(q_slot, axis=0) >= 0:
+            hit = q_slot >= 0
+            src = (
+                q_slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (q_row % BLOCK_SIZE) * BLOCK_SIZE + q_col % BLOCK_SIZE
+            )
+            trained = tl.load(bw_ptr + src[:, None] + tl.arange(0, 64)[None, :], mask=hit[:, None], other=0.0)
+            out = tl.where(hit[:, None], trained.to(out_ptr.dtype.element_ty), out)
     elif HAS_BLOCKS:
         if WIDE_ROWS:  # K >= the tile: a tile spans at most two rows, found with one division per program
             row0 = (pid * (QBLOCKS * 64)) // K
@@ -186,14 +182,9 @@ def dequantize_overlay(
     return out
 
 
-def runs_fit(k: int, block_size: int, qblocks: int = QBLOCKS) -> bool:
-    """Whether the per-run overlay applies: b a power of two dividing both K and the tile of ``qblocks``·64."""
-    return (
-        block_size > 0
-        and block_size & (block_size - 1) == 0
-        and k % block_size == 0
-        and (qblocks * 64) % block_size == 0
-    )
+def runs_fit(k: int, block_size: int) -> bool:
+    """Whether the per-absmax-block overlay applies: 64 divides b and b divides K."""
+    return block_size > 0 and block_size % 64 == 0 and k % block_size == 0
 
 
 _CODE_CACHE: dict[torch.device, torch.Tensor] = {}
