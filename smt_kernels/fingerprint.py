@@ -15,6 +15,12 @@ from torch import nn
 from smt_kernels.layout import num_blocks_along
 from smt_kernels.patch import PATCHED_TYPES, canonical_selection
 
+# NF4 statistics whose fp32 rounding depends on the device that quantized (the offset is a mean: its summation
+# order differs between CPU and GPU; the group scales are maxima of absmax - offset). The 4-bit and 8-bit codes
+# identify the base; digesting these too would refuse blocks trained on a GPU-quantized base for the same
+# checkpoint quantized on the CPU. Left out of new fingerprints and ignored in saved ones.
+DEVICE_ROUNDED = (".weight_absmax_scale", ".weight_absmax_offset")
+
 # elements sampled per tensor: enough that another checkpoint (or another fine-tune of the same one) differs
 # somewhere in the sample, cheap enough for an 8B model in seconds
 FINGERPRINT_SAMPLES = 4096
@@ -33,7 +39,8 @@ def block_mask(blocks: Sequence[Sequence[int]], shape: tuple[int, int], block_si
 def base_fingerprint(
     model: nn.Module, selection: Mapping[str, Sequence[Sequence[int]]], block_size: int
 ) -> dict[str, str]:
-    """{state_dict key: digest} of every base tensor, the same for a patched and an unpatched model.
+    """{state_dict key: digest} of every base tensor (but the ``DEVICE_ROUNDED`` NF4 statistics), the same for a
+    patched and an unpatched model.
 
     Each digest is a SHA-256 of the name, shape, dtype and ``FINGERPRINT_SAMPLES`` elements at fixed evenly
     spaced positions (all elements of small tensors). Positions inside the selected blocks of a selected
@@ -47,7 +54,7 @@ def base_fingerprint(
             skip.update({f"{name}.block_weight", f"{name}.block_indices"})
     out = {}
     for key, t in model.state_dict().items():
-        if key in skip:
+        if key in skip or key.endswith(DEVICE_ROUNDED):
             continue
         flat = t.detach().reshape(-1)
         n = flat.numel()
@@ -108,6 +115,8 @@ def compare_fingerprints(saved: Mapping[str, str], now: Mapping[str, str]) -> No
     mismatch = _base_mismatch(saved, now)
     if mismatch is not None:
         raise ValueError(mismatch)
+    saved = {k: v for k, v in saved.items() if not k.endswith(DEVICE_ROUNDED)}  # files written before 2026-11-30
+    now = {k: v for k, v in now.items() if not k.endswith(DEVICE_ROUNDED)}
     missing = [k for k in saved if k not in now]
     extra = [k for k in now if k not in saved]
     differ = [k for k in saved if k in now and saved[k] != now[k]]

@@ -57,6 +57,8 @@ def _argv(model_dir: Path, method: str, out: Path, *extra: str) -> list[str]:
         str(out),
         "--output-json",
         str(out / "r.json"),
+        "--device",
+        "cpu",  # gloo ranks on the CPU, also on a machine with GPUs
         *extra,
     ]
 
@@ -96,7 +98,9 @@ def _rank(rank: int, port: int, argv: list[str], result: Path) -> None:
 
 def run_two_ranks(argv: list[str], tmp: Path) -> list[dict]:
     tmp.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_rank, args=(free_port(), argv, tmp), nprocs=WORLD, start_method="fork")
+    # fork is fast; a process that has used CUDA (the GPU test run) cannot fork a CUDA-capable child
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_rank, args=(free_port(), argv, tmp), nprocs=WORLD, start_method=method)
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

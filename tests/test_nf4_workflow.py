@@ -312,3 +312,34 @@ def test_select_on_4bit_holds_one_dense_gradient_at_a_time(monkeypatch, score):
     monkeypatch.setattr(select_mod._GradientAccumulator, "fold", spy)
     select_blocks(model, [batch(1), batch(2)], num_blocks=3, targets=TARGETS, score=score, block_size=B, progress=False)
     assert len(folded) == 2 * 6
+
+
+def test_blocks_load_onto_the_same_checkpoint_quantized_elsewhere(checkpoint, tmp_path):
+    """The double-quantization offset is a mean, rounded differently by a GPU and the CPU (seen on an H200: 12
+    scale/offset tensors of a tiny model differed): blocks trained on one such base load onto the other; a changed
+    4-bit code is still refused."""
+    sel = {"model.layers.0.self_attn.q_proj": [(0, 0)], "model.layers.1.mlp.down_proj": [(2, 4)]}
+    trained = patch(four_bit(checkpoint), sel, B, verbose=False)
+    with torch.no_grad():
+        for m in patched_modules(trained).values():
+            m.block_weight.add_(0.5)
+    save_blocks(trained, tmp_path / "blocks")
+
+    elsewhere = four_bit(checkpoint)
+    with torch.no_grad():  # one ulp off, as another device's summation order gives
+        for m in elsewhere.modules():
+            if isinstance(m, NF4Linear):
+                m.weight_absmax_offset.copy_(torch.nextafter(m.weight_absmax_offset, torch.tensor(1.0)))
+                m.weight_absmax_scale.copy_(torch.nextafter(m.weight_absmax_scale, torch.zeros(())))
+    load_blocks(elsewhere, tmp_path / "blocks")
+    for n, m in patched_modules(elsewhere).items():
+        assert torch.equal(m.block_weight, patched_modules(trained)[n].block_weight)
+
+    other = four_bit(checkpoint)
+    layer = other.model.layers[1].self_attn.k_proj  # not a target: its codes identify the base
+    with torch.no_grad():
+        layer.weight_packed[::97] ^= 0x11
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match="different base model.*k_proj.weight_packed"):
+        load_blocks(other, tmp_path / "blocks")
+    assert_unchanged(other, snap)
