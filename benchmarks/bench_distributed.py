@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.bench_model import MODELS, build_model, random_selection, set_checkpointing  # noqa: E402
-from benchmarks.common import env_info, synchronize  # noqa: E402
+from benchmarks.common import env_info, profile_table, synchronize  # noqa: E402
 from smt_kernels import load_blocks, patch  # noqa: E402
 from smt_kernels.distributed import save_blocks_distributed, wrap_ddp  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
@@ -200,13 +200,8 @@ def train(args) -> int:
     save_blocks_distributed(model, out / f"blocks_{tag}")
     logits = _probe_logits(model, _probe(vocab, args.seq), device)
     if args.profile:  # more steps, profiled, after the timed ones: they change neither times nor curve nor files
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
-        with torch.profiler.profile(activities=activities) as profiler:
-            for step in range(args.warmup + args.steps, args.warmup + args.steps + args.profile):
-                train_step(step)
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+        first = args.warmup + args.steps
+        table = profile_table(train_step, range(first, first + args.profile), device)
         (out / f"profile_{tag}_rank{rank}.txt").write_text(f"{args.profile} steps after the timed ones\n{table}\n")
     step_s = statistics.median(times)
     tokens_per_gpu = len(micro) * args.batch * args.seq / step_s

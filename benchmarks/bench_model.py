@@ -279,6 +279,8 @@ def measure_training(model: nn.Module, batches: list[torch.Tensor], device, args
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
         # weights + optimizer state, what stays resident between steps
         res["static_mem_gib"] = common.sig(torch.cuda.memory_allocated(device) / 2**30, 4)
+    if getattr(args, "profile", 0):  # more steps, after the measured ones: the operator table (not a CSV column)
+        res["profile"] = common.profile_table(step, range(args.profile), device)
     return res
 
 

@@ -337,6 +337,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="NF4 layers dequantize into one pooled buffer (smt_kernels.quant.use_pooled_buffer) instead of a "
         "fresh tensor per call",
     )
+    p.add_argument("--profile", type=int, default=0, help="profile this many more steps per method (--out: tables)")
     p.add_argument("--name", default="nf4_model", help="CSV base name (default nf4_model.csv)")
     args = p.parse_args(argv)
     args.device_obj = common.pick_device(args.device)
@@ -369,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_model(name, args, device, dtype)
             add_ratios(rows)
             for r in rows:
+                table = r.pop("profile", None)
+                if table and args.out:
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / f"profile_{name}_{r['method']}.txt").write_text(f"{args.profile} steps\n{table}\n")
                 r.update(env, batch=args.batch, seq=args.seq, block_size=args.block_size)
                 r["param_dtype"] = str(args.param_dtype).removeprefix("torch.")
                 if args.pooled_buffer and r["method"] in NF4_METHODS:

@@ -194,6 +194,18 @@ def time_steps(
     return times
 
 
+def profile_table(step: Callable[[int], object], steps: range, device: torch.device, row_limit: int = 40) -> str:
+    """torch.profiler over ``step(i)`` for i in ``steps``: the operator table, by self CUDA time on a GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    with torch.profiler.profile(activities=activities) as profiler:
+        for i in steps:
+            step(i)
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=row_limit)
+
+
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:
     """Median and the 20th/80th percentiles (the spread tells a noisy row from a real difference)."""
     ordered = sorted(times_ms)
