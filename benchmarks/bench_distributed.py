@@ -33,9 +33,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.bench_model import MODELS, build_model, random_selection, set_checkpointing  # noqa: E402
+from benchmarks.bench_nf4_model import build_4bit_model  # noqa: E402
 from benchmarks.common import env_info, profile_table, synchronize  # noqa: E402
 from smt_kernels import load_blocks, patch  # noqa: E402
-from smt_kernels.distributed import save_blocks_distributed, wrap_ddp  # noqa: E402
+from smt_kernels.distributed import save_blocks_distributed, shard_nf4_base, wrap_ddp  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
 
 MODES = ("single", "ddp", "fsdp2", "verify")
@@ -73,6 +74,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="FSDP2: 1 gives embed_tokens and lm_head their own fully_shard units (freed between uses; the root "
         "unit keeps its parameters gathered from forward to backward)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "nf4"),
+        default="none",
+        help="nf4: a 4-bit base, built layer by layer and quantized on the device (benchmarks.bench_nf4_model)",
+    )
+    p.add_argument(
+        "--shard-nf4-base",
+        type=int,
+        default=0,
+        help="FSDP2 with --quantize nf4: 1 shards the 4-bit codes too (smt_kernels.distributed.shard_nf4_base)",
+    )
     p.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones (table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo smoke test)")
@@ -92,7 +105,10 @@ def _probe(vocab: int, seq: int) -> torch.Tensor:
 
 def _build(args, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(args.model, args.layers, args.seq, dtype, device, args.seed)
+    if args.quantize == "nf4":  # a 70B base fits one GPU only in 4 bits: never built whole in 16
+        model = build_4bit_model(args.model, "nf4", args, dtype, device)
+    else:
+        model = build_model(args.model, args.layers, args.seq, dtype, device, args.seed)
     selection = random_selection(model, args.ratio, args.block_size, args.seed, targets=PROJECTIONS)
     return model, selection
 
@@ -110,6 +126,10 @@ def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.shard_nf4_base and (args.quantize != "nf4" or args.mode != "fsdp2"):
+        raise SystemExit("--shard-nf4-base 1 needs --quantize nf4 and --mode fsdp2")
+    if args.quantize == "nf4" and args.mode == "ddp" and args.ddp_buffers != "off":
+        raise SystemExit("--quantize nf4 with --mode ddp needs --ddp-buffers off (DDP would broadcast the 4-bit base)")
     if args.mode == "single" and world != 1:
         raise SystemExit("--mode single runs in one process (no torchrun)")
     if args.mode in ("ddp", "fsdp2") and world != args.world:
@@ -142,6 +162,9 @@ def train(args) -> int:
             model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     elif args.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
+
+        if args.shard_nf4_base:
+            shard_nf4_base(model)
 
         if args.shard_embeddings:
             if model.config.tie_word_embeddings:
@@ -218,6 +241,8 @@ def train(args) -> int:
         "prefetch": args.prefetch,
         "shard_embeddings": bool(args.shard_embeddings),
         "ddp_buffers": args.ddp_buffers if args.mode == "ddp" else None,
+        "quantize": args.quantize,
+        "shard_nf4_base": bool(args.shard_nf4_base),
         "ratio": args.ratio,
         "block_size": args.block_size,
         "num_blocks": sum(len(v) for v in selection.values()),

@@ -13,9 +13,10 @@ ARGS = ["--model", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--
 ARGS += ["--steps", "2", "--warmup", "1", "--lr", "1e-2"]
 
 
-def _run(cmd: list[str], out) -> None:
+def _run(cmd: list[str], out, extra: tuple[str, ...] = ()) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd + ARGS + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    cmd = cmd + ARGS + list(extra) + ["--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
@@ -41,3 +42,35 @@ def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
         assert entry["probe_max_abs_diff"] < 1e-5
     # the blocks trained: the loss of the last step differs from the first
     assert single["loss_curve"][0] != single["loss_curve"][-1]
+
+
+@pytest.mark.timeout(600)
+def test_4bit_base_single_and_fsdp2_with_sharded_codes_agree(tmp_path):
+    """--quantize nf4: the 4-bit base built layer by layer; FSDP2 shards its codes (--shard-nf4-base); the saved
+    blocks reproduce each run on a freshly built 4-bit base."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    nf4 = ("--quantize", "nf4")
+    _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "single"], tmp_path, nf4)
+    _run(torchrun + ["-m", "benchmarks.bench_distributed", "--mode", "fsdp2", "--shard-nf4-base", "1"], tmp_path, nf4)
+    _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "verify"], tmp_path, nf4)
+    single = json.loads((tmp_path / "single.json").read_text())
+    fsdp2 = json.loads((tmp_path / "fsdp2.json").read_text())
+    assert single["quantize"] == fsdp2["quantize"] == "nf4" and fsdp2["shard_nf4_base"]
+    assert fsdp2["trainable_params"] == single["trainable_params"] > 0
+    report = json.loads((tmp_path / "verify.json").read_text())
+    assert report["fsdp2"]["loss_max_abs_diff_vs_single"] < 1e-4
+    for entry in report.values():
+        assert entry["probe_max_abs_diff"] < 1e-5
+    assert single["loss_curve"][0] != single["loss_curve"][-1]
+
+
+def test_bad_4bit_combinations_are_refused(tmp_path):
+    cases = [
+        (["--mode", "single", "--shard-nf4-base", "1", "--quantize", "nf4"], "--shard-nf4-base 1 needs --quantize nf4"),
+        (["--mode", "fsdp2", "--shard-nf4-base", "1"], "--shard-nf4-base 1 needs --quantize nf4 and --mode fsdp2"),
+        (["--mode", "ddp", "--quantize", "nf4"], "needs --ddp-buffers off"),
+    ]
+    for extra, needle in cases:
+        cmd = [sys.executable, "-m", "benchmarks.bench_distributed", *extra, *ARGS, "--out", str(tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and needle in done.stderr, done.stderr[-2000:]
