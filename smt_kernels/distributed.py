@@ -111,6 +111,13 @@ def shard_nf4_base(model: nn.Module) -> nn.Module:
             "shard_nf4_base must run before fully_shard: FSDP2 only shards the parameters that exist when it wraps "
             f"a module, and {sum(isinstance(p, DTensor) for p in model.parameters())} parameters are sharded already"
         )
+    if not fsdp2_shards_integer_parameters():
+        raise RuntimeError(
+            f"shard_nf4_base: FSDP2 in torch {torch.__version__} cannot shard integer parameters (fully_shard fails "
+            "with 'only Tensors of floating point dtype can require gradients', pytorch/pytorch#177844; seen with "
+            "torch 2.11 on an H200, fixed in 2.13). Upgrade torch, or leave the 4-bit base replicated (skip "
+            "shard_nf4_base)"
+        )
     for m in layers.values():
         for name in _NF4_CODES:
             t = m._buffers.get(name)
@@ -118,6 +125,19 @@ def shard_nf4_base(model: nn.Module) -> nn.Module:
                 del m._buffers[name]
                 m.register_parameter(name, nn.Parameter(t, requires_grad=False))
     return model
+
+
+def fsdp2_shards_integer_parameters() -> bool:
+    """Whether this torch's FSDP2 can shard a frozen uint8 parameter: it creates its sharded parameter with the
+    original's ``requires_grad`` (torch 2.13 does; 2.11 creates it requiring grad, which integer tensors cannot)."""
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+        return True
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+        return "requires_grad=param.requires_grad" in inspect.getsource(FSDPParam._init_sharded_param)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
 
 
 def _collective_device() -> torch.device:

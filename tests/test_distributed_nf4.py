@@ -377,3 +377,18 @@ def test_shard_nf4_base_refuses_a_model_it_cannot_shard():
             shard_nf4_base(fully_shard(build()))
     finally:
         dist.destroy_process_group()
+
+
+def test_shard_nf4_base_refuses_a_torch_whose_fsdp2_cannot_shard_integers(monkeypatch):
+    """torch 2.11's fully_shard fails on uint8 parameters (seen on an H200): say so before touching the model."""
+    import smt_kernels.distributed as distributed
+
+    monkeypatch.setattr(distributed, "fsdp2_shards_integer_parameters", lambda: False)
+    model = build()
+    before = {n for n, _ in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"cannot shard integer parameters.*replicated"):
+        shard_nf4_base(model)
+    assert {n for n, _ in model.named_parameters()} == before  # nothing became a parameter
+    monkeypatch.undo()
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+        assert distributed.fsdp2_shards_integer_parameters()  # the gloo FSDP2 tests above shard the codes here
