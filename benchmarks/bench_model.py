@@ -134,8 +134,8 @@ PRINT_COLUMNS = ["model", "method", "grad_ckpt", "trainable_pct", "step_ms", "to
 # ---------------------------------------------------------------- model construction
 
 
-def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """LlamaForCausalLM of the named shape: built on the meta device, materialised on ``device`` with random values."""
+def meta_model(name: str, layers: int | None, seq: int, dtype: torch.dtype) -> nn.Module:
+    """LlamaForCausalLM of the named shape on the meta device, its tensors typed ``dtype`` (no memory yet)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(MODELS[name])
@@ -146,9 +146,14 @@ def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, dev
     torch.set_default_dtype(dtype)  # so that to_empty allocates bf16 directly (an 8B model in fp32 is 32 GB)
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def build_model(name: str, layers: int | None, seq: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """LlamaForCausalLM of the named shape: built on the meta device, materialised on ``device`` with random values."""
+    model = meta_model(name, layers, seq, dtype)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each module its own new tensor: tied embeddings would come apart
     fill_random(model, torch.Generator(device=device).manual_seed(seed))

@@ -40,6 +40,7 @@ from benchmarks.bench_model import (  # noqa: E402
     fill_random,
     make_batches,
     measure_training,
+    meta_model,
     random_selection,
     rebuild_rotary,
     set_checkpointing,
@@ -118,21 +119,7 @@ def build_4bit_model(name: str, base: str, args, dtype: torch.dtype, device: tor
     """LlamaForCausalLM of the named shape with a 4-bit base (``base``: "nf4" ours, "bnb" bitsandbytes), built on
     the meta device and materialised one decoder layer at a time: random values, then quantized on ``device``.
     Embeddings, final norm and lm_head stay in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = dict(MODELS[name])
-    if args.layers:
-        shape["num_hidden_layers"] = min(args.layers, shape["num_hidden_layers"])
-    config = LlamaConfig(
-        **shape, max_position_embeddings=max(args.seq, 2048), use_cache=False, attn_implementation="sdpa"
-    )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = meta_model(name, args.layers, args.seq, dtype)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for layer in model.model.layers:
         layer.to_empty(device=device)
