@@ -207,17 +207,25 @@ def keep_best_lrs(plan: list[Run], best: dict[tuple[str, str], float]) -> list[R
     ]
 
 
+def _claim_file(claims: Path, key: str) -> Path:
+    return claims / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def claim(claims: Path | None, key: str) -> bool:
     """Whether this process takes run ``key`` (atomic create of a file named after it; always True without
     a claims directory)."""
     if claims is None:
         return True
-    name = hashlib.sha256(key.encode()).hexdigest()[:24]
     try:
-        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(_claim_file(claims, key), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
     return True
+
+
+def claimed(claims: Path | None, key: str) -> bool:
+    """Whether another process has taken run ``key`` (never, without a claims directory)."""
+    return claims is not None and _claim_file(claims, key).exists()
 
 
 def dev_examples(cfg: FinetuneConfig, num_dev: int) -> tuple[list[Example], str]:
@@ -421,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elapsed = time.monotonic() - t_start
         # skip a run that would not finish inside the budget, judged by the mean time of this process's runs
         if n_done and elapsed + 0.8 * t_runs / n_done > args.time_budget:
-            skipped.append(name)
+            if not claimed(claims, name):  # a run another process took is not this one's to report
+                skipped.append(name)
             continue
         if not claim(claims, name):
             continue

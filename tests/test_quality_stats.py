@@ -310,3 +310,30 @@ def test_quality_harness_reselect_nf4_and_old_csv(tmp_path, monkeypatch):
     assert quality_stats.main([str(out), "--out", str(tmp_path / "stats"), "--reps", "100", "--no-plot"]) == 0
     got = _summary(tmp_path / "stats" / "summary.csv")
     assert ("reverse", "smt@5%:pm:nf4", "lora@5%:pm:nf4") in got and ("reverse", "smt@5%:pm:rs1", "") in got
+
+
+def test_claims_say_who_took_a_run(tmp_path, monkeypatch, capsys):
+    """A process past its time budget reports as skipped only the runs no other process has claimed (a follow-up
+    call's log named 8 runs as skipped that other processes had run)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli import save_tiny_llama
+
+    from smt_kernels.finetune import build_task
+
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    assert not quality.claimed(claims, "k") and quality.claim(claims, "k") and quality.claimed(claims, "k")
+    assert not quality.claim(claims, "k") and not quality.claimed(None, "k")
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    monkeypatch.setattr(quality, "dev_examples", lambda cfg, n: (build_task(cfg).eval, "eval (test)"))
+    methods = "smt@5%/1e-2,lora@5%/1e-2,lora@5%/3e-3"
+    plan = quality.make_plan(quality_specs.parse_methods(methods), ["reverse"], [0])
+    quality.claim(claims, plan[2].key)  # another process has the third run
+    argv = ["--model-dir", str(model_dir), "--steps", "1", "--batch-size", "4", "--num-train", "8", "--num-eval", "2",
+            "--num-dev", "2", "--block-size", "16", "--seeds", "0", "--eval-every", "0", "--tasks", "reverse",
+            "--targets", "qkvogud", "--methods", methods, "--out", str(tmp_path / "out"), "--claims", str(claims),
+            "--time-budget", "0.001"]  # fmt: skip
+    assert quality.main(argv) == 0  # the first run always runs; the budget is past for the others
+    out = capsys.readouterr().out
+    assert f"skipped (1, out of time budget or failed): {plan[1].key}" in out, out[-2000:]
