@@ -8,12 +8,9 @@ out="${OUT:-/tmp/out}/multi"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} > "$log" 2>&1
-# a carried model part, kept on the machine for the next call (scripts/gpu_quality.sh joins the parts)
-if ls .model/smol.gguf.part.* >/dev/null 2>&1; then mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/; fi
+. scripts/gpu_env.sh
+write_env "$log"
+keep_gguf_parts
 
 # 1. DDP / FSDP2 / one GPU at the LLaMA-3-8B shape, same global batch, then the reproduction check
 bd=/tmp/bench_distributed

@@ -8,9 +8,8 @@ out="${OUT:-/tmp/out}/multi_nf4"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
-{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} > "$log" 2>&1
+. scripts/gpu_env.sh
+write_env "$log"
 bd=/tmp/bench_distributed_nf4
 rm -rf "$bd"
 A=(--model "${MODEL:-llama3-70b}" --quantize nf4 --batch 1 --seq 2048 --steps "${STEPS:-4}" --warmup 2 --ratio 0.01 --out "$bd")

@@ -10,10 +10,8 @@ out="${OUT:-/tmp/out}/nf4model"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} > "$log" 2>&1
+. scripts/gpu_env.sh
+write_env "$log"
 whl=$(ls .whl/bitsandbytes-*.whl 2>/dev/null | head -n 1)
 if [ -n "$whl" ]; then
   python -m pip install -q --no-deps --no-index "$whl" >> "$log" 2>&1

@@ -8,11 +8,9 @@ out="${OUT:-/tmp/out}/nf4verify"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} > "$log" 2>&1
-if ls .model/smol.gguf.part.* >/dev/null 2>&1; then mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/; fi
+. scripts/gpu_env.sh
+write_env "$log"
+keep_gguf_parts
 T=(python -m pytest -q -rs -p no:cacheprovider)
 (
   export CUDA_VISIBLE_DEVICES=0

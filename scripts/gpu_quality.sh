@@ -13,6 +13,7 @@ phase=${1:?part1 | screen | confirm | followup}
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 sweep=/tmp/sweep
+. scripts/gpu_env.sh
 case $phase in
 part1)
     mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/ && ls -la /tmp/gguf
@@ -32,9 +33,7 @@ print('saved /tmp/smol', sum(p.numel() for p in m.parameters()))" || exit 3
     fi
     mkdir -p "$sweep"
     log="$sweep/$phase.gpu.log"
-    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-      python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-    } > "$log" 2>&1
+    write_env "$log"
     extra=()
     [ "$phase" = confirm ] && extra=("$sweep/screen")
     # the sweep stops its processes at BUDGET (+90 s grace); the outer timeout keeps the packing below in the call

@@ -8,11 +8,9 @@ out="${OUT:-/tmp/out}/$phase"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
-} > "$log" 2>&1
+. scripts/gpu_env.sh
+write_env "$log"
+{ git rev-parse HEAD; git status --short | head -20; } >> "$log" 2>&1
 case "$phase" in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_custom_ops.py tests/test_module.py tests/test_launch.py \

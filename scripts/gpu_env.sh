@@ -1,0 +1,17 @@
+# Shared by the scripts/gpu_*.sh device scripts (source it): what every results log starts with, and keeping a
+# carried GGUF half on the machine for the next call.
+
+# write_env LOG: date, the GPUs and the package versions, into LOG (replaced)
+write_env() {
+  {
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  } > "$1" 2>&1
+}
+
+# keep_gguf_parts: a carried SmolLM2 GGUF half (.model/smol.gguf.part.*) to /tmp/gguf, where scripts/gpu_quality.sh
+# joins the halves (one call carries at most 64 MiB)
+keep_gguf_parts() {
+  if ls .model/smol.gguf.part.* >/dev/null 2>&1; then mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/; fi
+}
