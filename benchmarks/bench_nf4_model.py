@@ -49,11 +49,16 @@ from smt_kernels import finetune, patch, select_blocks  # noqa: E402
 from smt_kernels.quant import quantize_base, release_buffers, use_pooled_buffer  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
 
-METHODS = ("nf4_frozen", "nf4_select", "qlora", "nf4_smt", "bnb_frozen", "bnb_qlora", "bf16_frozen", "bf16_smt")
+# the methods of each base, in run order (one model per base serves them all); "<base>_frozen" is its floor
+BASES = {
+    "nf4": ("nf4_frozen", "nf4_select", "qlora", "nf4_smt"),
+    "bnb": ("bnb_frozen", "bnb_qlora"),
+    "bf16": ("bf16_frozen", "bf16_smt"),
+}
+BASE_OF = {m: base for base, methods in BASES.items() for m in methods}
+METHODS = tuple(BASE_OF)
 # (batch, seq) per model unless --batch/--seq: the issue's settings
 SHAPES = {"llama3-70b": (1, 2048), "llama3-8b": (4, 1024), "tiny": (2, 32)}
-NF4_METHODS = ("nf4_frozen", "nf4_select", "qlora", "nf4_smt")
-FLOOR = {"nf4": "nf4_frozen", "qlora": "nf4_frozen", "bnb": "bnb_frozen", "bf16": "bf16_frozen"}
 FIELDS = common.ENV_FIELDS + [
     "model",
     "layers",
@@ -192,12 +197,8 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> list
     """Rows of every requested method on one model shape; each base is built once and freed before the next."""
     rows: list[dict] = []
     want = set(args.methods)
-    groups = [
-        ("nf4", [m for m in NF4_METHODS if m in want]),
-        ("bnb", [m for m in ("bnb_frozen", "bnb_qlora") if m in want]),
-        ("bf16", [m for m in ("bf16_frozen", "bf16_smt") if m in want]),
-    ]
-    for base, methods in groups:
+    for base, all_methods in BASES.items():
+        methods = [m for m in all_methods if m in want]
         if methods:
             rows += _run_base(name, base, methods, args, device, dtype)
             release_buffers()
@@ -294,8 +295,7 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         if r.get("status") != "ok" or r["method"] == "nf4_select":
             continue
-        base = r["method"].split("_")[0]
-        floor = floors.get((r["model"], FLOOR.get(base, "")))
+        floor = floors.get((r["model"], f"{BASE_OF[r['method']]}_frozen"))
         if floor and floor.get("status") == "ok":
             r["ratio_to_floor"] = common.sig(r["step_ms"] / floor["step_ms"], 4)
 
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     (args.out / f"profile_{name}_{r['method']}.txt").write_text(f"{args.profile} steps\n{table}\n")
                 r.update(env, batch=args.batch, seq=args.seq, block_size=args.block_size)
                 r["param_dtype"] = str(args.param_dtype).removeprefix("torch.")
-                if args.pooled_buffer and r["method"] in NF4_METHODS:
+                if args.pooled_buffer and BASE_OF[r["method"]] == "nf4":
                     r["notes"] = "; ".join(filter(None, [r.get("notes"), "pooled dequantization buffer"]))
                 r.setdefault("status", "ok")
                 if r.get("status") == "ok" and r.get("step_ms") and r["method"] != "nf4_select":
