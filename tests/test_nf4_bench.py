@@ -51,3 +51,27 @@ def test_bench_nf4_model_smoke(tmp_path):
     assert rows["qlora"]["trainable_params"] != "" and int(rows["qlora"]["lora_rank"]) >= 1
     if has_bnb:  # the same rank rule on both 4-bit bases
         assert rows["bnb_qlora"]["trainable_params"] == rows["qlora"]["trainable_params"]
+
+
+def test_bench_nf4_kernel_launch_is_the_shipped_launch():
+    """benchmarks/bench_nf4_kernel.py launches the kernel itself (to vary its configuration): with the shipped
+    configuration, and with the per-element overlay of before, it writes what dequantize_overlay writes."""
+    import torch
+
+    from benchmarks import bench_nf4_kernel
+    from smt_kernels.kernels import nf4_dequant
+    from smt_kernels.quant.dequant import block_slot_map
+    from smt_kernels.quant.nf4 import quantize_nf4
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the Triton interpreter
+    n, k, b = 70, 128, 64  # 64 | b | K: the per-absmax-block overlay; clipped last block row
+    g = torch.Generator().manual_seed(0)
+    q = quantize_nf4((torch.randn(n, k, generator=g) * 0.05).to(dev), double_quant=True)
+    idx = torch.tensor([[1, 1], [0, 0]], device=dev)
+    bw = torch.randn(2, b, b, generator=g).to(dev)
+    bmap = block_slot_map(idx, (n, k), b)
+    want = nf4_dequant.dequantize_overlay(q, torch.full((n, k), float("nan"), device=dev), bw, idx, bmap, b)
+    for qblocks, warps, runs in ((nf4_dequant.QBLOCKS, nf4_dequant.NUM_WARPS, True), (32, 4, False)):
+        out = torch.full((n, k), float("nan"), device=dev)
+        bench_nf4_kernel.launch(q, out, bw, bmap, b, qblocks, warps, runs)
+        assert torch.equal(out, want), (qblocks, warps, runs)
