@@ -289,28 +289,41 @@ def measure_training(model: nn.Module, batches: list[torch.Tensor], device, args
     return res
 
 
-def measure_selection(model: nn.Module, batches: list[torch.Tensor], device, args) -> dict:
-    """Wall time per warm-up batch and peak memory of smt_kernels.select_blocks (gradient score, q/k/v)."""
+def measure_selection(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    device,
+    *,
+    ratio: float,
+    block_size: int,
+    num_batches: int,
+    targets: tuple[str, ...] = TARGETS,
+    training: bool = False,
+    warm_up: bool = True,
+) -> dict:
+    """Wall time per warm-up batch and peak memory of smt_kernels.select_blocks (gradient score) on ``num_batches``
+    batches (``batches`` repeated); ``training``: train mode (gradient checkpointing on, if the model has it);
+    ``warm_up``: one untimed selection first (kernels and allocator)."""
     from smt_kernels import select_blocks
 
     warm = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in batches]
-    warm = warm * max(1, -(-args.select_batches // len(warm)))
-    warm = warm[: args.select_batches]
-    select_blocks(
-        model, warm[:1], ratio=args.smt_ratio, targets=TARGETS, block_size=args.block_size, progress=False
-    )  # warm-up: kernels and allocator
+    warm = (warm * max(1, -(-num_batches // len(warm))))[:num_batches]
+    kwargs = dict(ratio=ratio, targets=targets, block_size=block_size, training=training, progress=False)
+    if warm_up:
+        select_blocks(model, warm[:1], **kwargs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     common.synchronize(device)
     t = time.perf_counter()
-    sel = select_blocks(model, warm, ratio=args.smt_ratio, targets=TARGETS, block_size=args.block_size, progress=False)
+    sel = select_blocks(model, warm, **kwargs)
     common.synchronize(device)
     per_batch_ms = (time.perf_counter() - t) * 1e3 / len(warm)
+    mode = "train mode (gradient checkpointing)" if training else "eval mode"
     res = {
         "step_ms": common.sig(per_batch_ms),
         "iters": len(warm),
         "n_blocks": sel.num_blocks,
-        "notes": f"{len(warm)} warm-up batches (eval mode), score abs_mean; step_ms = wall time per batch",
+        "notes": f"{len(warm)} warm-up batches ({mode}), score abs_mean; step_ms = wall time per batch",
     }
     if device.type == "cuda":
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
@@ -341,7 +354,17 @@ def run_method(name: str, method: str, args, env: dict, device, dtype, budget: c
                 has_select = False
             sel_row = {"status": "skipped", "notes": "smt_kernels.select_blocks not available"}
             if has_select:
-                sel_row = common.run_guarded(lambda: measure_selection(model, batches, device, args), device)
+                sel_row = common.run_guarded(
+                    lambda: measure_selection(
+                        model,
+                        batches,
+                        device,
+                        ratio=args.smt_ratio,
+                        block_size=args.block_size,
+                        num_batches=args.select_batches,
+                    ),
+                    device,
+                )
             rows.append({**info, "method": "smt_select", "grad_ckpt": "off", **sel_row})
         selection = random_selection(model, args.smt_ratio, args.block_size, args.seed)
         n_blocks = sum(len(v) for v in selection.values())

@@ -39,13 +39,14 @@ from benchmarks.bench_model import (  # noqa: E402
     build_model,
     fill_random,
     make_batches,
+    measure_selection,
     measure_training,
     meta_model,
     random_selection,
     rebuild_rotary,
     set_checkpointing,
 )
-from smt_kernels import finetune, patch, select_blocks  # noqa: E402
+from smt_kernels import finetune, patch  # noqa: E402
 from smt_kernels.quant import quantize_base, release_buffers, use_pooled_buffer  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
 
@@ -167,27 +168,6 @@ def _lora_config(rank: int, nf4: bool):
     return LoraConfig(**kwargs)
 
 
-def _measure_selection(model: nn.Module, batches, device, args) -> dict:
-    warm = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in batches]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    common.synchronize(device)
-    t = time.perf_counter()
-    sel = select_blocks(
-        model, warm, ratio=args.ratio, targets=PROJECTIONS, block_size=args.block_size, training=True, progress=False
-    )
-    common.synchronize(device)
-    res = {
-        "step_ms": common.sig((time.perf_counter() - t) * 1e3 / len(warm)),
-        "iters": len(warm),
-        "n_blocks": sel.num_blocks,
-        "notes": f"select_blocks, {len(warm)} batches, train mode (gradient checkpointing); step_ms per batch",
-    }
-    if device.type == "cuda":
-        res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
-    return res
-
-
 def _train_row(model: nn.Module, batches, device, args) -> dict:
     common.free_memory(device)
     return common.run_guarded(lambda: measure_training(model, batches, device, args), device)
@@ -242,7 +222,21 @@ def _run_base(name: str, base: str, methods: list[str], args, device, dtype) -> 
                 model.disable_input_require_grads()
             elif method == "nf4_select":
                 row.update(
-                    common.run_guarded(functools.partial(_measure_selection, model, batches, device, args), device)
+                    common.run_guarded(
+                        functools.partial(
+                            measure_selection,
+                            model,
+                            batches,
+                            device,
+                            ratio=args.ratio,
+                            block_size=args.block_size,
+                            num_batches=len(batches),
+                            targets=PROJECTIONS,
+                            training=True,  # gradient checkpointing, as the training step has it
+                            warm_up=False,
+                        ),
+                        device,
+                    )
                 )
             elif method in ("qlora", "bnb_qlora"):
                 from peft import get_peft_model
