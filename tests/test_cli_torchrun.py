@@ -131,35 +131,43 @@ def assert_same_run(got: dict, want: dict) -> None:
         assert got[key] == want[key], key
 
 
+def one_process_and_two_ranks(model_dir: Path, method: str, tmp: Path, capsys, *extra: str):
+    """The same command in one process (``tmp/one``) and on 2 gloo ranks (``tmp/two``): both succeed, with the same
+    per-step losses and held-out curve (fp32 all-reduce rounding) and the same saved weights.
+    Returns (one process's JSON, the ranks' JSON, the ranks' reports)."""
+    one, two = tmp / "one", tmp / "two"
+    assert main(_argv(model_dir, method, one, *extra)) == 0, capsys.readouterr().err
+    ranks = run_two_ranks(_argv(model_dir, method, two, *extra), tmp / "ranks")
+    assert [r["code"] for r in ranks] == [0, 0]
+    r1, r2 = json.loads((one / "r.json").read_text()), json.loads((two / "r.json").read_text())
+    assert_same_run(r2, r1)
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+    return r1, r2, ranks
+
+
 @pytest.mark.parametrize("method", ["smt", "lora", "full"])
 def test_two_ranks_equal_one_process(method, tiny_model_dir, tmp_path, capsys):
     """Global batch 4 = 2 rows on each of 2 ranks: the same selection, losses and weights as one process on 4;
     rank 0 alone writes the outputs, the checkpoint and the JSON, and prints the summary."""
-    one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--checkpoint-every", "2", "--save-merged"]
-    assert main(_argv(tiny_model_dir, method, one, *extra)) == 0, capsys.readouterr().err
-    ranks = run_two_ranks(_argv(tiny_model_dir, method, two, *extra), tmp_path / "ranks")
-
-    assert [r["code"] for r in ranks] == [0, 0]
+    r1, r2, ranks = one_process_and_two_ranks(tiny_model_dir, method, tmp_path, capsys, *extra)
+    one, two = tmp_path / "one", tmp_path / "two"
     assert [(r["outputs"], r["checkpoint"], r["json"]) for r in ranks] == [(1, 1, 1), (0, 0, 0)]
     assert ranks[0]["stdout"].count(f"== {method} on reverse") == 1 and ranks[1]["stdout"] == ""
     assert "cpu × 2 ranks" in ranks[0]["stdout"]
-    r1, r2 = json.loads((one / "r.json").read_text()), json.loads((two / "r.json").read_text())
     assert (r1["ranks"], r2["ranks"]) == (1, 2)
-    assert_same_run(r2, r1)
     if method == "smt":
         assert (
             json.loads((two / "selection.json").read_text())["blocks"]
             == json.loads((one / "selection.json").read_text())["blocks"]
         )
-    w1, w2 = _weights(one), _weights(two)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
     if method == "full":
         from safetensors.torch import load_file
 
-        base = load_file(tiny_model_dir / "model.safetensors")
+        base, w2 = load_file(tiny_model_dir / "model.safetensors"), _weights(two)
         assert any(not torch.equal(base[k], w2[k]) for k in base)  # it trained
 
 

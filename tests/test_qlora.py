@@ -140,15 +140,6 @@ def test_qlora_two_ranks_equal_one_process(tiny_model_dir, tmp_path, capsys):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs gloo")
-    from test_cli_torchrun import _argv, _weights, assert_same_run, run_two_ranks
+    from test_cli_torchrun import one_process_and_two_ranks
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_argv(tiny_model_dir, "lora", one, "--quantize", "nf4")) == 0, capsys.readouterr().err
-    ranks = run_two_ranks(_argv(tiny_model_dir, "lora", two, "--quantize", "nf4"), tmp_path / "ranks")
-    assert [r["code"] for r in ranks] == [0, 0]
-    r1, r2 = json.loads((one / "r.json").read_text()), json.loads((two / "r.json").read_text())
-    assert_same_run(r2, r1)  # losses and held-out curve within rtol 1e-5 (fp32 all-reduce rounding)
-    w1, w2 = _weights(one), _weights(two)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6)
+    one_process_and_two_ranks(tiny_model_dir, "lora", tmp_path, capsys, "--quantize", "nf4")
