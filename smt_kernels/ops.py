@@ -12,13 +12,111 @@ import torch
 import torch.nn.functional as F
 
 from smt_kernels import custom_ops
-from smt_kernels.kernels.backend import resolve_backend
+from smt_kernels.kernels.backend import kernels, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _process_group_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def saved_tensors_are_hooked() -> bool:
+    """Whether tensors saved for backward go through saved-tensor hooks right now: non-reentrant gradient
+    checkpointing (``torch.utils.checkpoint``, Hugging Face's ``gradient_checkpointing_enable``), CPU offloading."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    try:
+        return top(False) is not None
+    except TypeError:  # older signature without ``ignore_is_tracing``
+        return top() is not None
+
+
+class _SavedColumnsFunction(torch.autograd.Function):
+    """First of the two autograd nodes of a layer whose saved tensors are hooked (see ``split_layer``).
+
+    Forward: with ``weight``, writes the blocks into it (in place, one launch with the gather); gathers x2d's
+    (M, K) block-columns as x_cols (M, u·b) and saves them. Returns ``relay``: an (M, N) zero-stride stand-in that
+    the second node takes as input; its backward hands dY (M, N) back through it, and this node's backward turns
+    dY and x_cols into the block gradients (n, b, b). No GEMM runs here, so a checkpoint's recomputation, which
+    re-runs the forward only up to the last node that saved something, stops before the layer's dense GEMM when
+    the layer is the last op of the checkpointed function (LLaMA's down_proj), as it does for a frozen layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, block_weight, weight, block_indices, col_blocks, col_slot, block_size, out_features, backend):
+        if weight is not None:
+            x_cols = custom_ops.scatter_blocks_and_gather_columns(
+                weight, block_weight.detach(), block_indices, x2d, col_blocks, block_size, True, backend
+            )
+        else:
+            x_cols = kernels(backend).gather_column_blocks(x2d, col_blocks, block_size)
+        ctx.save_for_backward(x_cols, block_weight, block_indices, col_slot)
+        ctx.block_size, ctx.backend = block_size, backend
+        return x2d.new_zeros(()).expand(x2d.shape[0], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_relay):
+        x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
+        grad_blocks = custom_ops.block_weight_grad(
+            grad_relay, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype, ctx.backend
+        )
+        return None, grad_blocks, None, None, None, None, None, None, None
+
+
+class _DenseOnWrittenWeightFunction(torch.autograd.Function):
+    """Second node: y = x · Wᵀ + bias on the weight the first node wrote the blocks into; saves nothing.
+
+    Backward: dX = dY·W (with ``rescatter=(block_weight, block_indices)``, the blocks written into W again
+    first, for FSDP2), and dY itself, reshaped (M, N), as the gradient of ``relay``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, relay, weight, bias, compute_dtype, backend, rescatter):
+        w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+        ctx.weight, ctx.backend, ctx.rescatter = w, backend, rescatter
+        return F.linear(x, w, None if bias is None else bias.to(compute_dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if ctx.rescatter is not None:
+                custom_ops.scatter_blocks(ctx.weight, ctx.rescatter[0], ctx.rescatter[1], ctx.backend)
+            grad_x = grad_out.matmul(ctx.weight)
+        return grad_x, grad_out.reshape(-1, grad_out.shape[-1]), None, None, None, None, None
+
+
+def saved_columns_relay(
+    x2d: torch.Tensor,
+    block_weight: torch.Tensor,
+    weight: torch.Tensor | None,
+    block_indices: torch.Tensor,
+    col_blocks: torch.Tensor,
+    col_slot: torch.Tensor,
+    block_size: int,
+    out_features: int,
+    backend: str,
+) -> torch.Tensor:
+    """The first node of a split layer (``_SavedColumnsFunction``): x2d (M, K) detached, the blocks written into
+    ``weight`` unless it is None (the NF4 layer overlays them itself); returns the (M, out_features) relay."""
+    return _SavedColumnsFunction.apply(
+        x2d, block_weight, weight, block_indices, col_blocks, col_slot, block_size, out_features, backend
+    )
+
+
+def split_layer(block_weight: torch.Tensor) -> bool:
+    """Whether a layer call runs as two autograd nodes (``_SavedColumnsFunction`` + the GEMM's node) instead of
+    one: in eager mode, when block gradients are wanted and saved tensors are hooked (checkpointing), where the
+    split keeps a recomputation from re-running the dense GEMM. Elsewhere one node costs less host time."""
+    return (
+        block_weight.requires_grad
+        and block_weight.shape[0] > 0
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and saved_tensors_are_hooked()
+    )
 
 
 class _SparseBlockLinearFunction(torch.autograd.Function):
@@ -149,12 +247,42 @@ def apply_sparse_block_linear(
 
     ``rescatter_in_backward=None`` writes the blocks into the weight again before dX in eager mode (fused into the
     block-gradient launch, free) and, under ``torch.compile``, only when a process group is initialised (FSDP2 may
-    have re-materialised the weight; elsewhere the compiled mutation would copy the weight for nothing).
+    have re-materialised the weight; elsewhere the compiled mutation would copy the weight for nothing). Under
+    checkpointing the layer runs as two autograd nodes (``split_layer``); the rewrite is then a launch of its own.
     """
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if split_layer(block_weight):
+        if not autocast and x.dtype != weight.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)")
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        # here a launch of its own in backward (the single node fuses it into the block-gradient launch)
+        rescatter = rescatter_in_backward is not False
+        with torch.autocast(device_type, enabled=False):
+            x = x.to(compute_dtype)
+            relay = saved_columns_relay(
+                x.detach().reshape(-1, x.shape[-1]),
+                block_weight,
+                weight,
+                block_indices,
+                col_blocks,
+                col_slot,
+                block_size,
+                weight.shape[0],
+                backend,
+            )
+            return _DenseOnWrittenWeightFunction.apply(
+                x,
+                relay,
+                weight,
+                bias,
+                compute_dtype,
+                backend,
+                (block_weight.detach(), block_indices) if rescatter else None,
+            )
     if rescatter_in_backward is None:
         rescatter_in_backward = not torch.compiler.is_compiling() or _process_group_initialized()
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast:
         compute_dtype = torch.get_autocast_dtype(device_type)
         # the op casts by itself; autocast inside it would only add work
         with torch.autocast(device_type, enabled=False):

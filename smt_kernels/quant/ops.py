@@ -3,7 +3,9 @@
 Forward: dequantize the weight with the current blocks in place (``quant.buffers``), y = x·Wᵀ + bias, keep
 only the input block-columns the blocks read. Backward: the block gradients from those columns
 (``block_weight_grad``, unchanged from the bf16 layer) and dX = dY·W with W dequantized again,
-so no dequantized weight outlives a call. Gradient checkpointing only re-runs the forward.
+so no dequantized weight outlives a call. Gradient checkpointing only re-runs the forward; under it the layer
+is two autograd nodes (``smt_kernels.ops.split_layer``), so the recomputation of a checkpointed function whose
+last op is this layer stops before its dequantization and GEMM.
 The kernels are called through registered operators (``smt_kernels.quant.custom_ops``, ``smt_kernels.custom_ops``),
 so ``torch.compile`` traces both layers without graph breaks; compiled, each dequantization returns a new tensor
 of its own (see there why).
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from smt_kernels import custom_ops
 from smt_kernels.kernels.backend import resolve_backend
+from smt_kernels.ops import saved_columns_relay, split_layer
 from smt_kernels.quant import custom_ops as nf4_ops
 from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
 
@@ -85,6 +88,37 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
         return grad_x, grad_blocks, None, None, None, None, None, None, None, None, None
 
 
+class _NF4DenseFunction(torch.autograd.Function):
+    """Second node of a split NF4 layer (``smt_kernels.ops.split_layer``; the first is ``saved_columns_relay``,
+    which gathers and saves the input block-columns): y = x·(NF4 weight with blocks in place)ᵀ + bias; saves
+    nothing, so a checkpoint's recomputation need not re-run it. Backward: dX from a new dequantization, and dY
+    (M, N) as the gradient of ``relay``."""
+
+    @staticmethod
+    def forward(ctx, x, relay, block_weight, bias, q, block_indices, block_map, block_size, compute_dtype, backend):
+        w = nf4_ops.dequantize_overlay(q, compute_dtype, backend, block_weight, block_indices, block_map, block_size)
+        ctx.q, ctx.block_size, ctx.compute_dtype, ctx.backend = q, block_size, compute_dtype, backend
+        ctx.block_weight, ctx.block_indices, ctx.block_map = block_weight, block_indices, block_map
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = nf4_ops.dequantize_overlay(
+                ctx.q,
+                ctx.compute_dtype,
+                ctx.backend,
+                ctx.block_weight,
+                ctx.block_indices,
+                ctx.block_map,
+                ctx.block_size,
+                backward=True,
+            )
+            grad_x = grad_out.matmul(w)
+        return grad_x, grad_out.reshape(-1, grad_out.shape[-1]), None, None, None, None, None, None, None, None
+
+
 def nf4_block_linear(
     x: torch.Tensor,
     q: NF4Weight,
@@ -122,10 +156,27 @@ def nf4_block_linear(
     dtype = torch.get_autocast_dtype(device_type) if autocast else compute_dtype
     b = None if bias is None else bias.to(dtype)
     backend = resolve_backend(x.device)
-    args = (block_weight, b, q, block_indices, block_map, col_blocks, col_slot, block_size, dtype, backend)
+    in_dtype = x.dtype
     with torch.autocast(device_type, enabled=False):
-        y = _NF4BlockLinearFunction.apply(x.to(dtype), *args)
-    return y if autocast or y.dtype == x.dtype else y.to(x.dtype)
+        x = x.to(dtype)
+        if block_weight is not None and split_layer(block_weight):
+            relay = saved_columns_relay(
+                x.detach().reshape(-1, x.shape[-1]),
+                block_weight,
+                None,
+                block_indices,
+                col_blocks,
+                col_slot,
+                block_size,
+                q.shape[0],
+                backend,
+            )
+            args = (block_weight.detach(), b, q, block_indices, block_map, block_size, dtype, backend)
+            y = _NF4DenseFunction.apply(x, relay, *args)
+        else:
+            args = (block_weight, b, q, block_indices, block_map, col_blocks, col_slot, block_size, dtype, backend)
+            y = _NF4BlockLinearFunction.apply(x, *args)
+    return y if autocast or y.dtype == in_dtype else y.to(in_dtype)
 
 
 class _NF4WeightGradFunction(torch.autograd.Function):
