@@ -125,6 +125,8 @@ MODEL_FIELDS = common.ENV_FIELDS + [
     "peak_mem_gib",
     "mem_vs_full",
     "static_mem_gib",
+    "peak_requested_gib",
+    "static_requested_gib",
     "status",
     "notes",
 ]
@@ -284,6 +286,12 @@ def measure_training(model: nn.Module, batches: list[torch.Tensor], device, args
         res["peak_mem_gib"] = common.sig(torch.cuda.max_memory_allocated(device) / 2**30, 4)
         # weights + optimizer state, what stays resident between steps
         res["static_mem_gib"] = common.sig(torch.cuda.memory_allocated(device) / 2**30, 4)
+        # what the tensors asked for, without the caching allocator's rounding of each block (up to ~1 MiB per
+        # large tensor that fills a segment's end): tells a real difference from allocation granularity
+        stats = torch.cuda.memory_stats(device)
+        if "requested_bytes.all.peak" in stats:
+            res["peak_requested_gib"] = common.sig(stats["requested_bytes.all.peak"] / 2**30, 4)
+            res["static_requested_gib"] = common.sig(stats["requested_bytes.all.current"] / 2**30, 4)
     if getattr(args, "profile", 0):  # more steps, after the measured ones: the operator table (not a CSV column)
         res["profile"] = common.profile_table(step, range(args.profile), device)
     return res

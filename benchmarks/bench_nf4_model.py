@@ -81,6 +81,8 @@ FIELDS = common.ENV_FIELDS + [
     "ratio_to_floor",
     "peak_mem_gib",
     "static_mem_gib",
+    "peak_requested_gib",
+    "static_requested_gib",
     "build_s",
     "build_peak_gib",
     "status",
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 sink.write(r)
                 print(common.format_row(r, PRINT), flush=True)
             all_rows += rows
-        print(common.format_table(all_rows, PRINT + ["static_mem_gib", "build_peak_gib", "notes"]))
+        extra = ["static_mem_gib", "peak_requested_gib", "build_peak_gib", "notes"]
+        print(common.format_table(all_rows, PRINT + extra))
         sink.report()
     return 0
 
