@@ -23,6 +23,7 @@ See docs/distributed.md.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -41,9 +42,13 @@ from smt_kernels.patch import CONFIG_ATTR, patched_modules, save_blocks
 from smt_kernels.quant.dequant import dequantize_overlay_torch
 from smt_kernels.quant.model import nf4_modules
 from smt_kernels.quant.module import _BUFFER_NAMES as NF4_BUFFERS
+from smt_kernels.quant.module import CODE_DTYPES as NF4_CODE_DTYPES
+from smt_kernels.quant.module import CODE_NAMES as NF4_CODE_NAMES
 from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 from smt_kernels.quant.nf4 import NF4Weight
 from smt_kernels.select import DEFAULT_TARGETS, GRADIENT_SCORES, Selection, find_target_linears, select_blocks
+
+logger = logging.getLogger(__name__)
 
 
 def _world() -> int:
@@ -83,23 +88,44 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedData
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
 
-# the 4-bit codes of an NF4 layer: uint8, so FSDP2's mixed precision never casts them; they are 99.9 % of a
-# double-quantized base (the fp32 scales, 4 bytes per 16384 weights, stay replicated buffers)
-_NF4_CODES = (NF4_BUFFERS["packed"], NF4_BUFFERS["absmax_q"])
+# the 4-bit codes of an NF4 layer: they are 99.9 % of a double-quantized base (the fp32 scales, 4 bytes per 16384
+# weights, stay replicated buffers: FSDP2's mixed precision would cast them)
+_NF4_CODES = NF4_CODE_NAMES
 
 
-def shard_nf4_base(model: nn.Module) -> nn.Module:
+def shard_nf4_base(model: nn.Module, codes_dtype: torch.dtype | None = None) -> nn.Module:
     """Let FSDP2 shard the 4-bit base too: call it on the patched 4-bit model right before ``fully_shard``.
 
     ``fully_shard`` shards parameters only, and an NF4 layer keeps its 4-bit data in buffers, so by default every
     rank holds the whole 4-bit base. This turns each NF4 layer's uint8 codes (``weight_packed`` and, with double
-    quantization, ``weight_absmax_q``) into frozen ``nn.Parameter`` s: FSDP2 then shards them (``Shard(0)``),
-    all-gathers a layer's codes before its forward and backward with its other parameters and frees them after,
-    as it does for a 16-bit weight. The fp32 scales stay replicated buffers (with double quantization 4 bytes per
-    16384 weights; without it the fp32 absmax, 1/8 of the packed codes, stays replicated). State-dict keys are
-    unchanged, so saving, merging and ``load_blocks`` work as before. Afterwards ``model.parameters()`` includes
-    these uint8 tensors (``trainable_parameters``' total counts them twice), so call it after ``patch`` and after
-    any ``.to(dtype)``. Returns the same model.
+    quantization, ``weight_absmax_q``) into frozen ``nn.Parameter`` s (``NF4Linear.store_codes_as``): FSDP2 then
+    shards them (``Shard(0)``), all-gathers a layer's codes before its forward and backward with its other
+    parameters and frees them after, as it does for a 16-bit weight. The fp32 scales stay replicated buffers (with
+    double quantization 4 bytes per 16384 weights; without it the fp32 absmax, 1/8 of the packed codes).
+
+    Args:
+        model: the patched model with NF4 layers (``quantize_base`` / ``load_nf4_pretrained``, then ``patch``),
+            not yet ``fully_shard``-ed.
+        codes_dtype: what the codes are held in. ``torch.uint8``: as they are; needs a torch whose FSDP2 shards
+            integer parameters (``fsdp2_shards_integer_parameters``: 2.13; 2.11's ``fully_shard`` creates the sharded
+            parameter requiring grad, which fails for integers, pytorch/pytorch#177844). A float dtype (bfloat16,
+            float16, float32): a bit view of the same bytes (uint8 (n,) as (ceil(n / itemsize),), zero-padded at the
+            end), which the layers view back to uint8 (detached) wherever they read the codes, so every kernel sees
+            the same bytes; FSDP2's shard copies and all-gathers move it bit for bit (NaN and denormal patterns
+            included). 2.11's FSDP2 then sets the sharded view to the original's ``requires_grad`` (False), so no
+            optimizer or trainable count picks it up, and the integer view carries no gradient anyway. But FSDP2's
+            ``MixedPrecisionPolicy(param_dtype=...)`` casts every floating parameter of another dtype when it
+            all-gathers, which would destroy the codes: the view must have the policy's ``param_dtype`` (any dtype
+            when the policy has none); a layer that reads cast codes raises instead of training on them. Default:
+            uint8 where FSDP2 can shard it, else bfloat16 (the usual ``param_dtype``; this repo's ``fully_shard``
+            calls set no policy).
+    Returns:
+        The same model. State-dict keys and values are unchanged (uint8 codes, unpadded), so saving, merging and
+        ``load_blocks`` work as before; only a sharded model's own state (``model.state_dict()``,
+        ``get_model_state_dict``) holds a float view in its dtype, which ``save_blocks_distributed`` and
+        ``merged_state_dict`` turn back into the codes. Afterwards ``model.parameters()`` includes the codes
+        (frozen; ``trainable_parameters``' total counts their elements on top of the weights'), so call it after
+        ``patch``; ``.to(dtype)`` / ``.half()`` leave the codes alone in any dtype.
     """
     layers = nf4_modules(model)
     if not layers:
@@ -111,19 +137,29 @@ def shard_nf4_base(model: nn.Module) -> nn.Module:
             "shard_nf4_base must run before fully_shard: FSDP2 only shards the parameters that exist when it wraps "
             f"a module, and {sum(isinstance(p, DTensor) for p in model.parameters())} parameters are sharded already"
         )
-    if not fsdp2_shards_integer_parameters():
+    integers = fsdp2_shards_integer_parameters()
+    if codes_dtype is None:
+        codes_dtype = torch.uint8 if integers else torch.bfloat16
+        if not integers:
+            logger.info(
+                "shard_nf4_base: FSDP2 in torch %s cannot shard integer parameters (pytorch/pytorch#177844): the "
+                "4-bit codes are held as a bfloat16 bit view (pass codes_dtype= to match another "
+                "MixedPrecisionPolicy param_dtype)",
+                torch.__version__,
+            )
+    if codes_dtype not in NF4_CODE_DTYPES:
+        raise TypeError(
+            f"shard_nf4_base: codes_dtype {codes_dtype} is not one of {', '.join(map(str, NF4_CODE_DTYPES))}"
+        )
+    if codes_dtype == torch.uint8 and not integers:
         raise RuntimeError(
             f"shard_nf4_base: FSDP2 in torch {torch.__version__} cannot shard integer parameters (fully_shard fails "
             "with 'only Tensors of floating point dtype can require gradients', pytorch/pytorch#177844; seen with "
-            "torch 2.11 on an H200, fixed in 2.13). Upgrade torch, or leave the 4-bit base replicated (skip "
-            "shard_nf4_base)"
+            "torch 2.11 on an H200, fixed in 2.13): leave codes_dtype=None (a bfloat16 bit view of the codes) or "
+            "pass your MixedPrecisionPolicy's param_dtype"
         )
     for m in layers.values():
-        for name in _NF4_CODES:
-            t = m._buffers.get(name)
-            if t is not None:
-                del m._buffers[name]
-                m.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        m.store_codes_as(codes_dtype)
     return model
 
 
@@ -309,7 +345,14 @@ def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # 4-bit codes sharded as a float bit view (shard_nf4_base) are gathered in that dtype: their uint8 bytes
+        for name, m in nf4_modules(model).items():
+            for b in _NF4_CODES:
+                t = state.get(f"{name}.{b}")
+                if t is not None and t.dtype != torch.uint8:
+                    state[f"{name}.{b}"] = m.codes_as_uint8(b, t).clone()
+        return state
     if not is_main_process():
         return {}
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -20,6 +20,10 @@ _BUFFER_NAMES = {
     "absmax_offset": "weight_absmax_offset",
     "absmax_code": "weight_absmax_code",
 }
+# the 4-bit codes: uint8 buffers, or frozen parameters after ``store_codes_as`` (FSDP2 sharding, shard_nf4_base)
+CODE_NAMES = (_BUFFER_NAMES["packed"], _BUFFER_NAMES["absmax_q"])
+# what ``store_codes_as`` may hold them in: uint8 itself, or a floating-point bit view of the same bytes
+CODE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
@@ -113,22 +117,26 @@ class NF4Linear(nn.Module):
             )
         for name in _BUFFER_NAMES.values():
             self._buffers.pop(name, None)
+            self._parameters.pop(name, None)  # codes held as parameters (store_codes_as) become buffers again
         for field, t in q.tensors().items():
             self.register_buffer(_BUFFER_NAMES[field], t)
         self.weight_dtype = q.dtype
+        self.codes_view_dtype = None
 
     def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) / .half() must not round the fp32 scales (nor touch the codes): the quantized weight
-        # moves to the device fn maps to and keeps its dtypes; the bias (and any blocks) follow fn as usual
+        # model.to(bfloat16) / .half() must not round the fp32 scales (nor touch the codes, least of all codes held
+        # as a float bit view, which a cast would destroy): the quantized weight moves to the device fn maps to and
+        # keeps its dtypes; the bias (and any blocks) follow fn as usual
         quant = {name: self._buffers.pop(name) for name in _BUFFER_NAMES.values() if name in self._buffers}
+        codes = {name: self._parameters.pop(name) for name in CODE_NAMES if self._parameters.get(name) is not None}
         try:
             super()._apply(fn, recurse)
         finally:
             for name, buf in quant.items():
-                target = fn(torch.empty(0, device=buf.device)).device
-                if buf.device != target:  # a meta shell (to_empty) gets uninitialised memory of its own dtype
-                    buf = torch.empty_like(buf, device=target) if buf.is_meta else buf.to(target)
-                self._buffers[name] = buf
+                self._buffers[name] = _moved(buf, fn)
+            for name, p in codes.items():
+                moved = _moved(p, fn)
+                self._parameters[name] = p if moved is p else nn.Parameter(moved, requires_grad=False)
         return self
 
     @property
@@ -137,9 +145,64 @@ class NF4Linear(nn.Module):
 
     @property
     def nf4(self) -> NF4Weight:
-        """The weight as an ``NF4Weight`` over this module's buffers (no copy)."""
+        """The weight as an ``NF4Weight`` over this module's tensors (no copy; codes held as a float bit view are
+        viewed back to uint8, detached)."""
         fields = {f: getattr(self, name) for f, name in _BUFFER_NAMES.items() if hasattr(self, name)}
+        for f in ("packed", "absmax_q"):
+            if f in fields:
+                fields[f] = self.codes_as_uint8(_BUFFER_NAMES[f], fields[f])
         return NF4Weight(shape=(self.out_features, self.in_features), dtype=self.weight_dtype, **fields)
+
+    # the float dtype the codes are held in as a bit view of their bytes (store_codes_as), None while uint8
+    codes_view_dtype: torch.dtype | None = None
+
+    def store_codes_as(self, dtype: torch.dtype) -> None:
+        """Hold the 4-bit codes (``weight_packed`` and, with double quantization, ``weight_absmax_q``) as frozen
+        ``nn.Parameter`` s of ``dtype``, so that FSDP2 shards them (``shard_nf4_base``).
+
+        ``torch.uint8`` keeps the codes as they are. A float dtype (``CODE_DTYPES``) holds a bit view of the same
+        bytes, zero-padded at the end to whole elements: uint8 (n,) becomes (ceil(n / itemsize),) of ``dtype``.
+        Every reader (``nf4``, so the forward and every kernel, and ``state_dict``, which gives the uint8 codes
+        without the padding, as before) views it back to uint8; ``load_state_dict`` takes uint8 codes. Nothing may
+        cast the view (``.to(dtype)`` / ``.half()`` leave it alone); a read of a cast one raises.
+        """
+        if dtype not in CODE_DTYPES:
+            raise TypeError(f"store_codes_as: {dtype} is not one of {', '.join(map(str, CODE_DTYPES))}")
+        for name in CODE_NAMES:
+            t = getattr(self, name, None)
+            if t is None:
+                continue
+            codes = self.codes_as_uint8(name, t).detach()
+            self._buffers.pop(name, None)
+            self._parameters.pop(name, None)
+            self.register_parameter(name, nn.Parameter(_bit_view(codes, dtype), requires_grad=False))
+        self.codes_view_dtype = None if dtype == torch.uint8 else dtype
+        if not getattr(self, "_codes_hooks", None):
+            self._codes_hooks = (
+                self.register_state_dict_post_hook(_codes_state_dict_hook),
+                self.register_load_state_dict_pre_hook(_codes_load_hook),
+            )
+
+    def codes_as_uint8(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The uint8 codes ``name`` (``CODE_NAMES``) that ``t`` holds: ``t`` itself if uint8, else its bytes
+        (detached view, padding dropped). Raises if ``t`` is not in the dtype ``store_codes_as`` chose: whatever
+        cast it (FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` casts every floating parameter of another dtype
+        in its all-gather) destroyed the codes."""
+        if t.dtype == torch.uint8:
+            return t
+        if t.dtype != self.codes_view_dtype:
+            raise RuntimeError(
+                f"{name} of this {self.out_features}×{self.in_features} {type(self).__name__} holds the 4-bit codes "
+                f"as a {self.codes_view_dtype} bit view but arrived as {t.dtype}: something cast it, which destroys "
+                f"the codes (FSDP2's MixedPrecisionPolicy(param_dtype={t.dtype}) casts every floating parameter of "
+                f"another dtype when it all-gathers). Store the view in the policy's dtype: "
+                f"shard_nf4_base(model, codes_dtype={t.dtype}) before fully_shard"
+            )
+        return t.detach().view(torch.uint8)[: self._code_bytes(name)]
+
+    def _code_bytes(self, name: str) -> int:
+        n = self.in_features * self.out_features
+        return (n + 1) // 2 if name == _BUFFER_NAMES["packed"] else -(-n // BLOCK)
 
     # (fold, anchor) while ``smt_kernels.quant.model.nf4_weight_gradients`` is active on this layer, else None
     weight_grad_fold = None
@@ -285,6 +348,44 @@ class NF4SparseBlockLinear(NF4Linear):
             f"{super().extra_repr()}, block_size={self.block_size}, num_blocks={self.num_blocks} "
             f"({pct:.2f}% of the weight), block_dtype={self.block_weight.dtype}"
         )
+
+
+def _moved(t: torch.Tensor, fn) -> torch.Tensor:
+    """``t`` on the device ``fn`` maps its device to, in its own dtype (a meta shell, as ``to_empty`` makes it, gets
+    uninitialised memory); ``t`` itself if it is there already."""
+    target = fn(torch.empty(0, device=t.device)).device
+    if t.device == target:
+        return t
+    return torch.empty_like(t, device=target) if t.is_meta else t.to(target)
+
+
+def _bit_view(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (n,) codes as (ceil(n / itemsize),) ``dtype`` over the same bytes, zero-padded at the end; a copy only
+    where padding or the storage offset needs one."""
+    size = dtype.itemsize
+    pad = -codes.numel() % size
+    if pad or codes.storage_offset() % size:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    return codes.view(dtype)
+
+
+def _codes_state_dict_hook(module: NF4Linear, state_dict, prefix: str, local_metadata) -> None:
+    # codes held as a float bit view are saved as the uint8 codes, unpadded, as before; FSDP2 shards (DTensor) are
+    # left as they are: smt_kernels.distributed converts the gathered full tensor
+    from torch.distributed.tensor import DTensor
+
+    for name in CODE_NAMES:
+        t = state_dict.get(prefix + name)
+        if t is not None and t.dtype != torch.uint8 and not isinstance(t, DTensor):
+            state_dict[prefix + name] = module.codes_as_uint8(name, t)
+
+
+def _codes_load_hook(module: NF4Linear, state_dict, prefix: str, *args) -> None:
+    # uint8 codes (as state_dict gives them) into codes held as a float bit view: the same view of them
+    for name in CODE_NAMES:
+        t, p = state_dict.get(prefix + name), module._parameters.get(name)
+        if t is not None and p is not None and t.dtype == torch.uint8 and p.dtype != torch.uint8:
+            state_dict[prefix + name] = _bit_view(t, p.dtype)
 
 
 def _rebuild_index(layer: NF4SparseBlockLinear, incompatible_keys) -> None:
