@@ -290,8 +290,8 @@ def measure_training(model: nn.Module, batches: list[torch.Tensor], device, args
         # large tensor that fills a segment's end): tells a real difference from allocation granularity
         stats = torch.cuda.memory_stats(device)
         if "requested_bytes.all.peak" in stats:
-            res["peak_requested_gib"] = common.sig(stats["requested_bytes.all.peak"] / 2**30, 4)
-            res["static_requested_gib"] = common.sig(stats["requested_bytes.all.current"] / 2**30, 4)
+            res["peak_requested_gib"] = common.sig(stats["requested_bytes.all.peak"] / 2**30, 6)
+            res["static_requested_gib"] = common.sig(stats["requested_bytes.all.current"] / 2**30, 6)
     if getattr(args, "profile", 0):  # more steps, after the measured ones: the operator table (not a CSV column)
         res["profile"] = common.profile_table(step, range(args.profile), device)
     return res

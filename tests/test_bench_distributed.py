@@ -37,7 +37,9 @@ def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
         assert run["world"] == 2 and run["trainable_params"] == single["trainable_params"]
         assert report[mode]["loss_max_abs_diff_vs_single"] < 1e-4
         assert report[mode]["probe_max_abs_diff_vs_single"] < 1e-4
-    assert "_SparseBlockLinearFunction" in (tmp_path / "profile_single_rank0.txt").read_text()
+    profile = (tmp_path / "profile_single_rank0.txt").read_text()
+    # SMT's autograd nodes: one per layer call, or two under gradient checkpointing (ops.split_layer)
+    assert "_SparseBlockLinearFunction" in profile or "_SavedColumnsFunction" in profile
     for entry in report.values():
         assert entry["probe_max_abs_diff"] < 1e-5
     # the blocks trained: the loss of the last step differs from the first
