@@ -187,6 +187,8 @@ def train(args) -> int:
         torch.cuda.reset_peak_memory_stats(device)
 
     micro = range(args.world) if args.mode == "single" else [rank]
+    if rank == 0:  # progress on stderr: a run cut short by a time limit still says how far it got
+        print(f"[{tag}] set up in {setup_s:.1f} s", file=sys.stderr, flush=True)
 
     def train_step(step: int) -> tuple[torch.Tensor, float]:
         """One optimizer step on the step's global batch (this process's micro-batches); (loss, seconds)."""
@@ -213,6 +215,8 @@ def train(args) -> int:
         losses.append(loss)
         if step >= args.warmup:
             times.append(seconds)
+        if rank == 0:
+            print(f"[{tag}] step {step}: {1000 * seconds:.0f} ms", file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     curve = torch.stack(losses)
     if world > 1:  # the global batch's loss: the mean of the ranks' micro-batch losses

@@ -108,17 +108,17 @@ def shard_nf4_base(model: nn.Module, codes_dtype: torch.dtype | None = None) -> 
             not yet ``fully_shard``-ed.
         codes_dtype: what the codes are held in. ``torch.uint8``: as they are; needs a torch whose FSDP2 shards
             integer parameters (``fsdp2_shards_integer_parameters``: 2.13; 2.11's ``fully_shard`` creates the sharded
-            parameter requiring grad, which fails for integers, pytorch/pytorch#177844). A float dtype (bfloat16,
-            float16, float32): a bit view of the same bytes (uint8 (n,) as (ceil(n / itemsize),), zero-padded at the
-            end), which the layers view back to uint8 (detached) wherever they read the codes, so every kernel sees
-            the same bytes; FSDP2's shard copies and all-gathers move it bit for bit (NaN and denormal patterns
-            included). 2.11's FSDP2 then sets the sharded view to the original's ``requires_grad`` (False), so no
-            optimizer or trainable count picks it up, and the integer view carries no gradient anyway. But FSDP2's
-            ``MixedPrecisionPolicy(param_dtype=...)`` casts every floating parameter of another dtype when it
-            all-gathers, which would destroy the codes: the view must have the policy's ``param_dtype`` (any dtype
-            when the policy has none); a layer that reads cast codes raises instead of training on them. Default:
-            uint8 where FSDP2 can shard it, else bfloat16 (the usual ``param_dtype``; this repo's ``fully_shard``
-            calls set no policy).
+            parameter requiring grad, which fails for integers, pytorch/pytorch#177844). ``torch.float32``: a bit
+            view of the same bytes (uint8 (n,) as (ceil(n / 4),), zero-padded at the end), which the layers view
+            back to uint8 (detached) wherever they read the codes, so every kernel sees the same bytes; FSDP2's
+            shard copies and all-gathers move it bit for bit (checked on two H200s with torch 2.11 at the
+            LLaMA-3-70B shape: logits equal to one GPU's before training; and on gloo with NaN and denormal patterns).
+            No 16-bit view: CUDA's copy kernels may pass bfloat16/float16 through fp32, which makes every NaN
+            pattern the canonical NaN (a bfloat16 view trained on corrupted codes on the H200s). 2.11's FSDP2 sets
+            the sharded view to the original's ``requires_grad`` (False), so no optimizer or trainable count picks
+            it up. FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` casts every floating parameter of another dtype
+            when it all-gathers, which would destroy the codes: use no param_dtype other than float32 on these
+            modules (a layer that reads cast codes raises). Default: uint8 where FSDP2 can shard it, else float32.
     Returns:
         The same model. State-dict keys and values are unchanged (uint8 codes, unpadded), so saving, merging and
         ``load_blocks`` work as before; only a sharded model's own state (``model.state_dict()``,
@@ -139,12 +139,12 @@ def shard_nf4_base(model: nn.Module, codes_dtype: torch.dtype | None = None) -> 
         )
     integers = fsdp2_shards_integer_parameters()
     if codes_dtype is None:
-        codes_dtype = torch.uint8 if integers else torch.bfloat16
+        codes_dtype = torch.uint8 if integers else torch.float32
         if not integers:
             logger.info(
                 "shard_nf4_base: FSDP2 in torch %s cannot shard integer parameters (pytorch/pytorch#177844): the "
-                "4-bit codes are held as a bfloat16 bit view (pass codes_dtype= to match another "
-                "MixedPrecisionPolicy param_dtype)",
+                "4-bit codes are held as a float32 bit view (a MixedPrecisionPolicy param_dtype other than float32 "
+                "would cast them: the layers then raise)",
                 torch.__version__,
             )
     if codes_dtype not in NF4_CODE_DTYPES:
@@ -155,8 +155,8 @@ def shard_nf4_base(model: nn.Module, codes_dtype: torch.dtype | None = None) -> 
         raise RuntimeError(
             f"shard_nf4_base: FSDP2 in torch {torch.__version__} cannot shard integer parameters (fully_shard fails "
             "with 'only Tensors of floating point dtype can require gradients', pytorch/pytorch#177844; seen with "
-            "torch 2.11 on an H200, fixed in 2.13): leave codes_dtype=None (a bfloat16 bit view of the codes) or "
-            "pass your MixedPrecisionPolicy's param_dtype"
+            "torch 2.11 on an H200, fixed in 2.13): leave codes_dtype=None or pass torch.float32 (a float32 bit "
+            "view of the codes)"
         )
     for m in layers.values():
         m.store_codes_as(codes_dtype)

@@ -254,16 +254,16 @@ def fsdp_base_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp_view_run(tmp_path_factory):
-    """The codes sharded as a bfloat16 bit view (what shard_nf4_base does where FSDP2 cannot shard uint8)."""
+    """The codes sharded as a float32 bit view (what shard_nf4_base does where FSDP2 cannot shard uint8)."""
     d = tmp_path_factory.mktemp("fsdp_nf4_view")
-    return d, run_ranks(_fsdp_rank, d / "out", d, True, 1, True, torch.bfloat16)
+    return d, run_ranks(_fsdp_rank, d / "out", d, True, 1, True, torch.float32)
 
 
 # how each base mode holds the codes; float32 pads k/v's 50 absmax codes to 52 bytes (13 elements: uneven shards)
 BASES = {
     "base_replicated": (False, {True: None, False: None}),
     "base_sharded": (True, {True: torch.uint8, False: torch.uint8}),
-    "base_sharded_float_view": (True, {True: torch.bfloat16, False: torch.float32}),
+    "base_sharded_float_view": (True, {True: torch.float32, False: torch.float32}),
 }
 
 
@@ -308,10 +308,10 @@ def test_fsdp2_nf4_base_replicated_parameters_sharded(fsdp_run):
         assert sum(n.endswith("block_weight") for n in res["params"]) == len(SELECTION)
 
 
-@pytest.mark.parametrize("view", [False, True], ids=["uint8", "bfloat16_view"])
+@pytest.mark.parametrize("view", [False, True], ids=["uint8", "float32_view"])
 def test_fsdp2_shard_nf4_base_shards_the_codes(view, fsdp_base_run, fsdp_view_run):
     """After shard_nf4_base the codes are Shard(0) parameters (each rank keeps its torch.chunk part of the uint8
-    codes, or of their bfloat16 view, NaN and denormal patterns included); the fp32 scales stay whole buffers. The
+    codes, or of their float32 view, NaN and denormal patterns included); the fp32 scales stay whole buffers. The
     codes stay frozen (a float one requiring grad would also break FSDP2's lazy init: "FSDP expects uniform original
     parameter dtype", with fp32 blocks) and get no gradient."""
     _, ranks = fsdp_view_run if view else fsdp_base_run
@@ -323,12 +323,13 @@ def test_fsdp2_shard_nf4_base_shards_the_codes(view, fsdp_base_run, fsdp_view_ru
             n = res["initial_numel"][k]
             assert unchanged, k
             if k in codes:
-                assert dtype == (torch.bfloat16 if view else torch.uint8)
+                assert dtype == (torch.float32 if view else torch.uint8)
                 if view:
-                    bits = initial[k].view(torch.bfloat16)  # even byte counts here: no padding
-                    denormal = (bits != 0) & (bits.abs() < torch.finfo(torch.bfloat16).tiny)
+                    padded = torch.cat([initial[k], initial[k].new_zeros(-n % 4)])
+                    bits = padded.view(torch.float32)
+                    denormal = (bits != 0) & (bits.abs() < torch.finfo(torch.float32).tiny)
                     assert bits.isnan().any() and denormal.any(), k
-                    n //= 2
+                    n = -(-n // 4)
                 assert placements == (Shard(0),) and local == torch.empty(n).chunk(WORLD)[rank].numel(), k
                 assert res["params"][k] == ("DTensor", (Shard(0),))
             else:
@@ -481,8 +482,8 @@ def test_shard_nf4_base_refuses_a_model_it_cannot_shard():
 
 
 def test_shard_nf4_base_on_a_torch_whose_fsdp2_cannot_shard_integers(monkeypatch):
-    """torch 2.11's fully_shard fails on uint8 parameters (seen on an H200): there the codes are held as a bfloat16
-    bit view by default; asking for uint8 is refused before the model is touched."""
+    """torch 2.11's fully_shard fails on uint8 parameters (seen on an H200): there the codes are held as a float32
+    bit view by default; asking for uint8 or a 16-bit view is refused before the model is touched."""
     import smt_kernels.distributed as distributed
 
     monkeypatch.setattr(distributed, "fsdp2_shards_integer_parameters", lambda: False)
@@ -490,15 +491,15 @@ def test_shard_nf4_base_on_a_torch_whose_fsdp2_cannot_shard_integers(monkeypatch
     before = {n for n, _ in model.named_parameters()}
     with pytest.raises(RuntimeError, match=r"torch .* cannot shard integer parameters.*codes_dtype=None"):
         shard_nf4_base(model, torch.uint8)
-    for bad in (torch.float64, torch.int8):
-        with pytest.raises(TypeError, match=f"codes_dtype {bad} is not one of torch.uint8, torch.bfloat16"):
+    for bad in (torch.float64, torch.int8, torch.bfloat16, torch.float16):
+        with pytest.raises(TypeError, match=f"codes_dtype {bad} is not one of torch.uint8, torch.float32$"):
             shard_nf4_base(model, bad)
     assert {n for n, _ in model.named_parameters()} == before  # nothing became a parameter
     state, logits = model.state_dict(), probe_logits(model)
     shard_nf4_base(model)
     codes = {n: p for n, p in model.named_parameters() if n.endswith(NF4_CODES)}
     assert len(codes) == 2 * len(nf4_modules(model))
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in codes.values())
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in codes.values())
     assert torch.equal(probe_logits(model), logits)
     after = model.state_dict()  # the uint8 codes, as before
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
@@ -528,7 +529,7 @@ def _grads(layer, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return out.detach(), x.grad, layer.block_weight.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32])
 def test_codes_held_as_a_float_bit_view(dtype):
     """store_codes_as(float dtype): a (ceil(bytes / itemsize),) frozen parameter over the same bytes; the layer reads
     them back as uint8 (same outputs and gradients, bit for bit, also when the view requires grad, which gets no
@@ -560,25 +561,37 @@ def test_codes_held_as_a_float_bit_view(dtype):
 
     layer.to(torch.float64).half()
     assert layer.weight_packed.dtype == dtype and torch.equal(layer.nf4.packed, ref.weight_packed)
-    other = {torch.bfloat16: torch.float16, torch.float16: torch.float32, torch.float32: torch.bfloat16}[dtype]
+    other = torch.bfloat16
     with torch.no_grad():
         layer.weight_absmax_q = torch.nn.Parameter(layer.weight_absmax_q.to(other), requires_grad=False)
-    with pytest.raises(RuntimeError, match=f"bit view but arrived as {other}.*codes_dtype={other}"):
+    with pytest.raises(RuntimeError, match=f"bit view but arrived as {other}.*param_dtype other than {dtype}"):
         layer(x.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_no_16_bit_view_of_the_codes(dtype):
+    """A 16-bit view is refused: a copy through fp32 (what CUDA's copy kernels may do with 16-bit floats) makes
+    every NaN pattern the canonical NaN, so such a view loses code bytes (it did on the H200s); the float32 view's
+    bytes survive the same round trip."""
+    with pytest.raises(TypeError, match=f"store_codes_as: {dtype} is not one of torch.uint8, torch.float32"):
+        _odd_layer().store_codes_as(dtype)
+    codes = FLOAT_SPECIALS.clone()
+    assert not torch.equal(codes.view(dtype).float().to(dtype).view(torch.uint8), codes)
+    assert torch.equal(codes.view(torch.float32).clone().view(torch.uint8), codes)
 
 
 @pytest.mark.parametrize("policy", [None, torch.bfloat16, torch.float32])
 def test_float_bit_view_under_fsdp2_mixed_precision(policy):
     """FSDP2 casts a floating parameter whose dtype is not the MixedPrecisionPolicy's param_dtype in its
-    all-gather: a bfloat16 view under no policy or a bfloat16 one gives the unsharded layer's output bit for bit
-    (the NaN and denormal patterns gathered unchanged); under float32 the layer refuses the cast codes."""
+    all-gather: the float32 view under no policy or a float32 one gives the unsharded layer's output bit for bit
+    (the NaN and denormal patterns gathered unchanged); under bfloat16 the layer refuses the cast codes."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     ref, layer = _odd_layer(blocks=False), _odd_layer(blocks=False)  # the codes are its only parameters
     x = torch.randn(5, 66, generator=torch.Generator().manual_seed(4)).to(policy or torch.float32)
     with torch.no_grad():
         want = ref(x)
-    layer.store_codes_as(torch.bfloat16)
+    layer.store_codes_as(torch.float32)
     seen = []
     layer.register_forward_pre_hook(lambda m, args: seen.append(m.nf4.packed.clone()))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -586,8 +599,8 @@ def test_float_bit_view_under_fsdp2_mixed_precision(policy):
         sharded = fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=policy))
         assert isinstance(sharded.weight_packed, DTensor)
         with torch.no_grad():
-            if policy == torch.float32:
-                with pytest.raises(RuntimeError, match="as a torch.bfloat16 bit view but arrived as torch.float32"):
+            if policy == torch.bfloat16:
+                with pytest.raises(RuntimeError, match="as a torch.float32 bit view but arrived as torch.bfloat16"):
                     sharded(x)
                 return
             got = sharded(x)
@@ -622,7 +635,7 @@ def _fsdp2_as_in_torch_2_11(monkeypatch) -> None:
 
 def test_shard_nf4_base_under_fsdp2_as_in_torch_2_11(monkeypatch, reference):
     """With FSDP2's sharded-parameter creation as in torch 2.11 (one gloo rank): uint8 codes fail in fully_shard as
-    on the H200; the bfloat16 view (shard_nf4_base's default there) shards, stays frozen (so no optimizer or
+    on the H200; the float32 view (shard_nf4_base's default there) shards, stays frozen (so no optimizer or
     trainable count picks it up), computes the unsharded logits bit for bit and trains what one process trains."""
     import smt_kernels.distributed as distributed
 
@@ -637,7 +650,7 @@ def test_shard_nf4_base_under_fsdp2_as_in_torch_2_11(monkeypatch, reference):
             shard_fsdp(uint8, True)
         model = shard_fsdp(shard_nf4_base(build()), True)
         codes = {n: p for n, p in model.named_parameters() if n.endswith(NF4_CODES)}
-        assert codes and all(isinstance(p, DTensor) and p.dtype == torch.bfloat16 for p in codes.values())
+        assert codes and all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in codes.values())
         assert not any(p.requires_grad for p in codes.values())
         assert trainable_parameters(model)[0] == trainable_parameters(build())[0]
         assert torch.equal(probe_logits(model), reference["initial_logits"])

@@ -22,8 +22,10 @@ _BUFFER_NAMES = {
 }
 # the 4-bit codes: uint8 buffers, or frozen parameters after ``store_codes_as`` (FSDP2 sharding, shard_nf4_base)
 CODE_NAMES = (_BUFFER_NAMES["packed"], _BUFFER_NAMES["absmax_q"])
-# what ``store_codes_as`` may hold them in: uint8 itself, or a floating-point bit view of the same bytes
-CODE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+# what ``store_codes_as`` may hold them in: uint8 itself, or a float32 bit view of the same bytes. Not a 16-bit
+# view: CUDA's copy kernels may pass 16-bit floats through fp32, and fp32 -> bfloat16/float16 turns every NaN bit
+# pattern into the one canonical NaN (seen on H200s: FSDP2 with a bfloat16 view trained on corrupted codes)
+CODE_DTYPES = (torch.uint8, torch.float32)
 
 
 def _check_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
@@ -195,8 +197,8 @@ class NF4Linear(nn.Module):
                 f"{name} of this {self.out_features}×{self.in_features} {type(self).__name__} holds the 4-bit codes "
                 f"as a {self.codes_view_dtype} bit view but arrived as {t.dtype}: something cast it, which destroys "
                 f"the codes (FSDP2's MixedPrecisionPolicy(param_dtype={t.dtype}) casts every floating parameter of "
-                f"another dtype when it all-gathers). Store the view in the policy's dtype: "
-                f"shard_nf4_base(model, codes_dtype={t.dtype}) before fully_shard"
+                f"another dtype when it all-gathers): give these modules no MixedPrecisionPolicy param_dtype other "
+                f"than {self.codes_view_dtype}, or use a torch whose FSDP2 shards uint8 parameters (2.13)"
             )
         return t.detach().view(torch.uint8)[: self._code_bytes(name)]
 
