@@ -391,6 +391,36 @@ def test_fsdp2_gradient_accumulation(tmp_path, reference):
         assert res["probe"]["sharded_grads"] and not any(res["probe"]["sharded_grads"])
 
 
+def _fsdp_checkpointed_rank(rank: int, reshard_after_forward: bool):
+    """FSDP2 with non-reentrant gradient checkpointing: the patched layers run as two autograd nodes there
+    (``ops.split_layer``); counts how often the split's first node ran."""
+    from smt_kernels import ops
+
+    calls = []
+    real = ops.saved_columns_relay
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    ops.saved_columns_relay = counted
+    model = build()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = shard_fsdp(model, reshard_after_forward)
+    losses = train(model, local_rows(rank))
+    return {"losses": losses, "blocks": block_weights(model), "split_calls": len(calls)}
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_fsdp2_with_gradient_checkpointing(reshard_after_forward, tmp_path, reference):
+    """Checkpointed layers run as two autograd nodes whose GEMM node writes the blocks into the weight again
+    before dX (FSDP2 re-gathered it from shards without them); the last layer's GEMM is not recomputed. Equal to
+    one process without checkpointing."""
+    ranks = run_ranks(_fsdp_checkpointed_rank, tmp_path / "out", reshard_after_forward)
+    assert_matches(ranks, reference[1])
+    assert all(res["split_calls"] > 0 for res in ranks)
+
+
 # ----------------------------------------------------------------------------------------------- save and merge
 
 
