@@ -168,12 +168,17 @@ def test_checkpoint_recomputes_no_gemm_of_the_last_layer(backend, base, monkeypa
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_nf4_two_nodes_match_one_node(backend, dtype, split):
-    """The 4-bit layer under saved-tensor hooks (two nodes, or one when forced) against the float64 reference."""
+@pytest.mark.parametrize("block_dtype", [None, torch.float32], ids=["blocks_compute_dtype", "blocks_fp32"])
+def test_nf4_two_nodes_match_one_node(backend, dtype, block_dtype, split):
+    """The 4-bit layer under saved-tensor hooks (two nodes, or one when forced) against the float64 reference,
+    with blocks in the compute dtype or in fp32 over a bf16 computation."""
     _, device = backend
     torch.manual_seed(0)
     layer = NF4SparseBlockLinear.from_nf4_linear(
-        NF4Linear.from_linear(nn.Linear(100, 70).to(device=device, dtype=dtype)), [(4, 6), (0, 0), (2, 3)], 16
+        NF4Linear.from_linear(nn.Linear(100, 70).to(device=device, dtype=dtype)),
+        [(4, 6), (0, 0), (2, 3)],
+        16,
+        block_dtype=block_dtype,
     )
     with torch.no_grad():
         layer.block_weight.copy_(torch.randn(layer.block_weight.shape) * 0.1)
@@ -187,6 +192,8 @@ def test_nf4_two_nodes_match_one_node(backend, dtype, split):
     y_ref = nn.functional.linear(xr, w, layer.bias.double())
     y_ref.backward(g.double())
     tol = TOLERANCE[dtype]
+    if block_dtype is not None:
+        assert layer.block_weight.grad.dtype == block_dtype
     for got, want in (
         (y, y_ref),
         (x.grad, xr.grad),
