@@ -15,3 +15,14 @@ write_env() {
 keep_gguf_parts() {
   if ls .model/smol.gguf.part.* >/dev/null 2>&1; then mkdir -p /tmp/gguf && cp .model/smol.gguf.part.* /tmp/gguf/; fi
 }
+
+# install_bnb LOG: install a carried bitsandbytes wheel (.whl/bitsandbytes-*.whl; the GPU image has none) and say
+# in LOG which version imports
+install_bnb() {
+  local whl
+  whl=$(ls .whl/bitsandbytes-*.whl 2>/dev/null | head -n 1)
+  if [ -n "$whl" ]; then
+    python -m pip install -q --no-deps --no-index "$whl" >> "$1" 2>&1
+  fi
+  python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" >> "$1" 2>&1
+}

@@ -12,11 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
 . scripts/gpu_env.sh
 write_env "$log"
-whl=$(ls .whl/bitsandbytes-*.whl 2>/dev/null | head -n 1)
-if [ -n "$whl" ]; then
-  python -m pip install -q --no-deps --no-index "$whl" >> "$log" 2>&1
-fi
-python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" >> "$log" 2>&1
+install_bnb "$log"
 
 (
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 "${LIMIT70:-470}" python -m benchmarks.bench_nf4_model --models llama3-70b \

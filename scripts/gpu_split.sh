@@ -12,9 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$out/run.log"
 . scripts/gpu_env.sh
 write_env "$log"
-whl=$(ls .whl/bitsandbytes-*.whl 2>/dev/null | head -n 1)
-[ -n "$whl" ] && python -m pip install -q --no-deps --no-index "$whl" >> "$log" 2>&1
-python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" >> "$log" 2>&1
+install_bnb "$log"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 second=1; [ "$gpus" -ge 2 ] || second=0  # one GPU: both groups run on it, one after the other
 (

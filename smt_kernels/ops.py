@@ -89,7 +89,7 @@ class _DenseOnWrittenWeightFunction(torch.autograd.Function):
 
 
 def saved_columns_relay(
-    x2d: torch.Tensor,
+    x: torch.Tensor,
     block_weight: torch.Tensor,
     weight: torch.Tensor | None,
     block_indices: torch.Tensor,
@@ -99,8 +99,9 @@ def saved_columns_relay(
     out_features: int,
     backend: str,
 ) -> torch.Tensor:
-    """The first node of a split layer (``_SavedColumnsFunction``): x2d (M, K) detached, the blocks written into
-    ``weight`` unless it is None (the NF4 layer overlays them itself); returns the (M, out_features) relay."""
+    """The first node of a split layer (``_SavedColumnsFunction``) on x (..., K), the blocks written into ``weight``
+    unless it is None (the NF4 layer overlays them itself); returns the (M, out_features) relay."""
+    x2d = x.detach().reshape(-1, x.shape[-1])  # no gradient flows to x through this node
     return _SavedColumnsFunction.apply(
         x2d, block_weight, weight, block_indices, col_blocks, col_slot, block_size, out_features, backend
     )
@@ -261,7 +262,7 @@ def apply_sparse_block_linear(
         with torch.autocast(device_type, enabled=False):
             x = x.to(compute_dtype)
             relay = saved_columns_relay(
-                x.detach().reshape(-1, x.shape[-1]),
+                x,
                 block_weight,
                 weight,
                 block_indices,

@@ -161,7 +161,7 @@ def nf4_block_linear(
         x = x.to(dtype)
         if block_weight is not None and split_layer(block_weight):
             relay = saved_columns_relay(
-                x.detach().reshape(-1, x.shape[-1]),
+                x,
                 block_weight,
                 None,
                 block_indices,
