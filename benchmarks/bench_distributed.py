@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prefetch", type=int, default=0, help="FSDP2: explicit prefetch of the next N layers (0: implicit)"
     )
     p.add_argument(
+        "--layers-per-unit",
+        type=int,
+        default=1,
+        help="FSDP2: consecutive decoder layers per fully_shard unit (fewer, larger all-gathers)",
+    )
+    p.add_argument(
         "--ddp-buffers",
         choices=("sync", "off"),
         default="sync",
@@ -130,6 +136,8 @@ def train(args) -> int:
         raise SystemExit("--shard-nf4-base 1 needs --quantize nf4 and --mode fsdp2")
     if args.quantize == "nf4" and args.mode == "ddp" and args.ddp_buffers != "off":
         raise SystemExit("--quantize nf4 with --mode ddp needs --ddp-buffers off (DDP would broadcast the 4-bit base)")
+    if args.layers_per_unit < 1:
+        raise SystemExit(f"--layers-per-unit must be at least 1, got {args.layers_per_unit}")
     if args.mode == "single" and world != 1:
         raise SystemExit("--mode single runs in one process (no torchrun)")
     if args.mode in ("ddp", "fsdp2") and world != args.world:
@@ -171,13 +179,16 @@ def train(args) -> int:
                 raise SystemExit("--shard-embeddings needs untied embeddings (lm_head and embed_tokens share here)")
             fully_shard(model.model.embed_tokens)
             fully_shard(model.lm_head)
-        for layer in layers:
-            fully_shard(layer)
+        n = args.layers_per_unit
+        units = [layers[i : i + n] for i in range(0, len(layers), n)]
+        for unit in units:
+            fully_shard(unit if len(unit) > 1 else unit[0])  # a list: one all-gather for all of them
         fully_shard(model)
         if args.prefetch > 0:
-            for i, layer in enumerate(layers):
-                layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + args.prefetch])
-                layer.set_modules_to_backward_prefetch(layers[max(0, i - args.prefetch) : i][::-1])
+            heads = [unit[0] for unit in units]  # a unit's modules share its state: prefetch through the first
+            for i, head in enumerate(heads):
+                head.set_modules_to_forward_prefetch(heads[i + 1 : i + 1 + args.prefetch])
+                head.set_modules_to_backward_prefetch(heads[max(0, i - args.prefetch) : i][::-1])
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)  # a DTensor's numel is the whole parameter's
     opt = torch.optim.AdamW(trainable, lr=args.lr, foreach=True)
@@ -243,6 +254,7 @@ def train(args) -> int:
         "seq": args.seq,
         "grad_ckpt": bool(args.grad_ckpt),
         "prefetch": args.prefetch,
+        "layers_per_unit": args.layers_per_unit,
         "shard_embeddings": bool(args.shard_embeddings),
         "ddp_buffers": args.ddp_buffers if args.mode == "ddp" else None,
         "quantize": args.quantize,

@@ -53,11 +53,14 @@ def test_4bit_base_single_and_fsdp2_with_sharded_codes_agree(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
     nf4 = ("--quantize", "nf4")
     _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "single"], tmp_path, nf4)
-    _run(torchrun + ["-m", "benchmarks.bench_distributed", "--mode", "fsdp2", "--shard-nf4-base", "1"], tmp_path, nf4)
+    # two decoder layers per fully_shard unit, prefetching one unit ahead
+    fsdp2 = ["--mode", "fsdp2", "--shard-nf4-base", "1", "--layers-per-unit", "2", "--prefetch", "1"]
+    _run(torchrun + ["-m", "benchmarks.bench_distributed", *fsdp2], tmp_path, nf4)
     _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "verify"], tmp_path, nf4)
     single = json.loads((tmp_path / "single.json").read_text())
     fsdp2 = json.loads((tmp_path / "fsdp2.json").read_text())
     assert single["quantize"] == fsdp2["quantize"] == "nf4" and fsdp2["shard_nf4_base"]
+    assert fsdp2["layers_per_unit"] == 2 and fsdp2["layers"] >= 2
     assert fsdp2["trainable_params"] == single["trainable_params"] > 0
     report = json.loads((tmp_path / "verify.json").read_text())
     assert report["fsdp2"]["loss_max_abs_diff_vs_single"] < 1e-4
