@@ -8,6 +8,8 @@ block gradient are registered operators (``smt_kernels.custom_ops``), so ``torch
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -259,7 +261,9 @@ def apply_sparse_block_linear(
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         # here a launch of its own in backward (the single node fuses it into the block-gradient launch)
         rescatter = rescatter_in_backward is not False
-        with torch.autocast(device_type, enabled=False):
+        # the ops cast by themselves; autocast inside them would only add work (entered only where it is on:
+        # entering the context costs host time on every call, and the recomputation calls again)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             x = x.to(compute_dtype)
             relay = saved_columns_relay(
                 x,

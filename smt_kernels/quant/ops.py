@@ -13,6 +13,8 @@ of its own (see there why).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -157,7 +159,8 @@ def nf4_block_linear(
     b = None if bias is None else bias.to(dtype)
     backend = resolve_backend(x.device)
     in_dtype = x.dtype
-    with torch.autocast(device_type, enabled=False):
+    # the op casts by itself; the context is entered only where autocast is on (it costs host time per call)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         x = x.to(dtype)
         if block_weight is not None and split_layer(block_weight):
             relay = saved_columns_relay(
