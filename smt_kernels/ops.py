@@ -71,22 +71,27 @@ class _DenseOnWrittenWeightFunction(torch.autograd.Function):
     """Second node: y = x · Wᵀ + bias on the weight the first node wrote the blocks into; saves nothing.
 
     Backward: dX = dY·W (with ``rescatter=(block_weight, block_indices)``, the blocks written into W again
-    first, for FSDP2), and dY itself, reshaped (M, N), as the gradient of ``relay``.
+    first, for FSDP2), and dY itself, reshaped (M, N), as the gradient of ``relay``. A weight of another dtype than
+    ``compute_dtype`` (fp32 weights under bf16 autocast) is cast in forward and again in backward: keeping the cast
+    copy from one to the other would hold a copy of every patched weight through the whole forward, which
+    checkpointing exists to avoid (a frozen layer's cast weight is a saved tensor, recomputed there).
     """
 
     @staticmethod
     def forward(ctx, x, relay, weight, bias, compute_dtype, backend, rescatter):
+        ctx.weight, ctx.compute_dtype, ctx.backend, ctx.rescatter = weight, compute_dtype, backend, rescatter
         w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-        ctx.weight, ctx.backend, ctx.rescatter = w, backend, rescatter
         return F.linear(x, w, None if bias is None else bias.to(compute_dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
+            weight = ctx.weight
             if ctx.rescatter is not None:
-                custom_ops.scatter_blocks(ctx.weight, ctx.rescatter[0], ctx.rescatter[1], ctx.backend)
-            grad_x = grad_out.matmul(ctx.weight)
+                custom_ops.scatter_blocks(weight, ctx.rescatter[0], ctx.rescatter[1], ctx.backend)
+            w = weight if weight.dtype == ctx.compute_dtype else weight.to(ctx.compute_dtype)
+            grad_x = grad_out.matmul(w)
         return grad_x, grad_out.reshape(-1, grad_out.shape[-1]), None, None, None, None, None
 
 

@@ -68,8 +68,9 @@ def test_two_nodes_match_dense_reference(backend, dtype, case, poison_empty, mon
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
 def test_two_nodes_under_autocast_and_frozen_blocks(backend, monkeypatch):
-    """fp32 layer under bf16 autocast: output and block gradients equal the one-node layer's; with the blocks
-    frozen the layer stays one node (no block gradient to relay)."""
+    """fp32 layer under bf16 autocast: output and block gradients equal the one-node layer's, and the two-node
+    layer holds no bf16 copy of the weight from forward to backward; with the blocks frozen the layer stays one
+    node (no block gradient to relay)."""
     _, device = backend
     blocks = [(0, 1), (2, 0), (2, 3)]
     lin, layer = make_layer(48, 64, blocks, 16, torch.float32, device)
@@ -82,10 +83,16 @@ def test_two_nodes_under_autocast_and_frozen_blocks(backend, monkeypatch):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             y = layer(xr)
         assert y.dtype == torch.bfloat16
+        if hooked:  # the GEMM node keeps the fp32 weight, not a bf16 copy, until its backward
+            assert y.grad_fn.weight is layer.weight
         y.float().pow(2).sum().backward()
         results.append((y.detach(), xr.grad, layer.block_weight.grad))
-    for got, want in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (y2, dx2, db2), (y1, dx1, db1) = results[1], results[0]
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    torch.testing.assert_close(db2, db1, rtol=0, atol=0)
+    # dX: the one-node layer re-writes the fp32 blocks into its bf16 copy of the weight in a kernel (the Triton
+    # interpreter rounds that conversion its own way), the two-node layer casts the weight again with torch
+    assert ((dx2 - dx1).abs().max() / dx1.abs().max()).item() <= TOLERANCE[torch.bfloat16]
     layer.block_weight.requires_grad_(False)
     assert not ops.split_layer(layer.block_weight)
 
