@@ -589,6 +589,31 @@ def test_trained_blocks_reload(tiny_model_dir, tmp_path):
     assert cfg.smt_config.ratio == 0.2 and cfg.smt_config.block_size == 16
 
 
+@pytest.mark.parametrize("method", ["smt", "lora"])
+def test_gradient_checkpointing_trains_the_same(method, tiny_model_dir, monkeypatch):
+    """--gradient-checkpointing recomputes the decoder layers in backward: the same loss curve and held-out loss
+    as without; SMT's layers run as two autograd nodes there (smt_kernels.ops.split_layer)."""
+    from smt_kernels import ops
+    from smt_kernels.finetune import run as finetune_run
+
+    opts = dict(model=str(tiny_model_dir), method=method, task="reverse", steps=3, batch_size=4, num_train=8,
+                num_eval=2, eval_batch_size=2, block_size=16, max_length=160, ratio=0.2, output_dir=None,
+                progress=False, show_examples=0, **({"select_batches": 1} if method == "smt" else {}))  # fmt: skip
+    plain = run_finetune(FinetuneConfig(**opts))
+    split_calls, models = [], []
+    real, enable = ops.saved_columns_relay, finetune_run.enable_gradient_checkpointing
+    monkeypatch.setattr(ops, "saved_columns_relay", lambda *a, **k: split_calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(finetune_run, "enable_gradient_checkpointing", lambda m: models.append(m) or enable(m))
+    checkpointed = run_finetune(FinetuneConfig(**opts, gradient_checkpointing=True))
+    assert [m.model.layers[0].gradient_checkpointing for m in models] == [True]
+    assert checkpointed.config["gradient_checkpointing"] and not plain.config["gradient_checkpointing"]
+    got = [c["loss"] for c in checkpointed.loss_curve]
+    want = [c["loss"] for c in plain.loss_curve]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert checkpointed.eval_loss_after == pytest.approx(plain.eval_loss_after, rel=1e-5)
+    assert bool(split_calls) == (method == "smt")
+
+
 def test_smollm2_tokenizer_prompt_format():
     """The default model's chat template: the answer ends with <|im_end|> and the prompt is masked."""
     import importlib.util

@@ -194,6 +194,13 @@ class FinetuneConfig:
         min=0,
         default_text="10% of --steps, at least 1",
     )
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute each decoder layer's activations in backward (non-reentrant checkpointing): less activation "
+        "memory for about one more forward per step; an SMT layer never re-runs the GEMM of a layer that ends a "
+        "decoder layer",
+        group=TRAIN,
+    )
     weight_decay: float = option(0.0, "AdamW weight decay", group=TRAIN, min=0.0)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", group=TRAIN, min=0.0)
     max_length: int = option(96, "tokens per example (prompt + answer)", group=TRAIN, min=8)

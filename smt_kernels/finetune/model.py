@@ -175,6 +175,22 @@ def quantize_model(model: nn.Module, method: str, device: torch.device) -> nn.Mo
         raise FinetuneError(f"--quantize {method}: {err}") from None
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing of every decoder layer (in training mode; evaluation runs without)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise FinetuneError(
+            f"--gradient-checkpointing: this {type(model).__name__} does not support gradient checkpointing"
+        )
+    kwargs = {"use_reentrant": False}  # the reentrant form recomputes everything and needs input gradients
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name (the old one warns)
+        try:
+            model.activation_checkpointing_enable(kwargs)
+            return
+        except TypeError:
+            pass
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """An independent copy (for running several methods from one loaded model)."""
     return copy.deepcopy(model)

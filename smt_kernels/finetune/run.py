@@ -17,7 +17,13 @@ from smt_kernels.finetune.data import TokenizedTask, build_task, data_fingerprin
 from smt_kernels.finetune.evaluate import EvalResult, eval_loss, evaluate
 from smt_kernels.finetune.loop import TrainingRun, TrainLog, check_converged
 from smt_kernels.finetune.methods import Prepared, prepare_method, smt_budget
-from smt_kernels.finetune.model import DEFAULT_MODEL_NAME, load_model, quantize_model, resolve_model_source
+from smt_kernels.finetune.model import (
+    DEFAULT_MODEL_NAME,
+    enable_gradient_checkpointing,
+    load_model,
+    quantize_model,
+    resolve_model_source,
+)
 from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
 from smt_kernels.finetune.parallel import Ranks, check_world, data_parallel
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
@@ -123,6 +129,8 @@ def _check_and_load(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, 
     model.to(device)
     if cfg.quantize:  # before the baseline evaluation and selection: the 4-bit model is the one trained
         quantize_model(model, cfg.quantize, device)
+    if cfg.gradient_checkpointing:  # on the decoder layers: patching and adapters inside them keep it
+        enable_gradient_checkpointing(model)
     model.config.use_cache = True
     data = TokenizedTask.build(task, tokenizer, cfg)
     log.info("task %s: %d train / %d held-out examples; method %s on %s", task.name, len(task.train),
