@@ -606,6 +606,9 @@ def test_gradient_checkpointing_trains_the_same(method, tiny_model_dir, monkeypa
     monkeypatch.setattr(finetune_run, "enable_gradient_checkpointing", lambda m: models.append(m) or enable(m))
     checkpointed = run_finetune(FinetuneConfig(**opts, gradient_checkpointing=True))
     assert [m.model.layers[0].gradient_checkpointing for m in models] == [True]
+    # transformers' hook that makes the embeddings' output require grad is removed: no backward below the
+    # lowest trained weight
+    assert not models[0].get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
     assert checkpointed.config["gradient_checkpointing"] and not plain.config["gradient_checkpointing"]
     got = [c["loss"] for c in checkpointed.loss_curve]
     want = [c["loss"] for c in plain.loss_curve]

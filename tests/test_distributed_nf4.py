@@ -44,7 +44,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import LlamaForCausalLM
 
 from smt_kernels import load_blocks, merge, patch, quantize_base, select_blocks, trainable_parameters
-from smt_kernels.distributed import select_blocks_distributed, shard_nf4_base, wrap_ddp
+from smt_kernels.distributed import (
+    fsdp2_shards_integer_parameters,
+    select_blocks_distributed,
+    shard_nf4_base,
+    wrap_ddp,
+)
 from smt_kernels.quant import NF4Linear, NF4SparseBlockLinear, nf4_modules
 from smt_kernels.quant.buffers import buffer_bytes, release_buffers, use_pooled_buffer
 from smt_kernels.quant.module import CODE_NAMES as NF4_CODES
@@ -295,6 +300,35 @@ def test_fsdp2_nf4_matches_single_process(
 def test_fsdp2_nf4_gradient_accumulation(tmp_path, reference_two_micro):
     """set_requires_gradient_sync(False) on all micro-batches but the last, resharding after every forward."""
     assert_matches(run_ranks(_fsdp_rank, tmp_path / "out", None, True, 2), reference_two_micro)
+
+
+def _fsdp_checkpointed_rank(rank: int, codes_dtype):
+    """FSDP2 (resharding after forward) with non-reentrant gradient checkpointing: the 4-bit layers run as two
+    autograd nodes (ops.split_layer); the codes replicated (None) or sharded as ``codes_dtype``."""
+    from smt_kernels import ops
+    from smt_kernels.quant import ops as nf4_ops
+
+    calls = []
+    real = ops.saved_columns_relay
+    nf4_ops.saved_columns_relay = lambda *a, **k: calls.append(1) or real(*a, **k)
+    model = build()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if codes_dtype is not None:
+        shard_nf4_base(model, codes_dtype)
+    model = shard_fsdp(model, True)
+    losses = train(model, local_rows(rank))
+    return {"losses": losses, "blocks": block_weights(model), "split_calls": len(calls)}
+
+
+@pytest.mark.parametrize("codes_dtype", [None, torch.uint8, torch.float32], ids=["replicated", "uint8", "float32"])
+def test_fsdp2_nf4_with_gradient_checkpointing(codes_dtype, tmp_path, reference):
+    """Checkpointed 4-bit layers under FSDP2 (the base re-gathered for the recomputation and the backward) train
+    what one process trains without checkpointing."""
+    if codes_dtype == torch.uint8 and not fsdp2_shards_integer_parameters():
+        pytest.skip(f"FSDP2 in torch {torch.__version__} cannot shard uint8 parameters")
+    ranks = run_ranks(_fsdp_checkpointed_rank, tmp_path / "out", codes_dtype)
+    assert_matches(ranks, reference)
+    assert all(res["split_calls"] > 0 for res in ranks)
 
 
 def test_fsdp2_nf4_base_replicated_parameters_sharded(fsdp_run):

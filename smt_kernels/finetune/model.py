@@ -182,13 +182,25 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             f"--gradient-checkpointing: this {type(model).__name__} does not support gradient checkpointing"
         )
     kwargs = {"use_reentrant": False}  # the reentrant form recomputes everything and needs input gradients
+    enabled = False
     if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name (the old one warns)
         try:
             model.activation_checkpointing_enable(kwargs)
-            return
+            enabled = True
         except TypeError:
             pass
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    no_input_gradients(model)
+
+
+def no_input_gradients(model: nn.Module) -> None:
+    """Remove the hook that makes the embeddings' output require grad, which transformers' checkpointing switch
+    (and PEFT, on a checkpointed model) installs for the reentrant form: with it the backward runs through every
+    layer below the lowest trained weight for nothing. Call it again after wrapping the model with adapters."""
+    for m in model.modules():
+        if getattr(m, "_require_grads_hook", None) is not None and hasattr(m, "disable_input_require_grads"):
+            m.disable_input_require_grads()
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from smt_kernels.finetune.model import (
     DEFAULT_MODEL_NAME,
     enable_gradient_checkpointing,
     load_model,
+    no_input_gradients,
     quantize_model,
     resolve_model_source,
 )
@@ -155,6 +156,8 @@ def _prepare(cfg: FinetuneConfig, job: _Job, ranks: Ranks) -> Prepared:
     torch.manual_seed(cfg.seed)  # LoRA's initialisation: the same in every run of this seed
     prepared = prepare_method(job.model, cfg, batches, job.device, selection)
     prepared.model.to(job.device)
+    if cfg.gradient_checkpointing:  # PEFT makes a checkpointed model's inputs require grad again
+        no_input_gradients(prepared.model)
     return prepared
 
 
