@@ -26,3 +26,13 @@ install_bnb() {
   fi
   python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" >> "$1" 2>&1
 }
+
+# begin_run NAME: what every device script starts with: out=$OUT/NAME (created), log=$out/run.log with the
+# environment header, the repository importable
+begin_run() {
+  out="${OUT:-/tmp/out}/$1"
+  mkdir -p "$out"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  log="$out/run.log"
+  write_env "$log"
+}

@@ -4,12 +4,8 @@
 # 2026-11-30 profile suggests trying: NCCL's Simple protocol (it picked LL), explicit prefetch, two decoder layers
 # per fully_shard unit. Results under $OUT/fsdp2_tune/.   Usage: bash scripts/gpu_fsdp2_tune.sh
 set -uo pipefail
-out="${OUT:-/tmp/out}/fsdp2_tune"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "fsdp2_tune"
 bd=/tmp/bench_fsdp2_tune
 A=(--model llama3-8b --batch 4 --seq 1024 --steps 8 --warmup 3 --ratio 0.01 --out "$bd")
 TR=(torchrun --standalone --nproc-per-node 2 -m benchmarks.bench_distributed --mode fsdp2 --shard-embeddings 1)

@@ -4,12 +4,8 @@
 # NCCL against one process, and the GPU tests (device_map over two GPUs, custom ops, launch, module).
 # Results under $OUT/multi/, packed into $OUT/multi.tgz.   Usage: bash scripts/gpu_multi.sh
 set -uo pipefail
-out="${OUT:-/tmp/out}/multi"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "multi"
 keep_gguf_parts
 
 # 1. DDP / FSDP2 / one GPU at the LLaMA-3-8B shape, same global batch, then the reproduction check

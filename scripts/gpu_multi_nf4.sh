@@ -4,12 +4,8 @@
 # embeddings and lm_head sharded (1x2048 per rank), then the reproduction check if time is left.
 # Results under $OUT/multi_nf4/.   Usage: bash scripts/gpu_multi_nf4.sh
 set -uo pipefail
-out="${OUT:-/tmp/out}/multi_nf4"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "multi_nf4"
 bd=/tmp/bench_distributed_nf4
 rm -rf "$bd"
 A=(--model "${MODEL:-llama3-70b}" --quantize nf4 --batch 1 --seq 2048 --steps "${STEPS:-4}" --warmup 2 --ratio 0.01 --out "$bd")

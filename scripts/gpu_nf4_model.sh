@@ -6,12 +6,8 @@
 #          sweep, the 8B 4-bit methods with the pooled buffer, and (CHECK=1) the NF4 GPU tests (scripts/gpu_check_nf4.sh)
 # Results under $OUT/nf4model/, packed into $OUT/nf4model.tgz.   Usage: bash scripts/gpu_nf4_model.sh
 set -uo pipefail
-out="${OUT:-/tmp/out}/nf4model"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "nf4model"
 install_bnb "$log"
 
 (

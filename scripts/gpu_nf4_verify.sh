@@ -4,12 +4,8 @@
 # call on the nvidia-h200-x2 kind (< 5 min). A carried GGUF half (.model/smol.gguf.part.*) is kept in /tmp/gguf for
 # the next call (scripts/gpu_quality.sh). Results under $OUT/nf4verify/ (packed into $OUT/nf4verify.tgz).
 set -uo pipefail
-out="${OUT:-/tmp/out}/nf4verify"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "nf4verify"
 keep_gguf_parts
 T=(python -m pytest -q -rs -p no:cacheprovider)
 (

@@ -4,12 +4,8 @@
 # packed into $OUT/<phase>.tgz with a log. Needs the GPU image (torch, triton, transformers, peft).
 set -uo pipefail
 phase="$1"
-out="${OUT:-/tmp/out}/$phase"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "$phase"
 { git rev-parse HEAD; git status --short | head -20; } >> "$log" 2>&1
 case "$phase" in
   tests)

@@ -6,12 +6,8 @@
 #   GPU 1: bench_nf4_model at the LLaMA-3-8B shape (4-bit floor and SMT, bitsandbytes QLoRA, bf16 floor and SMT)
 # Results under $OUT/split/, packed into $OUT/split.tgz.   Usage: bash scripts/gpu_split.sh
 set -uo pipefail
-out="${OUT:-/tmp/out}/split"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-log="$out/run.log"
 . scripts/gpu_env.sh
-write_env "$log"
+begin_run "split"
 install_bnb "$log"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 second=1; [ "$gpus" -ge 2 ] || second=0  # one GPU: both groups run on it, one after the other
