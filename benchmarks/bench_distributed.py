@@ -36,7 +36,7 @@ from benchmarks.bench_model import MODELS, build_model, random_selection, set_ch
 from benchmarks.bench_nf4_model import build_4bit_model  # noqa: E402
 from benchmarks.common import env_info, profile_table, synchronize  # noqa: E402
 from smt_kernels import load_blocks, patch  # noqa: E402
-from smt_kernels.distributed import save_blocks_distributed, shard_nf4_base, wrap_ddp  # noqa: E402
+from smt_kernels.distributed import save_blocks_distributed, shard_model, wrap_ddp  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
 
 MODES = ("single", "ddp", "fsdp2", "verify")
@@ -169,26 +169,15 @@ def train(args) -> int:
         else:
             model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     elif args.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        if args.shard_nf4_base:
-            shard_nf4_base(model)
-
-        if args.shard_embeddings:
-            if model.config.tie_word_embeddings:
-                raise SystemExit("--shard-embeddings needs untied embeddings (lm_head and embed_tokens share here)")
-            fully_shard(model.model.embed_tokens)
-            fully_shard(model.lm_head)
-        n = args.layers_per_unit
-        units = [layers[i : i + n] for i in range(0, len(layers), n)]
-        for unit in units:
-            fully_shard(unit if len(unit) > 1 else unit[0])  # a list: one all-gather for all of them
-        fully_shard(model)
-        if args.prefetch > 0:
-            heads = [unit[0] for unit in units]  # a unit's modules share its state: prefetch through the first
-            for i, head in enumerate(heads):
-                head.set_modules_to_forward_prefetch(heads[i + 1 : i + 1 + args.prefetch])
-                head.set_modules_to_backward_prefetch(heads[max(0, i - args.prefetch) : i][::-1])
+        if args.shard_embeddings and model.config.tie_word_embeddings:
+            raise SystemExit("--shard-embeddings needs untied embeddings (lm_head and embed_tokens share here)")
+        shard_model(
+            model,
+            layers_per_unit=args.layers_per_unit,
+            shard_embeddings=bool(args.shard_embeddings),
+            shard_4bit_base=bool(args.shard_nf4_base),
+            prefetch=args.prefetch,
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)  # a DTensor's numel is the whole parameter's
     opt = torch.optim.AdamW(trainable, lr=args.lr, foreach=True)

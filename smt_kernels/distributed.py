@@ -11,6 +11,8 @@ gradient and no optimizer state. What does need care, and lives here:
 - ``wrap_ddp``: ``DistributedDataParallel`` without the per-forward buffer broadcast, which on a 4-bit base
   (``quantize_base``) would send the whole frozen NF4 base (buffers, not parameters) from rank 0 every forward.
 - ``shard_nf4_base``: before ``fully_shard``, makes the 4-bit codes parameters, so that FSDP2 shards them too.
+- ``shard_model``: FSDP2 for a patched decoder model in one call (units of decoder layers, embeddings, root,
+  prefetch, the 4-bit codes).
 
 A 4-bit base works with all of them. Its NF4 data are buffers, so DDP and FSDP2 keep them replicated on every
 rank (FSDP2 shards only the parameters: ``block_weight`` and the 16-bit rest) unless ``shard_nf4_base`` is used.
@@ -174,6 +176,67 @@ def fsdp2_shards_integer_parameters() -> bool:
         return "requires_grad=param.requires_grad" in inspect.getsource(FSDPParam._init_sharded_param)
     except (ImportError, AttributeError, OSError, TypeError):
         return False
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face decoder model (``model.model.layers`` for the LLaMA family)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no decoder layers at .model.layers (a Hugging Face decoder model has them)"
+        )
+    return layers
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    layers_per_unit: int = 1,
+    shard_embeddings: bool = False,
+    shard_4bit_base: bool = False,
+    prefetch: int = 0,
+    **fully_shard_kwargs: Any,
+) -> nn.Module:
+    """FSDP2 for a patched decoder model, in the order it needs: with ``shard_embeddings`` the input embeddings and
+    ``lm_head`` as units of their own (freed between uses instead of staying gathered with the root; needs untied
+    embeddings), then every ``layers_per_unit`` consecutive decoder layers as one unit (one all-gather for all of
+    them), then the root. ``shard_4bit_base``: ``shard_nf4_base`` first, so the 4-bit
+    codes are sharded too. ``prefetch`` > 0: each unit all-gathers the next ``prefetch`` units before its forward
+    (and the previous ones before its backward) instead of FSDP2's implicit one-ahead. Other keyword arguments
+    (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...) go to every ``fully_shard`` call. Call it after
+    ``patch`` on every rank; returns the same model.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if layers_per_unit < 1:
+        raise ValueError(f"layers_per_unit must be at least 1, got {layers_per_unit}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be at least 0, got {prefetch}")
+    if is_sharded(model):
+        raise ValueError("shard_model: the model is sharded already (some parameters are DTensors)")
+    layers = list(decoder_layers(model))
+    if shard_embeddings:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is None or embed is None:
+            raise ValueError(f"shard_embeddings: {type(model).__name__} has no separate input and output embeddings")
+        if head.weight is embed.weight:
+            raise ValueError("shard_embeddings needs untied embeddings: lm_head and embed_tokens share one weight here")
+    if shard_4bit_base:
+        shard_nf4_base(model)
+    if shard_embeddings:
+        fully_shard(embed, **fully_shard_kwargs)
+        fully_shard(head, **fully_shard_kwargs)
+    units = [layers[i : i + layers_per_unit] for i in range(0, len(layers), layers_per_unit)]
+    for unit in units:
+        fully_shard(unit if len(unit) > 1 else unit[0], **fully_shard_kwargs)
+    fully_shard(model, **fully_shard_kwargs)
+    if prefetch:
+        heads = [unit[0] for unit in units]  # a unit's modules share one FSDP state: prefetch through its first
+        for i, unit_head in enumerate(heads):
+            unit_head.set_modules_to_forward_prefetch(heads[i + 1 : i + 1 + prefetch])
+            unit_head.set_modules_to_backward_prefetch(heads[max(0, i - prefetch) : i][::-1])
+    return model
 
 
 def _collective_device() -> torch.device:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -419,6 +419,40 @@ def test_fsdp2_with_gradient_checkpointing(reshard_after_forward, tmp_path, refe
     ranks = run_ranks(_fsdp_checkpointed_rank, tmp_path / "out", reshard_after_forward)
     assert_matches(ranks, reference[1])
     assert all(res["split_calls"] > 0 for res in ranks)
+
+
+def _shard_model_rank(rank: int):
+    """shard_model with every option that changes the units: both decoder layers in one unit, embeddings and
+    lm_head in units of their own, explicit prefetch."""
+    from smt_kernels.distributed import shard_model
+
+    model = shard_model(build(), layers_per_unit=2, shard_embeddings=True, prefetch=1)
+    units = [type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule)]
+    return {"losses": train(model, local_rows(rank)), "blocks": block_weights(model), "units": units}
+
+
+def test_shard_model_matches_single_process(tmp_path, reference):
+    ranks = run_ranks(_shard_model_rank, tmp_path / "out")
+    assert_matches(ranks, reference[1])
+    # the root, embed_tokens, lm_head and the two decoder layers (one unit, two FSDP modules)
+    assert sorted(ranks[0]["units"]) == sorted(
+        ["LlamaForCausalLM", "Embedding", "Linear", "LlamaDecoderLayer", "LlamaDecoderLayer"]
+    )
+
+
+def test_shard_model_refuses_what_it_cannot_shard():
+    from smt_kernels.distributed import shard_model
+
+    with pytest.raises(ValueError, match="layers_per_unit must be at least 1, got 0"):
+        shard_model(build(), layers_per_unit=0)
+    with pytest.raises(ValueError, match="prefetch must be at least 0, got -1"):
+        shard_model(build(), prefetch=-1)
+    with pytest.raises(ValueError, match="has no decoder layers at .model.layers"):
+        shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    tied = build()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="shard_embeddings needs untied embeddings"):
+        shard_model(tied, shard_embeddings=True)
 
 
 # ----------------------------------------------------------------------------------------------- save and merge
