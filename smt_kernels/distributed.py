@@ -126,7 +126,7 @@ def shard_nf4_base(model: nn.Module, codes_dtype: torch.dtype | None = None) -> 
         ``load_blocks`` work as before; only a sharded model's own state (``model.state_dict()``,
         ``get_model_state_dict``) holds a float view in its dtype, which ``save_blocks_distributed`` and
         ``merged_state_dict`` turn back into the codes. Afterwards ``model.parameters()`` includes the codes
-        (frozen; ``trainable_parameters``' total counts their elements on top of the weights'), so call it after
+        (frozen; ``trainable_parameters`` counts them as the weights they are, not as more parameters), so call it after
         ``patch``; ``.to(dtype)`` / ``.half()`` leave the codes alone in any dtype.
     """
     layers = nf4_modules(model)

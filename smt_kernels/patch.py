@@ -23,7 +23,7 @@ from smt_kernels.config import SMTConfig, resolve_config
 from smt_kernels.layout import BlockLayout, check_block_size
 from smt_kernels.module import SparseBlockLinear
 from smt_kernels.ops import SUPPORTED_DTYPES
-from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
+from smt_kernels.quant.module import CODE_NAMES, NF4Linear, NF4SparseBlockLinear
 
 logger = logging.getLogger(__name__)
 
@@ -333,10 +333,13 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """
     patched = patched_modules(model)
     block_ids = {id(m.block_weight) for m in patched.values()}
-    total = sum(p.numel() for p in model.parameters() if id(p) not in block_ids)
-    total += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    # 4-bit codes that ``shard_nf4_base`` made parameters are the weights counted just below, not more parameters
+    skip = block_ids | {id(p) for m in nf4 for name, p in m.named_parameters(recurse=False) if name in CODE_NAMES}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    total += sum(m.out_features * m.in_features for m in nf4)
     trainable = sum(m.trainable_elements() for m in patched.values() if m.block_weight.requires_grad)
-    trainable += sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in block_ids)
+    trainable += sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
     return trainable, total
 
 

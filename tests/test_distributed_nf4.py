@@ -515,6 +515,16 @@ def test_shard_nf4_base_refuses_a_model_it_cannot_shard():
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("codes_dtype", [torch.uint8, torch.float32], ids=str)
+def test_shard_nf4_base_keeps_the_parameter_count(codes_dtype):
+    """The codes become parameters, but trainable_parameters counts a 4-bit weight once (out × in), as before."""
+    model = build()
+    before = trainable_parameters(model)
+    shard_nf4_base(model, codes_dtype)
+    assert any(n.endswith(NF4_CODES) for n, _ in model.named_parameters())
+    assert trainable_parameters(model) == before
+
+
 def test_shard_nf4_base_on_a_torch_whose_fsdp2_cannot_shard_integers(monkeypatch):
     """torch 2.11's fully_shard fails on uint8 parameters (seen on an H200): there the codes are held as a float32
     bit view by default; asking for uint8 or a 16-bit view is refused before the model is touched."""
