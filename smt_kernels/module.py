@@ -225,7 +225,7 @@ def _rebuild_column_index(layer: SparseBlockLinear, incompatible_keys) -> None:
 
 def _write_blocks_into_weight(layer: SparseBlockLinear, prefix, keep_vars) -> None:
     # the blocks reach the weight at each forward; a state_dict taken after an optimizer step must not be one
-    # step stale. Sharded (DTensor) or meta weights are left alone: distributed.py gathers and merges those.
+    # step stale. Sharded (DTensor) or meta weights are left alone: smt_kernels.distributed gathers and merges those.
     w = layer.weight
     if type(w.data) is torch.Tensor and not w.is_meta and layer.block_indices.shape[0]:
         with torch.no_grad():

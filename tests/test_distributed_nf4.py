@@ -528,7 +528,7 @@ def test_shard_nf4_base_keeps_the_parameter_count(codes_dtype):
 def test_shard_nf4_base_on_a_torch_whose_fsdp2_cannot_shard_integers(monkeypatch):
     """torch 2.11's fully_shard fails on uint8 parameters (seen on an H200): there the codes are held as a float32
     bit view by default; asking for uint8 or a 16-bit view is refused before the model is touched."""
-    import smt_kernels.distributed as distributed
+    import smt_kernels.distributed.wrapping as distributed
 
     monkeypatch.setattr(distributed, "fsdp2_shards_integer_parameters", lambda: False)
     model = build()
@@ -681,7 +681,7 @@ def test_shard_nf4_base_under_fsdp2_as_in_torch_2_11(monkeypatch, reference):
     """With FSDP2's sharded-parameter creation as in torch 2.11 (one gloo rank): uint8 codes fail in fully_shard as
     on the H200; the float32 view (shard_nf4_base's default there) shards, stays frozen (so no optimizer or
     trainable count picks it up), computes the unsharded logits bit for bit and trains what one process trains."""
-    import smt_kernels.distributed as distributed
+    import smt_kernels.distributed.wrapping as distributed
 
     _fsdp2_as_in_torch_2_11(monkeypatch)
     monkeypatch.setattr(distributed, "fsdp2_shards_integer_parameters", lambda: False)
