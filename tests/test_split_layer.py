@@ -208,3 +208,32 @@ def test_nf4_two_nodes_match_one_node(backend, dtype, block_dtype, split):
     ):
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err <= tol, err
+
+
+def test_checkpointed_llama_runs_the_frozen_models_gemms():
+    """A whole patched Llama (blocks in all seven projections of every layer) under Hugging Face's non-reentrant
+    checkpointing runs exactly the dense GEMMs of the same model frozen: none is recomputed for the blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from smt_kernels import patch
+
+    def llama(patched: bool):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+        model = LlamaForCausalLM(cfg).requires_grad_(False)
+        if patched:
+            sel = {n: [(0, 0)] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+            model = patch(model, sel, block_size=32, verbose=False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # both models back-propagate into the embeddings' output
+        return model.train()
+
+    ids = torch.randint(0, 64, (2, 8))
+    counts = []
+    for patched in (False, True):
+        loss = llama(patched)(input_ids=ids, labels=ids).loss
+        with CountGemms() as counter:
+            loss.backward()
+        counts.append(counter.count)
+    assert counts[1] == counts[0] > 0
