@@ -260,70 +260,38 @@ def apply_sparse_block_linear(
     """
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    if split_layer(block_weight):
-        if not autocast and x.dtype != weight.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)")
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
-        # here a launch of its own in backward (the single node fuses it into the block-gradient launch)
-        rescatter = rescatter_in_backward is not False
-        # the ops cast by themselves; autocast inside them would only add work (entered only where it is on:
-        # entering the context costs host time on every call, and the recomputation calls again)
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            x = x.to(compute_dtype)
-            relay = saved_columns_relay(
-                x,
-                block_weight,
-                weight,
-                block_indices,
-                col_blocks,
-                col_slot,
-                block_size,
-                weight.shape[0],
-                backend,
-            )
-            return _DenseOnWrittenWeightFunction.apply(
-                x,
-                relay,
-                weight,
-                bias,
-                compute_dtype,
-                backend,
-                (block_weight.detach(), block_indices) if rescatter else None,
-            )
-    if rescatter_in_backward is None:
-        rescatter_in_backward = not torch.compiler.is_compiling() or _process_group_initialized()
     if autocast:
         compute_dtype = torch.get_autocast_dtype(device_type)
-        # the op casts by itself; autocast inside it would only add work
-        with torch.autocast(device_type, enabled=False):
-            return _SparseBlockLinearFunction.apply(
-                x.to(compute_dtype),
-                weight,
-                block_weight,
-                bias,
-                block_indices,
-                col_blocks,
-                col_slot,
-                block_size,
-                compute_dtype,
-                backend,
-                rescatter_in_backward,
-            )
-    if x.dtype != weight.dtype:
+    elif x.dtype != weight.dtype:
         raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} (outside autocast)")
-    return _SparseBlockLinearFunction.apply(
-        x,
-        weight,
-        block_weight,
-        bias,
-        block_indices,
-        col_blocks,
-        col_slot,
-        block_size,
-        weight.dtype,
-        backend,
-        rescatter_in_backward,
-    )
+    else:
+        compute_dtype = weight.dtype
+    # the ops cast by themselves; autocast inside them would only add work (the context is entered only where
+    # autocast is on: entering it costs host time on every call, and a checkpoint's recomputation calls again)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        x = x.to(compute_dtype)
+        if split_layer(block_weight):
+            relay = saved_columns_relay(
+                x, block_weight, weight, block_indices, col_blocks, col_slot, block_size, weight.shape[0], backend
+            )
+            # the re-write is a launch of its own here (the single node fuses it into the block-gradient launch)
+            rescatter = (block_weight.detach(), block_indices) if rescatter_in_backward is not False else None
+            return _DenseOnWrittenWeightFunction.apply(x, relay, weight, bias, compute_dtype, backend, rescatter)
+        if rescatter_in_backward is None:
+            rescatter_in_backward = not torch.compiler.is_compiling() or _process_group_initialized()
+        return _SparseBlockLinearFunction.apply(
+            x,
+            weight,
+            block_weight,
+            bias,
+            block_indices,
+            col_blocks,
+            col_slot,
+            block_size,
+            compute_dtype,
+            backend,
+            rescatter_in_backward,
+        )
 
 
 def sparse_block_linear(

@@ -25,6 +25,16 @@ from smt_kernels.quant import custom_ops as nf4_ops
 from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
 
 
+def _input_grad(ctx, grad_out, blocks, block_indices, block_map) -> torch.Tensor:
+    """dX = dY · W for a backward whose ctx holds ``q``, ``compute_dtype``, ``backend`` and ``block_size``: the NF4
+    weight dequantized again with ``blocks`` (or none) in place, so no dequantized weight lives from forward to
+    backward."""
+    w = nf4_ops.dequantize_overlay(
+        ctx.q, ctx.compute_dtype, ctx.backend, blocks, block_indices, block_map, ctx.block_size, backward=True
+    )
+    return grad_out.matmul(w)
+
+
 class _NF4BlockLinearFunction(torch.autograd.Function):
     """y = x · (NF4 weight with blocks in place)ᵀ + bias in ``compute_dtype``; gradients for x and block_weight."""
 
@@ -76,17 +86,7 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
             )
         if ctx.needs_input_grad[0]:
             blocks = block_weight.detach() if has_blocks else None
-            w = nf4_ops.dequantize_overlay(
-                ctx.q,
-                ctx.compute_dtype,
-                ctx.backend,
-                blocks,
-                block_indices,
-                block_map,
-                ctx.block_size,
-                backward=True,
-            )
-            grad_x = grad_out.matmul(w)
+            grad_x = _input_grad(ctx, grad_out, blocks, block_indices, block_map)
         return grad_x, grad_blocks, None, None, None, None, None, None, None, None, None
 
 
@@ -107,17 +107,7 @@ class _NF4DenseFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = nf4_ops.dequantize_overlay(
-                ctx.q,
-                ctx.compute_dtype,
-                ctx.backend,
-                ctx.block_weight,
-                ctx.block_indices,
-                ctx.block_map,
-                ctx.block_size,
-                backward=True,
-            )
-            grad_x = grad_out.matmul(w)
+            grad_x = _input_grad(ctx, grad_out, ctx.block_weight, ctx.block_indices, ctx.block_map)
         return grad_x, grad_out.reshape(-1, grad_out.shape[-1]), None, None, None, None, None, None, None, None
 
 
