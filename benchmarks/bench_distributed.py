@@ -169,9 +169,7 @@ def train(args) -> int:
         else:
             model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     elif args.mode == "fsdp2":
-        if args.shard_embeddings and model.config.tie_word_embeddings:
-            raise SystemExit("--shard-embeddings needs untied embeddings (lm_head and embed_tokens share here)")
-        shard_model(
+        shard_model(  # refuses --shard-embeddings on tied embeddings, naming them
             model,
             layers_per_unit=args.layers_per_unit,
             shard_embeddings=bool(args.shard_embeddings),
