@@ -23,16 +23,19 @@ def _process_group_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+# looked up once: saved_tensors_are_hooked runs on every layer call that trains blocks
+_TOP_SAVED_TENSORS_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def saved_tensors_are_hooked() -> bool:
     """Whether tensors saved for backward go through saved-tensor hooks right now: non-reentrant gradient
     checkpointing (``torch.utils.checkpoint``, Hugging Face's ``gradient_checkpointing_enable``), CPU offloading."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
+    if _TOP_SAVED_TENSORS_HOOKS is None:
         return False
     try:
-        return top(False) is not None
+        return _TOP_SAVED_TENSORS_HOOKS(False) is not None
     except TypeError:  # older signature without ``ignore_is_tracing``
-        return top() is not None
+        return _TOP_SAVED_TENSORS_HOOKS() is not None
 
 
 class _SavedColumnsFunction(torch.autograd.Function):
