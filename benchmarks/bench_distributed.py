@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="FSDP2 with --quantize nf4: 1 shards the 4-bit codes too (smt_kernels.distributed.shard_nf4_base)",
     )
+    p.add_argument(
+        "--compile-layers",
+        type=int,
+        default=0,
+        help="1: torch.compile each decoder layer in place (module.compile(), before any wrapping; less host time "
+        "per layer, FSDP2's hooks stay eager)",
+    )
     p.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones (table)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo smoke test)")
@@ -162,6 +169,11 @@ def train(args) -> int:
     set_checkpointing(model, bool(args.grad_ckpt))
     vocab = model.config.vocab_size
     layers = list(model.model.layers)
+    if args.compile_layers:
+        # every layer has its own block counts: let shapes go dynamic instead of recompiling per layer up to the limit
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
+        for layer in layers:
+            layer.compile()
     if args.mode == "ddp":
         ddp_kwargs = dict(device_ids=[local] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         if args.ddp_buffers == "off":
@@ -188,8 +200,9 @@ def train(args) -> int:
     if rank == 0:  # progress on stderr: a run cut short by a time limit still says how far it got
         print(f"[{tag}] set up in {setup_s:.1f} s", file=sys.stderr, flush=True)
 
-    def train_step(step: int) -> tuple[torch.Tensor, float]:
-        """One optimizer step on the step's global batch (this process's micro-batches); (loss, seconds)."""
+    def train_step(step: int) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step on the step's global batch (this process's micro-batches); (loss, seconds, seconds
+        until the host had issued all of the step's work: close to the step time when the GPU waits on the host)."""
         ids_all = _global_batch(step, args, vocab)
         synchronize(device)
         if world > 1:
@@ -203,18 +216,25 @@ def train(args) -> int:
             step_loss += loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        issued = time.perf_counter() - start
         synchronize(device)
-        return step_loss, time.perf_counter() - start
+        return step_loss, time.perf_counter() - start, issued
 
     losses: list[torch.Tensor] = []
     times: list[float] = []
+    host_times: list[float] = []
     for step in range(args.warmup + args.steps):
-        loss, seconds = train_step(step)
+        loss, seconds, issued = train_step(step)
         losses.append(loss)
         if step >= args.warmup:
             times.append(seconds)
+            host_times.append(issued)
         if rank == 0:
-            print(f"[{tag}] step {step}: {1000 * seconds:.0f} ms", file=sys.stderr, flush=True)
+            print(
+                f"[{tag}] step {step}: {1000 * seconds:.0f} ms (host {1000 * issued:.0f} ms)",
+                file=sys.stderr,
+                flush=True,
+            )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     curve = torch.stack(losses)
     if world > 1:  # the global batch's loss: the mean of the ranks' micro-batch losses
@@ -229,6 +249,11 @@ def train(args) -> int:
         table = profile_table(train_step, range(first, first + args.profile), device)
         (out / f"profile_{tag}_rank{rank}.txt").write_text(f"{args.profile} steps after the timed ones\n{table}\n")
     step_s = statistics.median(times)
+    host_ms = round(1000 * statistics.median(host_times), 2)
+    host_ms_ranks = [host_ms]
+    if world > 1:
+        host_ms_ranks = [None] * world
+        dist.all_gather_object(host_ms_ranks, host_ms)
     tokens_per_gpu = len(micro) * args.batch * args.seq / step_s
     result = {
         "mode": args.mode,
@@ -254,6 +279,9 @@ def train(args) -> int:
         "step_ms": round(1000 * step_s, 2),
         "step_ms_min": round(1000 * min(times), 2),
         "step_ms_max": round(1000 * max(times), 2),
+        "host_ms": host_ms_ranks[0],
+        "host_ms_per_rank": host_ms_ranks,
+        "compile_layers": bool(args.compile_layers),
         "tokens_per_s_per_gpu": round(tokens_per_gpu, 1),
         "tokens_per_s_total": round(tokens_per_gpu * (world if args.mode != "single" else 1), 1),
         "peak_mem_gib": round(peak, 3) if peak is not None else None,
