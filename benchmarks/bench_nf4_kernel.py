@@ -1,6 +1,8 @@
 """Launch-configuration sweep of the NF4 dequantize-and-overlay kernel (GPU only): time and effective GB/s of
-every (QBLOCKS, num_warps) pair at LLaMA-3 weight shapes, with and without 1 % trained blocks, each checked
-bit for bit against the output of the configuration shipped before (QBLOCKS 32, 4 warps).
+every (QBLOCKS, num_warps) pair at LLaMA-3 weight shapes, with and without 1 % trained blocks, each with and
+without the per-program hit flags (``program_hit_flags`` built for that QBLOCKS; column ``hits``), each checked
+bit for bit against the output of the configuration shipped before (QBLOCKS 32, 4 warps, per-element map).
+The rows ``shipped`` = True are the configuration ``dequantize_overlay`` launches; a summary of them is printed last.
 
     python -m benchmarks.bench_nf4_kernel --out DIR        # DIR/nf4_kernel.csv
 
@@ -25,15 +27,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `smt_ker
 from benchmarks.bench_nf4 import pick_blocks  # noqa: E402
 from benchmarks.common import env_info  # noqa: E402
 from smt_kernels.kernels import nf4_dequant  # noqa: E402
-from smt_kernels.quant.dequant import block_slot_map  # noqa: E402
+from smt_kernels.quant.dequant import block_slot_map, program_hit_flags  # noqa: E402
 from smt_kernels.quant.nf4 import quantize_nf4  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672))
 CONFIGS = [(q, w) for q in (16, 32, 64, 128) for w in (2, 4, 8, 16)]
 
 
-def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs: bool = True) -> None:
-    """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS, num_warps and the overlay path as given."""
+def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs: bool = True, hits=None) -> None:
+    """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS, num_warps and the overlay path as given;
+    hits: uint8 (P,) ``program_hit_flags`` for this qblocks, or None (every program reads the map)."""
     t = q.tensors()
     dq = q.double_quant
     has = bw is not None
@@ -41,11 +44,14 @@ def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs
     aq, sc, code, off = (
         (t["absmax_q"], t["absmax_scale"], t["absmax_code"], t["absmax_offset"]) if dq else (q.packed,) * 4
     )
-    grid = (triton.cdiv(triton.cdiv(q.numel, 64), qblocks),)
+    grid = (nf4_dequant.num_programs(q.numel, qblocks),)
+    use_hits = has and hits is not None
+    assert not use_hits or hits.shape == grid, (tuple(hits.shape), grid)
     nf4_dequant._nf4_dequant_overlay_kernel[grid](
         q.packed, absmax, aq, sc, code, off, nf4_dequant.nf4_code(out.device), out,
-        bw if has else out, bmap if has else q.packed, q.numel, q.shape[1], bmap.shape[1] if has else 1,
-        DOUBLE_QUANT=dq, HAS_BLOCKS=has, BLOCK_SIZE=block_size if has else 16, QBLOCKS=qblocks,
+        bw if has else out, bmap if has else q.packed, hits if use_hits else q.packed, q.numel, q.shape[1],
+        bmap.shape[1] if has else 1, DOUBLE_QUANT=dq, HAS_BLOCKS=has, HAS_HITS=use_hits,
+        BLOCK_SIZE=block_size if has else 16, QBLOCKS=qblocks,
         WIDE=q.numel + qblocks * 64 >= 2**31, WIDE_ROWS=q.shape[1] >= qblocks * 64,
         RUNS=runs and has and nf4_dequant.runs_fit(q.shape[1], block_size),
         num_warps=num_warps, enable_fp_fusion=False,
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     env = env_info(device, "benchmarks.bench_nf4_kernel", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    shipped = (nf4_dequant.QBLOCKS, nf4_dequant.NUM_WARPS)
     for n, k in SHAPES:
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         q = quantize_nf4(w, double_quant=True)
@@ -71,18 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         idx = torch.tensor(blocks, device=device, dtype=torch.int64)
         bw = torch.randn(len(blocks), args.block_size, args.block_size, device=device, dtype=torch.bfloat16)
         bmap = block_slot_map(idx, (n, k), args.block_size)
+        # built once per layout in the layer; here once per program span
+        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qb) for qb, _ in CONFIGS}
         for with_blocks in (False, True):
             b_w, b_m = (bw, bmap) if with_blocks else (None, None)
             ref = torch.empty(n, k, device=device, dtype=torch.bfloat16)
             launch(q, ref, b_w, b_m, args.block_size, 32, 4, runs=False)  # as shipped until 2026-11-30
             moved = q.nbytes() + ref.numel() * 2 + (bw.numel() * 2 if with_blocks else 0)
-            for qb, nw, runs in [*((qb, nw, True) for qb, nw in CONFIGS), (32, 4, False)]:
+            sweep = [(qb, nw, True, use) for use in (True, False) for qb, nw in CONFIGS]
+            for qb, nw, runs, use in [*sweep, (32, 4, False, False)]:
+                hits = flags[qb] if use else None
                 out = torch.full_like(ref, float("nan"))
                 try:
-                    launch(q, out, b_w, b_m, args.block_size, qb, nw, runs)
+                    launch(q, out, b_w, b_m, args.block_size, qb, nw, runs, hits)
                     same = bool(torch.equal(out, ref))
                     ms = triton.testing.do_bench(
-                        functools.partial(launch, q, out, b_w, b_m, args.block_size, qb, nw, runs),
+                        functools.partial(launch, q, out, b_w, b_m, args.block_size, qb, nw, runs, hits),
                         warmup=25,
                         rep=100,
                     )
@@ -94,14 +105,28 @@ def main(argv: list[str] | None = None) -> int:
                 row = dict(
                     shape=f"{n}x{k}",
                     blocks=len(blocks) if with_blocks else 0,
+                    hit_programs=int(flags[qb].sum()) if with_blocks else 0,
+                    programs=flags[qb].numel(),
                     qblocks=qb,
                     num_warps=nw,
                     runs=runs,
+                    hits=use,
+                    shipped=(qb, nw) == shipped and runs,
                     **row,
                 )
                 rows.append(row)
                 print(row, flush=True)
-    fields = ["shape", "blocks", "qblocks", "num_warps", "runs", "status", "equal", "ms", "gbps", "pct_of_peak"]
+    print(f"shipped configuration (QBLOCKS {shipped[0]}, {shipped[1]} warps): % of peak without -> with hit flags")
+    for r in rows:
+        if r["shipped"] and r["hits"]:
+            key = (r["shape"], r["blocks"])
+            o = next(o for o in rows if o["shipped"] and not o["hits"] and (o["shape"], o["blocks"]) == key)
+            print(
+                f"  {r['shape']:>12} blocks={r['blocks']:<3} {o.get('pct_of_peak')} -> {r.get('pct_of_peak')}", end=""
+            )
+            print(f"  equal: {o.get('equal')} / {r.get('equal')}")
+    fields = ["shape", "blocks", "hit_programs", "programs", "qblocks", "num_warps", "runs", "hits", "shipped"]
+    fields += ["status", "equal", "ms", "gbps", "pct_of_peak"]
     with (args.out / "nf4_kernel.csv").open("w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=[*fields, *env])
         wr.writeheader()

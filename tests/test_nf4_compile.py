@@ -17,7 +17,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import smt_kernels
 from smt_kernels.quant import buffers
-from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch
+from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, program_hit_flags
 from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 from smt_kernels.quant.nf4 import quantize_nf4
 
@@ -29,10 +29,10 @@ def _device(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "triton" and HAS_CUDA else "cpu")
 
 
-def _nf4_args(q, bw, idx, bmap, b, dtype, backward=False):
+def _nf4_args(q, bw, idx, bmap, b, dtype, backward=False, hits=None):
     t = q.tensors()
     names = ("absmax", "absmax_q", "absmax_scale", "absmax_offset", "absmax_code")
-    return (q.packed, *(t.get(n) for n in names), *q.shape, bw, idx, bmap, b, dtype, backward)
+    return (q.packed, *(t.get(n) for n in names), *q.shape, bw, idx, bmap, hits, b, dtype, backward)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,6 +42,7 @@ def test_opcheck(backend):
     # 40×50 in 16-blocks: block-row 2 and block-column 3 are clipped; 2000 values, not a multiple of 64·256
     idx = torch.tensor([[2, 3], [0, 1]], device=device)
     bmap = block_slot_map(idx, (40, 50), 16)
+    hits = program_hit_flags(bmap, (40, 50), 16)
     bw = torch.randn(2, 16, 16, device=device)
     x = torch.randn(7, 50, device=device)
     cols = torch.tensor([1, 3], device=device)
@@ -52,6 +53,7 @@ def test_opcheck(backend):
         cases += [
             (ops.nf4_dequantize_overlay.default, (*_nf4_args(q, bw, idx, bmap, 16, torch.float32), backend)),
             (ops.nf4_dequantize_overlay.default, (*_nf4_args(q, None, None, None, 0, torch.float16, True), backend)),
+            (ops.nf4_dequantize_overlay.default, (*_nf4_args(q, bw, idx, bmap, 16, torch.float32, hits=hits), backend)),
         ]
     cases.append((ops.nf4_gather_column_blocks.default, (x, cols, 16, backend)))
     if backend == "triton" and HAS_CUDA and hasattr(ops, "triton_nf4_dequantize_overlay"):
@@ -62,13 +64,19 @@ def test_opcheck(backend):
                 ops.triton_nf4_dequantize_overlay.default,
                 (*_nf4_args(q, bw, idx, bmap, 16, torch.bfloat16), nf4_code(q.device)),
             ),
+            (
+                ops.triton_nf4_dequantize_overlay.default,
+                (*_nf4_args(q, bw, idx, bmap, 16, torch.bfloat16, hits=hits), nf4_code(q.device)),
+            ),
             (ops.triton_nf4_gather_column_blocks.default, (x, cols, 16)),
         ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     # and the operator computes what the torch path computes
-    out = ops.nf4_dequantize_overlay(*_nf4_args(q, bw, idx, bmap, 16, torch.float32), backend)
-    assert torch.equal(out, dequantize_overlay_torch(q, torch.empty(40, 50, device=device), bw, idx))
+    ref = dequantize_overlay_torch(q, torch.empty(40, 50, device=device), bw, idx)
+    for flags in (None, hits):
+        out = ops.nf4_dequantize_overlay(*_nf4_args(q, bw, idx, bmap, 16, torch.float32, hits=flags), backend)
+        assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -80,12 +88,17 @@ def test_triton_twins_compute_what_the_torch_path_computes(double_quant):
     torch.manual_seed(0)
     idx = torch.tensor([[2, 3], [0, 1]], device=DEVICE)
     bmap = block_slot_map(idx, (40, 50), 16)
+    hits = program_hit_flags(bmap, (40, 50), 16)
     bw = torch.randn(2, 16, 16, device=DEVICE)
     q = quantize_nf4(torch.randn(40, 50, device=DEVICE), double_quant=double_quant)
     ops = torch.ops.smt_kernels
-    for blocks in ((bw, idx, bmap, 16), (None, None, None, 0)):
-        out = ops.triton_nf4_dequantize_overlay(*_nf4_args(q, *blocks, torch.float32), nf4_code(q.device))
-        ref = dequantize_overlay_torch(q, torch.empty(40, 50, device=DEVICE), *blocks[:2])
+    cases = [((bw, idx, bmap, 16), None, (bw, idx)), ((None, None, None, 0), None, (None, None))]
+    # with the hit flags; with them cleared, the kernel skips the blocks: the flags reach it
+    cases += [((bw, idx, bmap, 16), hits, (bw, idx)), ((bw, idx, bmap, 16), torch.zeros_like(hits), (None, None))]
+    for blocks, flags, torch_blocks in cases:
+        args = _nf4_args(q, *blocks, torch.float32, hits=flags)
+        out = ops.triton_nf4_dequantize_overlay(*args, nf4_code(q.device))
+        ref = dequantize_overlay_torch(q, torch.empty(40, 50, device=DEVICE), *torch_blocks)
         if HAS_CUDA:  # compiled without enable_fp_fusion=False: the absmax may be one FMA (an fp32 rounding)
             torch.testing.assert_close(out, ref, rtol=3e-7, atol=0)
         else:

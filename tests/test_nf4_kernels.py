@@ -8,9 +8,9 @@ import torch
 from conftest import HAS_CUDA
 
 from smt_kernels.kernels.launcher import interpreting
-from smt_kernels.kernels.nf4_dequant import dequantize_overlay
+from smt_kernels.kernels.nf4_dequant import QBLOCKS, dequantize_overlay, num_programs
 from smt_kernels.layout import BlockLayout
-from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, kernels_for
+from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, kernels_for, program_hit_flags
 from smt_kernels.quant.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -119,3 +119,103 @@ def test_backend_choice(monkeypatch):
     assert kernels_for(torch.device(DEVICE)).dequantize_overlay is dequantize_overlay_torch
     monkeypatch.setenv("SMT_KERNELS_BACKEND", "triton")
     assert kernels_for(torch.device(DEVICE)).dequantize_overlay is dequantize_overlay
+
+
+def brute_force_hits(bmap: torch.Tensor, shape: tuple[int, int], b: int, qblocks: int) -> torch.Tensor:
+    """uint8 (P,): per element whether it lies in a trained block, any() over each program's range."""
+    n, k = shape
+    span = 64 * qblocks
+    inside = (bmap.cpu()[torch.arange(n)[:, None] // b, torch.arange(k)[None, :] // b] >= 0).flatten()
+    padded = torch.zeros(-(-n * k // span) * span, dtype=torch.bool)
+    padded[: n * k] = inside
+    return padded.view(-1, span).any(1).to(torch.uint8)
+
+
+HIT_CASES = {
+    # name: (N, K, block_size, blocks, qblocks); span = 64·qblocks elements per program
+    "odd_shape_one_partial_program": (37, 33, 16, [(2, 1)], 64),
+    "k_not_a_multiple_of_the_span": (70, 100, 16, [(4, 6), (0, 0), (2, 3)], 2),  # programs straddle rows
+    "many_rows_per_program": (150, 7, 16, [(3, 0), (8, 0)], 4),  # block rows only in the middle of a range
+    "program_ends_on_a_row_end": (64, 64, 16, [(3, 3)], 1),
+    "row_longer_than_the_span": (5, 300, 32, [(0, 9), (0, 0), (0, 4)], 1),  # a head and a tail, no middle
+    "last_program_partial_at_the_corner": (70, 128, 64, [(1, 1)], 2),
+    "no_blocks": (30, 50, 16, [], 1),
+    "every_block": (40, 48, 16, [(r, c) for r in range(3) for c in range(3)], 2),
+    "shipped_span_b256": (300, 512, 256, [(1, 1)], None),
+}
+
+
+@pytest.mark.parametrize("case", list(HIT_CASES))
+def test_program_hit_flags_match_brute_force(case):
+    n, k, b, blocks, qblocks = HIT_CASES[case]
+    idx = BlockLayout.build(blocks, n, k, b).indices
+    bmap = block_slot_map(idx, (n, k), b)
+    flags = program_hit_flags(bmap, (n, k), b, qblocks)
+    assert flags.dtype == torch.uint8 and flags.shape == (num_programs(n * k, qblocks),)
+    assert torch.equal(flags, brute_force_hits(bmap, (n, k), b, qblocks or QBLOCKS))
+
+
+def test_program_hit_flags_random_layouts():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(150):
+        n, k = (int(v) for v in torch.randint(1, 200, (2,), generator=g))
+        b, qblocks = (4, 16, 32, 64, 7)[trial % 5], (1, 2, 3, 8)[trial % 4]
+        rows, cols = -(-n // b), -(-k // b)
+        picked = torch.randperm(rows * cols, generator=g)[: int(torch.randint(0, 6, (1,), generator=g))]
+        bmap = block_slot_map(torch.stack([picked // cols, picked % cols], 1), (n, k), b)
+        flags = program_hit_flags(bmap, (n, k), b, qblocks)
+        assert torch.equal(flags, brute_force_hits(bmap, (n, k), b, qblocks)), (n, k, b, qblocks, picked)
+
+
+OVERLAY_HIT_CASES = {
+    # name: (N, K, block_size, blocks); with QBLOCKS 2 a program covers 128 values
+    "runs_most_programs_untouched": (256, 128, 64, [(3, 1)]),
+    "runs_every_program_hit": (128, 128, 64, [(0, 0), (0, 1), (1, 0), (1, 1)]),
+    "runs_clipped_rows": (70, 128, 64, [(1, 1), (0, 0)]),
+    "ragged_edge_corner": (70, 100, 16, [(4, 6), (0, 0), (2, 3)]),
+    "ragged_every_program_hit": (37, 33, 16, [(r, c) for r in range(3) for c in range(3)]),
+    "ragged_wide_rows": (3, 4200, 64, [(0, 65), (0, 16)]),
+    "b32_per_element": (64, 96, 32, [(1, 2)]),
+}
+
+
+@pytest.mark.parametrize("qblocks", [None, 2], ids=["shipped_qblocks", "qblocks2"])
+@pytest.mark.parametrize("case", list(OVERLAY_HIT_CASES))
+def test_kernel_with_hit_flags_equals_kernel_without(case, qblocks, monkeypatch, poison_empty):
+    """Flags skip only programs that hit nothing: the same bits as without them and as the torch path."""
+    from smt_kernels.kernels import nf4_dequant
+
+    if qblocks:  # more, smaller programs: more of them straddle rows and block edges
+        monkeypatch.setattr(nf4_dequant, "QBLOCKS", qblocks)
+    n, k, b, blocks = OVERLAY_HIT_CASES[case]
+    g = torch.Generator().manual_seed(4)
+    q = quantize_nf4((torch.randn(n, k, generator=g) * 0.05).to(DEVICE), double_quant=True)
+    idx = BlockLayout.build(blocks, n, k, b).indices.to(DEVICE)
+    bw = torch.randn(len(blocks), b, b, generator=g).to(DEVICE)
+    bmap = block_slot_map(idx, (n, k), b)
+    hits = program_hit_flags(bmap, (n, k), b)
+    assert 0 < int(hits.sum()) and hits.shape == (num_programs(n * k),)
+    without = dequantize_overlay(q, torch.empty(n, k, device=DEVICE), bw, idx, bmap, b)
+    flagged = dequantize_overlay(q, torch.empty(n, k, device=DEVICE), bw, idx, bmap, b, hits)
+    assert torch.equal(flagged, without)
+    assert torch.equal(flagged, dequantize_overlay_torch(q, torch.empty(n, k, device=DEVICE), bw, idx, bmap, b))
+    # the flags are what the kernel goes by: a program flagged 0 keeps the plain weight even inside a block
+    first = int(hits.nonzero()[0])
+    stale = hits.clone()
+    stale[first] = 0
+    dropped = dequantize_overlay(q, torch.empty(n, k, device=DEVICE), bw, idx, bmap, b, stale)
+    span = 64 * nf4_dequant.QBLOCKS
+    plain, got = dequantize_nf4(q, torch.float32).flatten(), dropped.flatten()
+    lo, hi = first * span, min((first + 1) * span, n * k)
+    assert torch.equal(got[lo:hi], plain[lo:hi]) and not torch.equal(got[lo:hi], without.flatten()[lo:hi])
+    assert torch.equal(torch.cat([got[:lo], got[hi:]]), torch.cat([without.flatten()[:lo], without.flatten()[hi:]]))
+
+
+def test_hit_flags_of_another_launch_are_refused():
+    q, bw, idx, bmap, b = setup("runs_clipped_rows", torch.float32, True)
+    wrong = program_hit_flags(bmap, q.shape, b, qblocks=2)
+    with pytest.raises(ValueError, match=r"program_hits has shape \(70,\), expected \(3,\)"):
+        dequantize_overlay(q, torch.empty(q.shape, device=DEVICE), bw, idx, bmap, b, wrong)
+    # without blocks the flags are not read
+    out = dequantize_overlay(q, torch.empty(q.shape, device=DEVICE), None, None, None, 0, wrong)
+    assert torch.equal(out, dequantize_nf4(q, torch.float32))

@@ -184,12 +184,13 @@ def test_state_dict_round_trip():
     _, layer = make("b32_shared_column", torch.float32, "cpu")
     state = layer.state_dict()
     assert {"weight_packed", "weight_absmax_q", "block_weight", "block_indices"} <= set(state)
-    assert "block_map" not in state
+    assert "block_map" not in state and "program_hits" not in state
     _, other = make("b32_shared_column", torch.float32, "cpu", seed=1)
     other.load_state_dict(state)
     x = torch.randn(4, 81)
     assert torch.equal(other(x), layer(x))
     assert torch.equal(other.block_map, layer.block_map)
+    assert torch.equal(other.program_hits, layer.program_hits)
     merged = layer.to_linear()
     assert isinstance(merged, nn.Linear) and torch.equal(merged.weight, layer.dequantized_weight())
     torch.testing.assert_close(merged(x), layer(x))
@@ -231,3 +232,62 @@ def test_from_nf4_linear_takes_a_validated_layout():
     assert torch.equal(from_layout.block_weight, from_pairs.block_weight)
     with pytest.raises(ValueError, match=f"layout is for a {out_f}×{in_f + 1} weight with block_size {b}"):
         NF4SparseBlockLinear.from_nf4_linear(base, BlockLayout.build(blocks, out_f, in_f + 1, b), b)
+
+
+def _two_layouts(seed=0):
+    """A 128×128 layer in 64-blocks (4 programs of the shipped overlay launch, 32 rows each) trained at (0, 0), and
+    the state of one trained at (1, 1): the programs that meet a block are [0, 1] and [2, 3]."""
+    torch.manual_seed(seed)
+    base = NF4Linear.from_linear(nn.Linear(128, 128))
+    layer = NF4SparseBlockLinear.from_nf4_linear(base, [(0, 0)], 64)
+    other = NF4SparseBlockLinear.from_nf4_linear(base, [(1, 1)], 64)
+    with torch.no_grad():  # "trained" blocks, far from the base values
+        other.block_weight.copy_(torch.randn(other.block_weight.shape) * 0.1)
+    return layer, other
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
+def test_new_block_indices_rebuild_the_hit_flags(backend):
+    """load_state_dict with blocks elsewhere rebuilds the per-program hit flags with the slot map: flags left from
+    the old layout would make the Triton overlay skip the programs of the new blocks (their trained values lost)."""
+    from smt_kernels.kernels.nf4_dequant import num_programs
+    from smt_kernels.quant.custom_ops import dequantize_overlay
+    from smt_kernels.quant.dequant import program_hit_flags
+
+    name, device = backend
+    layer, other = _two_layouts()
+    assert layer.program_hits.tolist() == [1, 1, 0, 0] and num_programs(128 * 128) == 4
+    layer.load_state_dict(other.state_dict())
+    layer.to(device)
+    assert layer.program_hits.tolist() == [0, 0, 1, 1]
+    assert torch.equal(layer.program_hits, program_hit_flags(layer.block_map, (128, 128), 64))
+    want = layer.dequantized_weight(torch.float32)  # the torch path: block_indices, no map, no flags
+    bw = layer.block_weight.detach()
+    w = dequantize_overlay(
+        layer.nf4, torch.float32, name, bw, layer.block_indices, layer.block_map, 64, program_hits=layer.program_hits
+    )
+    assert torch.equal(w, want)
+    x = torch.randn(3, 128, device=device, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w64 = want.double()
+    assert rel_err(y, x.detach().double() @ w64.t() + layer.bias.double()) <= TOLERANCE[torch.float32]
+    assert rel_err(x.grad, g.double() @ w64) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True, ids=lambda p: "-".join(p))
+def test_forward_and_backward_read_the_layers_hit_flags(backend):
+    """The layer's flags reach the Triton kernel in forward and in dX's dequantization: with every flag cleared,
+    both compute with the plain NF4 weight (the trained block skipped)."""
+    _, device = backend
+    _, layer = _two_layouts()
+    layer.to(device)
+    plain = NF4Linear.from_nf4(layer.nf4, layer.bias).dequantized_weight(torch.float32).double()
+    layer.program_hits.zero_()
+    x = torch.randn(3, 128, device=device, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert rel_err(y, x.detach().double() @ plain.t() + layer.bias.double()) <= TOLERANCE[torch.float32]
+    assert rel_err(x.grad, g.double() @ plain) <= TOLERANCE[torch.float32]

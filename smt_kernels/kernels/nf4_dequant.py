@@ -7,7 +7,9 @@ Elements inside a trained block take the block's value instead, read through a s
 the output never holds a stale base value and no second pass over it is needed. When 64 divides b and b divides
 K (b = 256 on LLaMA shapes), every absmax block lies in one row of one trained-block column: the map is read once
 per absmax block and a program that hits no trained block reads nothing more; otherwise (a ragged K, b < 64) the
-map is read per element.
+map is read per element. With the per-program hit flags (``smt_kernels.quant.dequant.program_hit_flags``, built
+once per block layout) a program reads one flag and, where it is 0 (most programs at 1 % trained blocks), neither
+the map nor any trained value, and makes no reduction over its tile.
 The value for an element is ``fp32(code) * fp32(absmax)`` rounded once (to nearest even) to the output dtype:
 bit for bit what ``smt_kernels.quant.nf4.dequantize_nf4`` and bitsandbytes compute. (Triton's CPU interpreter
 truncates fp32 -> bf16 instead, so there bf16 outputs can be one bf16 ulp smaller in magnitude.)
@@ -31,6 +33,56 @@ NUM_WARPS = 2
 
 
 @triton.jit
+def _slots_per_absmax_block(qb, q_ok, K, map_ptr, n_col_blocks, BLOCK_SIZE: tl.constexpr):
+    """(QBLOCKS,) slot of the trained block each absmax block lies in (-1: none), and its row and column."""
+    q_row = (qb * 64) // K
+    q_col = qb * 64 - q_row * K
+    q_slot = tl.load(map_ptr + (q_row // BLOCK_SIZE) * n_col_blocks + q_col // BLOCK_SIZE, mask=q_ok, other=-1)
+    return q_slot, q_row, q_col
+
+
+@triton.jit
+def _overlay_runs(out, q_slot, q_row, q_col, bw_ptr, BLOCK_SIZE: tl.constexpr):
+    """(QBLOCKS, 64) out with each hit absmax block's 64 values taken from its trained block (one row of it)."""
+    hit = q_slot >= 0
+    src = q_slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (q_row % BLOCK_SIZE) * BLOCK_SIZE + q_col % BLOCK_SIZE
+    trained = tl.load(bw_ptr + src[:, None] + tl.arange(0, 64)[None, :], mask=hit[:, None], other=0.0)
+    return tl.where(hit[:, None], trained.to(out.dtype), out)
+
+
+@triton.jit
+def _overlay_elements(
+    out,
+    elem,
+    e_ok,
+    pid,
+    K,
+    bw_ptr,
+    map_ptr,
+    n_col_blocks,
+    BLOCK_SIZE: tl.constexpr,
+    QBLOCKS: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
+):
+    """(QBLOCKS, 64) out with every element inside a trained block taken from it (the map read per element)."""
+    if WIDE_ROWS:  # K >= the tile: a tile spans at most two rows, found with one division per program
+        row0 = (pid * (QBLOCKS * 64)) // K
+        row = row0 + (elem >= (row0 + 1) * K).to(row0.dtype)
+    else:
+        row = elem // K
+    col = elem - row * K
+    slot = tl.load(map_ptr + (row // BLOCK_SIZE) * n_col_blocks + col // BLOCK_SIZE, mask=e_ok, other=-1)
+    in_block = slot >= 0
+    # block_weight is contiguous (n, b, b)
+    trained = tl.load(
+        bw_ptr + slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (row % BLOCK_SIZE) * BLOCK_SIZE + col % BLOCK_SIZE,
+        mask=e_ok & in_block,
+        other=0.0,
+    )
+    return tl.where(in_block, trained.to(out.dtype), out)
+
+
+@triton.jit
 def _nf4_dequant_overlay_kernel(
     packed_ptr,
     absmax_ptr,
@@ -42,11 +94,13 @@ def _nf4_dequant_overlay_kernel(
     out_ptr,
     bw_ptr,
     map_ptr,
+    hits_ptr,
     numel,
     K,
     n_col_blocks,
     DOUBLE_QUANT: tl.constexpr,
     HAS_BLOCKS: tl.constexpr,
+    HAS_HITS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     QBLOCKS: tl.constexpr,
     WIDE: tl.constexpr,
@@ -56,6 +110,9 @@ def _nf4_dequant_overlay_kernel(
     pid = tl.program_id(0)
     if WIDE:  # element indices past 2^31
         pid = pid.to(tl.int64)
+    if HAS_BLOCKS and HAS_HITS:
+        # issued first, so that its latency hides behind the packed-code loads
+        touched = tl.load(hits_ptr + pid) != 0
     qb = pid * QBLOCKS + tl.arange(0, QBLOCKS)
     n_qblocks = (numel + 63) // 64
     q_ok = qb < n_qblocks
@@ -77,32 +134,24 @@ def _nf4_dequant_overlay_kernel(
     if HAS_BLOCKS and RUNS:
         # 64 divides b and b divides K: each absmax block (64 consecutive values) lies in one row of one block, so
         # the slot map is read once per absmax block, and trained values only by programs that hit a block
-        q_row = (qb * 64) // K
-        q_col = qb * 64 - q_row * K
-        q_slot = tl.load(map_ptr + (q_row // BLOCK_SIZE) * n_col_blocks + q_col // BLOCK_SIZE, mask=q_ok, other=-1)
-        if tl.max(q_slot, axis=0) >= 0:
-            hit = q_slot >= 0
-            src = (
-                q_slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (q_row % BLOCK_SIZE) * BLOCK_SIZE + q_col % BLOCK_SIZE
-            )
-            trained = tl.load(bw_ptr + src[:, None] + tl.arange(0, 64)[None, :], mask=hit[:, None], other=0.0)
-            out = tl.where(hit[:, None], trained.to(out_ptr.dtype.element_ty), out)
-    elif HAS_BLOCKS:
-        if WIDE_ROWS:  # K >= the tile: a tile spans at most two rows, found with one division per program
-            row0 = (pid * (QBLOCKS * 64)) // K
-            row = row0 + (elem >= (row0 + 1) * K).to(row0.dtype)
+        if HAS_HITS:  # the flag says whether this program hits a block: no reduction over the tile
+            if touched:
+                q_slot, q_row, q_col = _slots_per_absmax_block(qb, q_ok, K, map_ptr, n_col_blocks, BLOCK_SIZE)
+                out = _overlay_runs(out, q_slot, q_row, q_col, bw_ptr, BLOCK_SIZE)
         else:
-            row = elem // K
-        col = elem - row * K
-        slot = tl.load(map_ptr + (row // BLOCK_SIZE) * n_col_blocks + col // BLOCK_SIZE, mask=e_ok, other=-1)
-        in_block = slot >= 0
-        # block_weight is contiguous (n, b, b)
-        trained = tl.load(
-            bw_ptr + slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (row % BLOCK_SIZE) * BLOCK_SIZE + col % BLOCK_SIZE,
-            mask=e_ok & in_block,
-            other=0.0,
-        )
-        out = tl.where(in_block, trained.to(out_ptr.dtype.element_ty), out)
+            q_slot, q_row, q_col = _slots_per_absmax_block(qb, q_ok, K, map_ptr, n_col_blocks, BLOCK_SIZE)
+            if tl.max(q_slot, axis=0) >= 0:
+                out = _overlay_runs(out, q_slot, q_row, q_col, bw_ptr, BLOCK_SIZE)
+    elif HAS_BLOCKS:
+        if HAS_HITS:
+            if touched:
+                out = _overlay_elements(
+                    out, elem, e_ok, pid, K, bw_ptr, map_ptr, n_col_blocks, BLOCK_SIZE, QBLOCKS, WIDE_ROWS
+                )
+        else:
+            out = _overlay_elements(
+                out, elem, e_ok, pid, K, bw_ptr, map_ptr, n_col_blocks, BLOCK_SIZE, QBLOCKS, WIDE_ROWS
+            )
     tl.store(out_ptr + elem, out, mask=e_ok)
 
 
@@ -117,6 +166,7 @@ def dequantize_overlay(
     block_indices: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None,
     block_size: int = 0,
+    program_hits: torch.Tensor | None = None,
     *,
     traced: bool = False,
     table: torch.Tensor | None = None,
@@ -129,6 +179,9 @@ def dequantize_overlay(
         block_indices: int64 (n, 2), unused here (the torch path's input; same signature).
         block_map: int32 (ceil(N/b), ceil(K/b)), the slot of the block at each block position or -1
             (``smt_kernels.quant.dequant.block_slot_map``); entries past the weight's edge are never read.
+        program_hits: uint8 (P,) for the P = ``num_programs(N·K)`` programs of this launch, 1 where a program's
+            elements meet a trained block (``smt_kernels.quant.dequant.program_hit_flags`` of the same block_map),
+            or None: then every program finds that out from the map itself (same output, more work).
         traced: launch through ``torch.library.wrap_triton`` (inside a ``triton_op`` that Inductor traces). Inductor
             compiles the kernel with its own options, so ``enable_fp_fusion=False`` is not passed there: the
             double-quantized absmax (multiply, then add) may be contracted into one FMA and differ from
@@ -149,7 +202,13 @@ def dequantize_overlay(
     )
     bw = block_weight.contiguous() if has_blocks else out
     bmap = block_map if has_blocks else placeholder
-    grid = (triton.cdiv(triton.cdiv(numel, 64), QBLOCKS),)
+    grid = (num_programs(numel, QBLOCKS),)
+    has_hits = has_blocks and program_hits is not None
+    if has_hits and program_hits.shape != grid:
+        raise ValueError(
+            f"program_hits has shape {tuple(program_hits.shape)}, expected {grid}: one flag per program of "
+            f"{QBLOCKS} absmax blocks (program_hit_flags with the kernel's QBLOCKS)"
+        )
     if table is None:
         table = nf4_code(out.device)
     options = {} if interpreting() or traced else {"enable_fp_fusion": False}
@@ -166,11 +225,13 @@ def dequantize_overlay(
         out,
         bw,
         bmap,
+        program_hits if has_hits else placeholder,
         numel,
         q.shape[1],
         bmap.shape[1] if has_blocks else 1,
         DOUBLE_QUANT=dq,
         HAS_BLOCKS=has_blocks,
+        HAS_HITS=has_hits,
         BLOCK_SIZE=block_size if has_blocks else 16,
         QBLOCKS=QBLOCKS,
         WIDE=numel + QBLOCKS * 64 >= 2**31,
@@ -180,6 +241,13 @@ def dequantize_overlay(
         **options,
     )
     return out
+
+
+def num_programs(numel: int, qblocks: int | None = None) -> int:
+    """Programs of a launch over ``numel`` values with ``qblocks`` absmax blocks (64 values; default ``QBLOCKS``)
+    per program."""
+    n_qblocks = -(-numel // 64)
+    return -(-n_qblocks // (qblocks or QBLOCKS))
 
 
 def runs_fit(k: int, block_size: int) -> bool:

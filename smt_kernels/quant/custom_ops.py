@@ -16,8 +16,9 @@ Where the dequantized weight goes:
 
 Operators (weight N×K, n blocks of b×b, u distinct block-columns, M tokens; ``backend`` "triton" or "torch"):
 - ``nf4_dequantize_overlay(packed, absmax?, absmax_q?, absmax_scale?, absmax_offset?, absmax_code?, N, K,
-  block_weight?, block_indices?, block_map?, block_size, dtype, backward, backend) -> (N, K)`` in ``dtype``: the
-  NF4 weight with the blocks in place. ``backward`` does not change the result: it tells the backward's call
+  block_weight?, block_indices?, block_map?, program_hits?, block_size, dtype, backward, backend) -> (N, K)`` in
+  ``dtype``: the NF4 weight with the blocks in place (program_hits: ``quant.dequant.program_hit_flags``, read by
+  the Triton kernel only). ``backward`` does not change the result: it tells the backward's call
   apart from the forward's, so the compiler's common-subexpression elimination cannot merge the two and keep
   one dequantized weight per layer alive from forward to backward.
 - ``nf4_gather_column_blocks(x, col_blocks, block_size, backend) -> (M, u·b)``: the input block-columns the
@@ -63,6 +64,7 @@ def _dequantize_impl(
     block_weight: torch.Tensor | None,
     block_indices: torch.Tensor | None,
     block_map: torch.Tensor | None,
+    program_hits: torch.Tensor | None,
     block_size: int,
     dtype: torch.dtype,
     backward: bool,
@@ -70,7 +72,7 @@ def _dequantize_impl(
 ) -> torch.Tensor:
     q = _nf4(packed, absmax, absmax_q, absmax_scale, absmax_offset, absmax_code, out_features, in_features, dtype)
     out = torch.empty(q.shape, device=packed.device, dtype=dtype)
-    return overlay_kernel(backend)(q, out, block_weight, block_indices, block_map, block_size)
+    return overlay_kernel(backend)(q, out, block_weight, block_indices, block_map, block_size, program_hits)
 
 
 def _gather_impl(x: torch.Tensor, col_blocks: torch.Tensor, block_size: int, backend: str) -> torch.Tensor:
@@ -82,7 +84,7 @@ _gather_op = custom_op("smt_kernels::nf4_gather_column_blocks", _gather_impl, mu
 
 
 @_dequantize_op.register_fake
-def _(packed, absmax, absmax_q, absmax_scale, absmax_offset, absmax_code, n, k, bw, idx, bmap, b, dtype, bwd, be):
+def _(packed, absmax, absmax_q, absmax_scale, absmax_offset, absmax_code, n, k, bw, idx, bmap, hits, b, dtype, bwd, be):
     return packed.new_empty((n, k), dtype=dtype)
 
 
@@ -109,6 +111,7 @@ def _triton_dequantize(
     block_weight: torch.Tensor | None,
     block_indices: torch.Tensor | None,
     block_map: torch.Tensor | None,
+    program_hits: torch.Tensor | None,
     block_size: int,
     dtype: torch.dtype,
     backward: bool,
@@ -119,7 +122,7 @@ def _triton_dequantize(
     q = _nf4(packed, absmax, absmax_q, absmax_scale, absmax_offset, absmax_code, out_features, in_features, dtype)
     out = torch.empty(q.shape, device=packed.device, dtype=dtype)
     return nf4_dequant.dequantize_overlay(
-        q, out, block_weight, block_indices, block_map, block_size, traced=True, table=nf4_code
+        q, out, block_weight, block_indices, block_map, block_size, program_hits, traced=True, table=nf4_code
     )
 
 
@@ -145,13 +148,15 @@ def dequantize_overlay(
     block_map: torch.Tensor | None = None,
     block_size: int = 0,
     backward: bool = False,
+    program_hits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, K) in ``dtype``: the NF4 weight ``q`` with ``block_weight`` (n, b, b) in place at block_indices (n, 2)
-    (block_map: ``block_slot_map``). Eager: ``buffers.dequant_buffer`` (fresh, or the pooled buffer);
-    compiled: a new tensor. ``backward``: set by the backward's call (see the module docstring)."""
+    (block_map: ``block_slot_map``; program_hits: uint8 (P,) ``program_hit_flags`` of it, or None). Eager:
+    ``buffers.dequant_buffer`` (fresh, or the pooled buffer); compiled: a new tensor. ``backward``: set by the
+    backward's call (see the module docstring)."""
     if not _is_compiling():
         out = dequant_buffer(q.device, q.shape, dtype)
-        return overlay_kernel(backend)(q, out, block_weight, block_indices, block_map, block_size)
+        return overlay_kernel(backend)(q, out, block_weight, block_indices, block_map, block_size, program_hits)
     t = q.tensors()
     args = (
         q.packed,
@@ -165,6 +170,7 @@ def dequantize_overlay(
         block_weight,
         block_indices,
         block_map,
+        program_hits,
         block_size,
         dtype,
         backward,

@@ -23,9 +23,10 @@ def dequantize_overlay_torch(
     block_indices: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None,
     block_size: int = 0,
+    program_hits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pure-torch path of ``kernels.nf4_dequant.dequantize_overlay`` (same arguments, same bits); it reads
-    ``block_indices`` where the Triton kernel reads ``block_map``."""
+    ``block_indices`` where the Triton kernel reads ``block_map`` and ``program_hits``."""
     dequantize_nf4(q, out.dtype, out=out)
     if block_weight is not None and block_weight.shape[0] > 0:
         torch_blocks.scatter_blocks(out, block_weight, block_indices)
@@ -47,9 +48,46 @@ def block_slot_map(block_indices: torch.Tensor, shape: tuple[int, int], block_si
     return grid
 
 
+def program_hit_flags(
+    block_map: torch.Tensor, shape: tuple[int, int], block_size: int, qblocks: int | None = None
+) -> torch.Tensor:
+    """uint8 (P,): 1 where program p of the dequantize-and-overlay launch meets a trained block, else 0.
+
+    Program p covers the row-major elements [p·S, min((p+1)·S, N·K)) of the (N, K) weight, S = 64·qblocks
+    (default: the kernel's ``QBLOCKS``), P = ceil(N·K / S); block_map int32 (ceil(N/b), ceil(K/b)) is
+    ``block_slot_map``'s. Such a range is a tail of its first row, whole rows, and a head of its last row; each part
+    is tested against prefix counts of the map, so the cost is O(P + N + map) on block_map's device, not O(N·K).
+    """
+    from smt_kernels.kernels.nf4_dequant import QBLOCKS, num_programs
+
+    n, k = shape
+    numel = n * k
+    span = 64 * (qblocks or QBLOCKS)
+    device = block_map.device
+    trained = (block_map >= 0).to(torch.int32)
+    # col_count[R, c]: trained blocks among block-columns < c of block-row R; row_count[r]: rows < r with any
+    col_count = torch.nn.functional.pad(trained.cumsum(1), (1, 0))
+    row_any = trained.amax(1).repeat_interleave(block_size)[:n]
+    row_count = torch.nn.functional.pad(row_any.cumsum(0), (1, 0))
+    start = torch.arange(num_programs(numel, span // 64), device=device, dtype=torch.int64) * span
+    last = (start + span).clamp(max=numel) - 1
+    r0, c0 = start // k, start % k
+    r1, c1 = last // k, last % k
+
+    def in_row(r, first, final):  # any trained block among columns first..final of row r
+        br = r // block_size
+        return col_count[br, final // block_size + 1] > col_count[br, first // block_size]
+
+    head = in_row(r0, c0, torch.where(r1 == r0, c1, k - 1))
+    tail = (r1 > r0) & in_row(r1, torch.zeros_like(c1), c1)
+    middle = row_count[r1] > row_count[r0 + 1]  # rows r0+1 .. r1-1
+    return (head | tail | ((r1 > r0 + 1) & middle)).to(torch.uint8)
+
+
 def overlay_kernel(backend: str):
     """The dequantize-and-overlay function of ``backend`` ("triton": ``kernels.nf4_dequant``, "torch": the torch
-    path); both take ``(q, out, block_weight, block_indices, block_map, block_size)`` and return ``out``."""
+    path); both take ``(q, out, block_weight, block_indices, block_map, block_size, program_hits)`` and return
+    ``out``."""
     if backend == "triton":
         from smt_kernels.kernels.nf4_dequant import dequantize_overlay
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from smt_kernels.kernels import torch_blocks
 from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
-from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch
+from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, program_hit_flags
 from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weight, quantize_nf4
 from smt_kernels.quant.ops import nf4_block_linear, nf4_weight_grad_linear
 
@@ -253,7 +253,9 @@ class NF4SparseBlockLinear(NF4Linear):
 
     Adds ``block_weight`` (n, b, b), the only trainable tensor (``block_dtype``, default the compute dtype;
     entries past the weight's edge are zero and get zero gradient) and ``block_indices`` int64 (n, 2). The same
-    attribute names as ``SparseBlockLinear``, so block files and selections carry over.
+    attribute names as ``SparseBlockLinear``, so block files and selections carry over. Derived from block_indices
+    once, not saved, rebuilt by ``load_state_dict``: ``col_blocks``, ``col_slot``, ``block_map`` (``block_slot_map``)
+    and ``program_hits`` (uint8 (P,), ``program_hit_flags``: which programs of the Triton overlay meet a block).
     """
 
     @classmethod
@@ -315,8 +317,11 @@ class NF4SparseBlockLinear(NF4Linear):
         device = self.weight_packed.device
         self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
         self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
+        block_map = block_slot_map(self.block_indices, self.nf4.shape, layout.block_size)
+        self.register_buffer("block_map", block_map, persistent=False)
+        # which programs of the Triton overlay meet a block: the rest skip the map (stale flags would drop blocks)
         self.register_buffer(
-            "block_map", block_slot_map(self.block_indices, self.nf4.shape, layout.block_size), persistent=False
+            "program_hits", program_hit_flags(block_map, self.nf4.shape, layout.block_size), persistent=False
         )
 
     @property
@@ -335,6 +340,7 @@ class NF4SparseBlockLinear(NF4Linear):
             self.col_blocks,
             self.col_slot,
             self.block_size,
+            self.program_hits,
         )
 
     def _overlay(self, q: NF4Weight, out: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,20 @@ from smt_kernels.quant import custom_ops as nf4_ops
 from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
 
 
-def _input_grad(ctx, grad_out, blocks, block_indices, block_map) -> torch.Tensor:
+def _input_grad(ctx, grad_out, blocks, block_indices, block_map, program_hits) -> torch.Tensor:
     """dX = dY · W for a backward whose ctx holds ``q``, ``compute_dtype``, ``backend`` and ``block_size``: the NF4
     weight dequantized again with ``blocks`` (or none) in place, so no dequantized weight lives from forward to
     backward."""
     w = nf4_ops.dequantize_overlay(
-        ctx.q, ctx.compute_dtype, ctx.backend, blocks, block_indices, block_map, ctx.block_size, backward=True
+        ctx.q,
+        ctx.compute_dtype,
+        ctx.backend,
+        blocks,
+        block_indices,
+        block_map,
+        ctx.block_size,
+        backward=True,
+        program_hits=program_hits,
     )
     return grad_out.matmul(w)
 
@@ -47,6 +55,7 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
         q,
         block_indices,
         block_map,
+        program_hits,
         col_blocks,
         col_slot,
         block_size,
@@ -55,19 +64,21 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
     ):
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         blocks = block_weight.detach() if has_blocks else None
-        w = nf4_ops.dequantize_overlay(q, compute_dtype, backend, blocks, block_indices, block_map, block_size)
+        w = nf4_ops.dequantize_overlay(
+            q, compute_dtype, backend, blocks, block_indices, block_map, block_size, program_hits=program_hits
+        )
         x_cols = None
         if has_blocks and ctx.needs_input_grad[1]:
             x_cols = nf4_ops.gather_column_blocks(x.reshape(-1, x.shape[-1]), col_blocks, block_size, backend)
         y = F.linear(x, w, bias)
         # block_weight is saved so that an in-place update before backward is caught by autograd
-        ctx.save_for_backward(x_cols, block_weight, block_indices, block_map, col_slot)
+        ctx.save_for_backward(x_cols, block_weight, block_indices, block_map, program_hits, col_slot)
         ctx.q, ctx.block_size, ctx.compute_dtype, ctx.backend = q, block_size, compute_dtype, backend
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_cols, block_weight, block_indices, block_map, col_slot = ctx.saved_tensors
+        x_cols, block_weight, block_indices, block_map, program_hits, col_slot = ctx.saved_tensors
         grad_x = grad_blocks = None
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         if ctx.needs_input_grad[1]:
@@ -86,8 +97,8 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
             )
         if ctx.needs_input_grad[0]:
             blocks = block_weight.detach() if has_blocks else None
-            grad_x = _input_grad(ctx, grad_out, blocks, block_indices, block_map)
-        return grad_x, grad_blocks, None, None, None, None, None, None, None, None, None
+            grad_x = _input_grad(ctx, grad_out, blocks, block_indices, block_map, program_hits)
+        return grad_x, grad_blocks, None, None, None, None, None, None, None, None, None, None
 
 
 class _NF4DenseFunction(torch.autograd.Function):
@@ -97,18 +108,23 @@ class _NF4DenseFunction(torch.autograd.Function):
     (M, N) as the gradient of ``relay``."""
 
     @staticmethod
-    def forward(ctx, x, relay, block_weight, bias, q, block_indices, block_map, block_size, compute_dtype, backend):
-        w = nf4_ops.dequantize_overlay(q, compute_dtype, backend, block_weight, block_indices, block_map, block_size)
+    def forward(
+        ctx, x, relay, block_weight, bias, q, block_indices, block_map, program_hits, block_size, compute_dtype, backend
+    ):
+        w = nf4_ops.dequantize_overlay(
+            q, compute_dtype, backend, block_weight, block_indices, block_map, block_size, program_hits=program_hits
+        )
         ctx.q, ctx.block_size, ctx.compute_dtype, ctx.backend = q, block_size, compute_dtype, backend
         ctx.block_weight, ctx.block_indices, ctx.block_map = block_weight, block_indices, block_map
+        ctx.program_hits = program_hits
         return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(ctx, grad_out, ctx.block_weight, ctx.block_indices, ctx.block_map)
-        return grad_x, grad_out.reshape(-1, grad_out.shape[-1]), None, None, None, None, None, None, None, None
+            grad_x = _input_grad(ctx, grad_out, ctx.block_weight, ctx.block_indices, ctx.block_map, ctx.program_hits)
+        return grad_x, grad_out.reshape(-1, grad_out.shape[-1]), None, None, None, None, None, None, None, None, None
 
 
 def nf4_block_linear(
@@ -122,6 +138,7 @@ def nf4_block_linear(
     col_blocks: torch.Tensor | None = None,
     col_slot: torch.Tensor | None = None,
     block_size: int = 0,
+    program_hits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Linear layer on an NF4 weight, optionally with trainable blocks written over it.
 
@@ -132,7 +149,8 @@ def nf4_block_linear(
         bias: optional (N,), frozen.
         block_weight: (n, b, b) trainable blocks, or None for a frozen layer; block_indices int64 (n, 2);
             block_map int32 (ceil(N/b), ceil(K/b)) from ``block_slot_map``; col_blocks (u,) / col_slot (n,) as in
-            ``BlockLayout``; all on x's device.
+            ``BlockLayout``; program_hits uint8 (P,) from ``program_hit_flags`` of block_map (or None: the kernel
+            reads the map in every program); all on x's device.
     Returns:
         (..., N). Gradients flow to x and block_weight.
     """
@@ -164,10 +182,22 @@ def nf4_block_linear(
                 q.shape[0],
                 backend,
             )
-            args = (block_weight.detach(), b, q, block_indices, block_map, block_size, dtype, backend)
+            args = (block_weight.detach(), b, q, block_indices, block_map, program_hits, block_size, dtype, backend)
             y = _NF4DenseFunction.apply(x, relay, *args)
         else:
-            args = (block_weight, b, q, block_indices, block_map, col_blocks, col_slot, block_size, dtype, backend)
+            args = (
+                block_weight,
+                b,
+                q,
+                block_indices,
+                block_map,
+                program_hits,
+                col_blocks,
+                col_slot,
+                block_size,
+                dtype,
+                backend,
+            )
             y = _NF4BlockLinearFunction.apply(x, *args)
     return y if autocast or y.dtype == in_dtype else y.to(in_dtype)
 
