@@ -63,8 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--ratio", type=float, default=0.01)
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="QBLOCKSxWARPS pairs to sweep, e.g. 64x2,32x4 (default: every pair of 16/32/64/128 x 2/4/8/16)",
+    )
     p.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth for the %% column (H200: 4.8 TB/s)")
     args = p.parse_args(argv)
+    configs = CONFIGS
+    if args.configs:
+        try:
+            configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+        except ValueError:
+            p.error(f"--configs must be QBLOCKSxWARPS pairs like 64x2,32x4, got {args.configs!r}")
+        if any(len(c) != 2 for c in configs):
+            p.error(f"--configs must be QBLOCKSxWARPS pairs like 64x2,32x4, got {args.configs!r}")
     device = torch.device("cuda")
     env = env_info(device, "benchmarks.bench_nf4_kernel", argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         bw = torch.randn(len(blocks), args.block_size, args.block_size, device=device, dtype=torch.bfloat16)
         bmap = block_slot_map(idx, (n, k), args.block_size)
         # built once per layout in the layer; here once per program span
-        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qb) for qb, _ in CONFIGS}
+        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qb) for qb, _ in configs}
         for with_blocks in (False, True):
             b_w, b_m = (bw, bmap) if with_blocks else (None, None)
             ref = torch.empty(n, k, device=device, dtype=torch.bfloat16)
             launch(q, ref, b_w, b_m, args.block_size, 32, 4, runs=False)  # as shipped until 2026-11-30
             moved = q.nbytes() + ref.numel() * 2 + (bw.numel() * 2 if with_blocks else 0)
-            sweep = [(qb, nw, True, use) for use in (True, False) for qb, nw in CONFIGS]
+            sweep = [(qb, nw, True, use) for use in (True, False) for qb, nw in configs]
             for qb, nw, runs, use in [*sweep, (32, 4, False, False)]:
                 hits = flags[qb] if use else None
                 out = torch.full_like(ref, float("nan"))
