@@ -34,12 +34,9 @@ SHAPES = ((4096, 4096), (14336, 4096), (28672, 8192), (8192, 28672))
 CONFIGS = [(q, w) for q in (16, 32, 64, 128) for w in (2, 4, 8, 16)]
 
 
-def launch(
-    q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs: bool = True, hits=None, pairs: bool = False
-) -> None:
+def launch(q, out, bw, bmap, block_size: int, qblocks: int, num_warps: int, runs: bool = True, hits=None) -> None:
     """The shipped launch (nf4_dequant.dequantize_overlay) with QBLOCKS, num_warps and the overlay path as given;
-    hits: uint8 (P,) ``program_hit_flags`` for this qblocks, or None (every program reads the map); pairs: 32-bit
-    word stores (only where ``nf4_dequant.words_fit``)."""
+    hits: uint8 (P,) ``program_hit_flags`` for this qblocks, or None (every program reads the map)."""
     t = q.tensors()
     dq = q.double_quant
     has = bw is not None
@@ -49,8 +46,6 @@ def launch(
     )
     grid = (nf4_dequant.num_programs(q.numel, qblocks),)
     use_hits = has and hits is not None
-    run_path = runs and has and nf4_dequant.runs_fit(q.shape[1], block_size)
-    pairs = pairs and nf4_dequant.words_fit(out, q.numel, run_path if has else None)
     assert not use_hits or hits.shape == grid, (tuple(hits.shape), grid)
     nf4_dequant._nf4_dequant_overlay_kernel[grid](
         q.packed, absmax, aq, sc, code, off, nf4_dequant.nf4_code(out.device), out,
@@ -58,7 +53,7 @@ def launch(
         bmap.shape[1] if has else 1, DOUBLE_QUANT=dq, HAS_BLOCKS=has, HAS_HITS=use_hits,
         BLOCK_SIZE=block_size if has else 16, QBLOCKS=qblocks,
         WIDE=q.numel + qblocks * 64 >= 2**31, WIDE_ROWS=q.shape[1] >= qblocks * 64,
-        RUNS=run_path, PAIRS=pairs, BW_WORDS=pairs and has and bw.dtype == out.dtype and bw.data_ptr() % 4 == 0,
+        RUNS=runs and has and nf4_dequant.runs_fit(q.shape[1], block_size),
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
 
@@ -97,23 +92,21 @@ def main(argv: list[str] | None = None) -> int:
         bw = torch.randn(len(blocks), args.block_size, args.block_size, device=device, dtype=torch.bfloat16)
         bmap = block_slot_map(idx, (n, k), args.block_size)
         # built once per layout in the layer; here once per program span
-        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qb) for qb, _ in configs}
+        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qb) for qb, _ in [*configs, (32, 4)]}
         for with_blocks in (False, True):
             b_w, b_m = (bw, bmap) if with_blocks else (None, None)
             ref = torch.empty(n, k, device=device, dtype=torch.bfloat16)
             launch(q, ref, b_w, b_m, args.block_size, 32, 4, runs=False)  # as shipped until 2026-11-30
             moved = q.nbytes() + ref.numel() * 2 + (bw.numel() * 2 if with_blocks else 0)
-            sweep = [
-                (qb, nw, True, use, pairs) for pairs in (True, False) for use in (True, False) for qb, nw in configs
-            ]
-            for qb, nw, runs, use, pairs in [*sweep, (32, 4, False, False, False)]:
+            sweep = [(qb, nw, True, use) for use in (True, False) for qb, nw in configs]
+            for qb, nw, runs, use in [*sweep, (32, 4, False, False)]:
                 hits = flags[qb] if use else None
                 out = torch.full_like(ref, float("nan"))
                 try:
-                    launch(q, out, b_w, b_m, args.block_size, qb, nw, runs, hits, pairs)
+                    launch(q, out, b_w, b_m, args.block_size, qb, nw, runs, hits)
                     same = bool(torch.equal(out, ref))
                     ms = triton.testing.do_bench(
-                        functools.partial(launch, q, out, b_w, b_m, args.block_size, qb, nw, runs, hits, pairs),
+                        functools.partial(launch, q, out, b_w, b_m, args.block_size, qb, nw, runs, hits),
                         warmup=25,
                         rep=100,
                     )
@@ -131,24 +124,21 @@ def main(argv: list[str] | None = None) -> int:
                     num_warps=nw,
                     runs=runs,
                     hits=use,
-                    pairs=pairs,
                     shipped=(qb, nw) == shipped and runs,
                     **row,
                 )
                 rows.append(row)
                 print(row, flush=True)
-    print(
-        f"QBLOCKS {shipped[0]}, {shipped[1]} warps, % of peak: element stores without -> with hit flags -> word stores"
-    )
+    print(f"shipped configuration (QBLOCKS {shipped[0]}, {shipped[1]} warps): % of peak without -> with hit flags")
     for r in rows:
-        if r["shipped"] and r["hits"] and r["pairs"]:
+        if r["shipped"] and r["hits"]:
             key = (r["shape"], r["blocks"])
-            same = [o for o in rows if o["shipped"] and (o["shape"], o["blocks"]) == key]
-            plain = next(o for o in same if not o["hits"] and not o["pairs"])
-            flags_only = next(o for o in same if o["hits"] and not o["pairs"])
-            pcts = " -> ".join(str(o.get("pct_of_peak")) for o in (plain, flags_only, r))
-            print(f"  {r['shape']:>12} blocks={r['blocks']:<3} {pcts}  equal: {all(o.get('equal') for o in same)}")
-    fields = ["shape", "blocks", "hit_programs", "programs", "qblocks", "num_warps", "runs", "hits", "pairs", "shipped"]
+            o = next(o for o in rows if o["shipped"] and not o["hits"] and (o["shape"], o["blocks"]) == key)
+            print(
+                f"  {r['shape']:>12} blocks={r['blocks']:<3} {o.get('pct_of_peak')} -> {r.get('pct_of_peak')}", end=""
+            )
+            print(f"  equal: {o.get('equal')} / {r.get('equal')}")
+    fields = ["shape", "blocks", "hit_programs", "programs", "qblocks", "num_warps", "runs", "hits", "shipped"]
     fields += ["status", "equal", "ms", "gbps", "pct_of_peak"]
     with (args.out / "nf4_kernel.csv").open("w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=[*fields, *env])

@@ -75,13 +75,3 @@ def test_bench_nf4_kernel_launch_is_the_shipped_launch():
         out = torch.full((n, k), float("nan"), device=dev)
         bench_nf4_kernel.launch(q, out, bw, bmap, b, qblocks, warps, runs)
         assert torch.equal(out, want), (qblocks, warps, runs)
-    # 16-bit: the word stores, with the blocks in the output dtype (read as words), equal the element stores
-    q16 = quantize_nf4((torch.randn(n, k, generator=g) * 0.05).to(dev, torch.float16), double_quant=True)
-    bw16 = bw.to(torch.float16)
-    want16 = nf4_dequant.dequantize_overlay(
-        q16, torch.empty((n, k), device=dev, dtype=torch.float16), bw16, idx, bmap, b
-    )
-    for pairs in (True, False):
-        out = torch.full((n, k), float("nan"), device=dev, dtype=torch.float16)
-        bench_nf4_kernel.launch(q16, out, bw16, bmap, b, nf4_dequant.QBLOCKS, nf4_dequant.NUM_WARPS, True, None, pairs)
-        assert torch.equal(out, want16), pairs

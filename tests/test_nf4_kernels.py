@@ -96,7 +96,7 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.mark.skipif(bnbf is None, reason="bitsandbytes is not installed")
-@pytest.mark.parametrize("shape", [(37, 70), (40, 128)])  # (40, 128): whole absmax blocks, 16-bit: word stores
+@pytest.mark.parametrize("shape", [(37, 70), (40, 128)])  # a partial last absmax block, and none
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_matches_bitsandbytes(dtype, shape):
     from smt_kernels.quant.bnb import nf4_from_bnb
@@ -220,67 +220,3 @@ def test_hit_flags_of_another_launch_are_refused():
     # without blocks the flags are not read
     out = dequantize_overlay(q, torch.empty(q.shape, device=DEVICE), None, None, None, 0, wrong)
     assert torch.equal(out, dequantize_nf4(q, torch.float32))
-
-
-class _LaunchSpy:
-    """Stands in for the kernel's launcher: records each launch's PAIRS/BW_WORDS and launches."""
-
-    def __init__(self, launch):
-        self.launch, self.seen = launch, []
-
-    def __call__(self, grid, *args, **kwargs):
-        self.seen.append((kwargs["PAIRS"], kwargs["BW_WORDS"]))
-        return self.launch(grid, *args, **kwargs)
-
-
-WORD_CASES = ["aligned_many_groups", "runs_most_tiles_untouched", "runs_clipped_rows", "runs_wide_rows"]
-
-
-@pytest.mark.parametrize("hits", [False, True])
-@pytest.mark.parametrize("block_dtype", [None, torch.float32])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", WORD_CASES)
-def test_word_stores_equal_element_stores(case, dtype, block_dtype, hits, monkeypatch):
-    """16-bit outputs of whole absmax blocks are stored as 32-bit words (two values per packed byte): the same bits
-    as the element path, with blocks in the output dtype (read as words) or fp32 (rounded per value)."""
-    from smt_kernels.kernels import nf4_dequant
-
-    q, bw, idx, bmap, b = setup(case, dtype, True, block_dtype=block_dtype)
-    flags = program_hit_flags(bmap, q.shape, b) if hits else None
-    spy = _LaunchSpy(nf4_dequant._launch)
-    monkeypatch.setattr(nf4_dequant, "_launch", spy)
-    outs = {}
-    for paired in (True, False):
-        monkeypatch.setattr(nf4_dequant, "PAIRED_STORES", paired)
-        out = torch.full(q.shape, float("nan"), device=DEVICE, dtype=dtype)
-        outs[paired] = dequantize_overlay(q, out, bw, idx, bmap, b, flags)
-    assert spy.seen == [(True, block_dtype is None), (False, False)]
-    assert torch.equal(outs[True], outs[False])
-    expected = dequantize_overlay_torch(q, torch.empty(q.shape, device=DEVICE, dtype=dtype), bw, idx, bmap, b)
-    assert_matches_torch(outs[True], expected)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_word_stores_only_where_they_fit(dtype, monkeypatch):
-    """fp32 outputs, a partial last absmax block, an output off a 4-byte boundary and an overlay read per element
-    take the element path, with the same result."""
-    from smt_kernels.kernels import nf4_dequant
-
-    spy = _LaunchSpy(nf4_dequant._launch)
-    monkeypatch.setattr(nf4_dequant, "_launch", spy)
-    q, bw, idx, bmap, b = setup("aligned_many_groups", dtype, True)
-    flat = torch.empty(q.numel + 1, device=DEVICE, dtype=dtype)
-    shifted = dequantize_overlay(q, flat[1:].view(q.shape), bw, idx, bmap, b)  # 2 bytes past a 4-byte boundary
-    assert torch.equal(
-        shifted, dequantize_overlay(q, torch.empty(q.shape, device=DEVICE, dtype=dtype), bw, idx, bmap, b)
-    )
-    for case, out_dtype in (
-        ("aligned_many_groups", torch.float32),
-        ("no_blocks_odd", dtype),
-        ("b32_aligned_per_element", dtype),
-    ):
-        q, bw, idx, bmap, b = setup(case, out_dtype, True)
-        out = dequantize_overlay(q, torch.empty(q.shape, device=DEVICE, dtype=out_dtype), bw, idx, bmap, b)
-        ref = dequantize_overlay_torch(q, torch.empty_like(out), bw, idx, bmap, b)
-        assert_matches_torch(out, ref)
-    assert [p for p, _ in spy.seen] == [False, True, False, False, False]

@@ -30,8 +30,6 @@ from smt_kernels.kernels.launcher import DirectLauncher, interpreting
 # (docs/quantization.md)
 QBLOCKS = 64
 NUM_WARPS = 2
-# 16-bit outputs stored as 32-bit words, one per packed byte (``_dequant_overlay_words``); False: the element path
-PAIRED_STORES = True
 
 
 @triton.jit
@@ -85,95 +83,6 @@ def _overlay_elements(
 
 
 @triton.jit
-def _absmax_scales(
-    qb, q_ok, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr
-):
-    """(QBLOCKS,) fp32 absmax of each absmax block (double quantization undone)."""
-    if DOUBLE_QUANT:
-        q8 = tl.load(absmax_q_ptr + qb, mask=q_ok, other=0).to(tl.int32)
-        group_scale = tl.load(absmax_scale_ptr + qb // 256, mask=q_ok, other=0.0)
-        # launched with enable_fp_fusion=False: product and sum rounded separately, as bitsandbytes does
-        scale = tl.load(absmax_code_ptr + q8) * group_scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + qb, mask=q_ok, other=0.0)
-    return scale
-
-
-@triton.jit
-def _half_bits(v, HALF: tl.constexpr):
-    """fp32 -> the 16 bits of its HALF (bf16/fp16) rounding, zero-extended to uint32."""
-    return v.to(HALF).to(tl.uint16, bitcast=True).to(tl.uint32)
-
-
-@triton.jit
-def _overlay_words(word, q_slot, q_row, q_col, bw_ptr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BW_WORDS):
-    """(QBLOCKS, 32) output words with each hit absmax block's 32 words (64 values, one row of its trained block)
-    taken from the block."""
-    hit = q_slot >= 0
-    # 64 divides b: src is even, so a value pair never straddles two words
-    src = q_slot.to(tl.int64) * (BLOCK_SIZE * BLOCK_SIZE) + (q_row % BLOCK_SIZE) * BLOCK_SIZE + q_col % BLOCK_SIZE
-    pair = tl.arange(0, 32)[None, :]
-    m = hit[:, None]
-    if BW_WORDS:  # blocks stored in the output dtype: their words are the output's words
-        trained = tl.load(bw_ptr.to(tl.pointer_type(tl.uint32)) + src[:, None] // 2 + pair, mask=m, other=0)
-    else:
-        even = tl.load(bw_ptr + src[:, None] + 2 * pair, mask=m, other=0.0).to(tl.float32)
-        odd = tl.load(bw_ptr + src[:, None] + 2 * pair + 1, mask=m, other=0.0).to(tl.float32)
-        trained = _half_bits(even, HALF) | (_half_bits(odd, HALF) << 16)
-    return tl.where(m, trained, word)
-
-
-@triton.jit
-def _dequant_overlay_words(
-    packed,
-    qb,
-    q_ok,
-    byte,
-    pid,
-    absmax_ptr,
-    absmax_q_ptr,
-    absmax_scale_ptr,
-    absmax_code_ptr,
-    offset_ptr,
-    nf4_code_ptr,
-    out_ptr,
-    bw_ptr,
-    map_ptr,
-    hits_ptr,
-    K,
-    n_col_blocks,
-    DOUBLE_QUANT: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr,
-    HAS_HITS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BW_WORDS: tl.constexpr,
-):
-    """A 16-bit output written as 32-bit words, one per packed byte, so that the (QBLOCKS, 32) byte loads map 1:1
-    onto (QBLOCKS, 32) word stores and the two nibbles' values are never interleaved in registers. Byte j holds
-    elements 2j (high nibble) and 2j+1 (low nibble); little-endian, element 2j is the word's low half. Only for
-    launches where numel is a multiple of 64 and, with blocks, 64 divides b and b divides K (``dequantize_overlay``)."""
-    HALF: tl.constexpr = out_ptr.dtype.element_ty
-    if HAS_BLOCKS and HAS_HITS:
-        touched = tl.load(hits_ptr + pid) != 0
-    scale = _absmax_scales(
-        qb, q_ok, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_code_ptr, offset_ptr, DOUBLE_QUANT
-    )
-    hi = _half_bits(tl.load(nf4_code_ptr + (packed >> 4)) * scale[:, None], HALF)
-    lo = _half_bits(tl.load(nf4_code_ptr + (packed & 15)) * scale[:, None], HALF)
-    word = hi | (lo << 16)
-    if HAS_BLOCKS:
-        if HAS_HITS:
-            if touched:
-                q_slot, q_row, q_col = _slots_per_absmax_block(qb, q_ok, K, map_ptr, n_col_blocks, BLOCK_SIZE)
-                word = _overlay_words(word, q_slot, q_row, q_col, bw_ptr, HALF, BLOCK_SIZE, BW_WORDS)
-        else:
-            q_slot, q_row, q_col = _slots_per_absmax_block(qb, q_ok, K, map_ptr, n_col_blocks, BLOCK_SIZE)
-            if tl.max(q_slot, axis=0) >= 0:
-                word = _overlay_words(word, q_slot, q_row, q_col, bw_ptr, HALF, BLOCK_SIZE, BW_WORDS)
-    tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + byte, word.to(tl.int32, bitcast=True), mask=q_ok[:, None])
-
-
-@triton.jit
 def _nf4_dequant_overlay_kernel(
     packed_ptr,
     absmax_ptr,
@@ -197,8 +106,6 @@ def _nf4_dequant_overlay_kernel(
     WIDE: tl.constexpr,
     WIDE_ROWS: tl.constexpr,
     RUNS: tl.constexpr,
-    PAIRS: tl.constexpr,
-    BW_WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if WIDE:  # element indices past 2^31
@@ -211,19 +118,16 @@ def _nf4_dequant_overlay_kernel(
     q_ok = qb < n_qblocks
     byte = qb[:, None] * 32 + tl.arange(0, 32)[None, :]
     packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
-    if PAIRS:
-        _dequant_overlay_words(
-            packed, qb, q_ok, byte, pid, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_code_ptr, offset_ptr,
-            nf4_code_ptr, out_ptr, bw_ptr, map_ptr, hits_ptr, K, n_col_blocks, DOUBLE_QUANT, HAS_BLOCKS, HAS_HITS,
-            BLOCK_SIZE, BW_WORDS,
-        )  # fmt: skip
-        return
     # (QBLOCKS, 32, 2) -> (QBLOCKS, 64): element 2j is byte j's high nibble, element 2j+1 its low nibble
     codes = tl.reshape(tl.join(packed >> 4, packed & 15), (QBLOCKS, 64))
     values = tl.load(nf4_code_ptr + codes)
-    scale = _absmax_scales(
-        qb, q_ok, absmax_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_code_ptr, offset_ptr, DOUBLE_QUANT
-    )
+    if DOUBLE_QUANT:
+        q8 = tl.load(absmax_q_ptr + qb, mask=q_ok, other=0).to(tl.int32)
+        group_scale = tl.load(absmax_scale_ptr + qb // 256, mask=q_ok, other=0.0)
+        # launched with enable_fp_fusion=False: product and sum rounded separately, as bitsandbytes does
+        scale = tl.load(absmax_code_ptr + q8) * group_scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + qb, mask=q_ok, other=0.0)
     out = (values * scale[:, None]).to(out_ptr.dtype.element_ty)
     elem = qb[:, None] * 64 + tl.arange(0, 64)[None, :]
     e_ok = elem < numel
@@ -305,9 +209,6 @@ def dequantize_overlay(
             f"program_hits has shape {tuple(program_hits.shape)}, expected {grid}: one flag per program of "
             f"{QBLOCKS} absmax blocks (program_hit_flags with the kernel's QBLOCKS)"
         )
-    # Inductor's traced launch keeps the element path (its kernel options and argument analysis are its own)
-    runs = runs_fit(q.shape[1], block_size) if has_blocks else None
-    pairs = not traced and PAIRED_STORES and words_fit(out, numel, runs)
     if table is None:
         table = nf4_code(out.device)
     options = {} if interpreting() or traced else {"enable_fp_fusion": False}
@@ -336,8 +237,6 @@ def dequantize_overlay(
         WIDE=numel + QBLOCKS * 64 >= 2**31,
         WIDE_ROWS=q.shape[1] >= QBLOCKS * 64,
         RUNS=has_blocks and runs_fit(q.shape[1], block_size),
-        PAIRS=pairs,
-        BW_WORDS=pairs and has_blocks and bw.dtype == out.dtype and bw.data_ptr() % 4 == 0,
         num_warps=NUM_WARPS,
         **options,
     )
@@ -349,17 +248,6 @@ def num_programs(numel: int, qblocks: int | None = None) -> int:
     per program."""
     n_qblocks = -(-numel // 64)
     return -(-n_qblocks // (qblocks or QBLOCKS))
-
-
-def words_fit(out: torch.Tensor, numel: int, runs: bool | None) -> bool:
-    """Whether the 32-bit-word stores apply: a 16-bit ``out`` on a 4-byte boundary, numel a multiple of 64 (whole
-    absmax blocks) and, with trained blocks (``runs`` not None), the per-absmax-block overlay (``runs`` True)."""
-    return (
-        out.dtype in (torch.bfloat16, torch.float16)
-        and numel % 64 == 0
-        and out.data_ptr() % 4 == 0
-        and runs is not False
-    )
 
 
 def runs_fit(k: int, block_size: int) -> bool:
