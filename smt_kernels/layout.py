@@ -150,3 +150,21 @@ class BlockLayout:
 
     def to_list(self) -> list[tuple[int, int]]:
         return [(int(r), int(c)) for r, c in self.indices.tolist()]
+
+
+def layout_of_buffer(
+    indices: object, out_features: int, in_features: int, block_size: int, device: torch.device
+) -> BlockLayout:
+    """Validate a layer's ``block_indices`` buffer after it was written or replaced: an int64 (n, 2) tensor on the
+    layer's ``device`` with every block inside the weight. Returns its ``BlockLayout``; raises naming the numbers."""
+    if (
+        not isinstance(indices, torch.Tensor)
+        or indices.dtype != torch.int64
+        or indices.dim() != 2
+        or indices.shape[1] != 2
+    ):
+        got = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"block_indices must be an int64 (n, 2) tensor, got {got}")
+    if indices.device != device:
+        raise ValueError(f"block_indices is on {indices.device} but the weight is on {device}")
+    return BlockLayout.build(indices.cpu(), out_features, in_features, block_size)

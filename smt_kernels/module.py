@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from smt_kernels.kernels.backend import extract_blocks, resolve_backend, scatter_blocks, triton_runs_on
-from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
+from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements, layout_of_buffer
 from smt_kernels.ops import (
     SUPPORTED_DTYPES,
     apply_sparse_block_linear,
@@ -120,12 +120,7 @@ class SparseBlockLinear(nn.Module):
     def _refresh_layout(self) -> None:
         """Validate ``block_indices`` after it was written or replaced, and derive the column index again."""
         idx = self.block_indices
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2 or idx.shape[1] != 2:
-            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise ValueError(f"block_indices must be an int64 (n, 2) tensor, got {got}")
-        if idx.device != self.weight.device:
-            raise ValueError(f"block_indices is on {idx.device} but the weight is on {self.weight.device}")
-        layout = BlockLayout.build(idx.cpu(), self.out_features, self.in_features, self.block_size)
+        layout = layout_of_buffer(idx, self.out_features, self.in_features, self.block_size, self.weight.device)
         if not idx.is_contiguous():
             self.block_indices = idx = idx.contiguous()
         self.col_blocks = layout.col_blocks.to(idx.device)

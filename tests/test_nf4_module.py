@@ -291,3 +291,46 @@ def test_forward_and_backward_read_the_layers_hit_flags(backend):
     y.backward(g)
     assert rel_err(y, x.detach().double() @ plain.t() + layer.bias.double()) <= TOLERANCE[torch.float32]
     assert rel_err(x.grad, g.double() @ plain) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
+def test_written_block_indices_take_effect(backend, replace):
+    """Blocks moved by writing block_indices in place (or assigning another tensor) are where the next forward
+    computes with them: the slot map and hit flags are derived again, as the 16-bit layer does; stale ones would
+    overlay the trained values at their old positions. Output, dX and the block gradients against float64."""
+    _, device = backend
+    _, layer = make("edge_corner", torch.float32, device)
+    x = torch.randn(3, layer.in_features, device=device, requires_grad=True)
+    layer(x).sum().backward()  # the old layout has been used once
+    layer.zero_grad(set_to_none=True)
+    moved = torch.tensor([[1, 1], [0, 0], [3, 5]], device=device)  # edge corner (4, 6) -> (3, 5) and (2, 3) -> (1, 1)
+    if replace:
+        layer.block_indices = moved
+    else:
+        with torch.no_grad():
+            layer.block_indices.copy_(moved)
+    x.grad = None
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(layer.block_map[1, 1].cpu(), torch.tensor(0, dtype=torch.int32))
+    y_ref, dx_ref, db_ref = reference(layer, x, g)
+    assert rel_err(y, y_ref) <= TOLERANCE[torch.float32]
+    assert rel_err(x.grad, dx_ref) <= TOLERANCE[torch.float32]
+    assert rel_err(layer.block_weight.grad, db_ref) <= TOLERANCE[torch.float32]
+    # the weight it computed with has the trained values at the new positions
+    w = layer.dequantized_weight(torch.float32)
+    assert torch.equal(w[16:32, 16:32], layer.block_weight.detach()[0])
+
+
+def test_bad_written_block_indices_are_refused_before_any_kernel_runs():
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        layer.block_indices[0, 1] = 7  # in_features 100 has 7 block-columns of 16: 0..6
+    with pytest.raises(ValueError, match="7"):
+        layer(x)
+    layer.block_indices = torch.zeros(3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="int64"):
+        layer(x)

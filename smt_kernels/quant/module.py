@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from smt_kernels.kernels import torch_blocks
-from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements
+from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements, layout_of_buffer
 from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, program_hit_flags
 from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weight, quantize_nf4
 from smt_kernels.quant.ops import nf4_block_linear, nf4_weight_grad_linear
@@ -323,12 +323,28 @@ class NF4SparseBlockLinear(NF4Linear):
         self.register_buffer(
             "program_hits", program_hit_flags(block_map, self.nf4.shape, layout.block_size), persistent=False
         )
+        # the indices these were derived from (tensor and version): a write to block_indices, or another tensor
+        # assigned to it, is seen at the next eager forward and everything is derived again (``_refresh_layout``)
+        self._indices_seen = (self.block_indices, self.block_indices._version)
+
+    def _refresh_layout(self) -> None:
+        """Validate ``block_indices`` after it was written or replaced; derive the column index, slot map and
+        program flags again."""
+        idx = self.block_indices
+        layout = layout_of_buffer(idx, self.out_features, self.in_features, self.block_size, self.weight_packed.device)
+        if not idx.is_contiguous():
+            self.block_indices = idx.contiguous()
+        self._derive_index(layout)
 
     @property
     def num_blocks(self) -> int:
         return int(self.block_indices.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            seen, version = self._indices_seen
+            if self.block_indices is not seen or seen._version != version:
+                self._refresh_layout()
         return nf4_block_linear(
             x,
             self.nf4,
@@ -397,5 +413,4 @@ def _codes_load_hook(module: NF4Linear, state_dict, prefix: str, *args) -> None:
 
 
 def _rebuild_index(layer: NF4SparseBlockLinear, incompatible_keys) -> None:
-    layout = BlockLayout.build(layer.block_indices.cpu(), layer.out_features, layer.in_features, layer.block_size)
-    layer._derive_index(layout)
+    layer._refresh_layout()
