@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 
 from benchmarks.bench_model import MODELS, build_model, random_selection, set_checkpointing  # noqa: E402
 from benchmarks.bench_nf4_model import build_4bit_model  # noqa: E402
-from benchmarks.common import env_info, profile_table, synchronize  # noqa: E402
+from benchmarks.common import env_info, profile_table, sync_report, synchronize  # noqa: E402
 from smt_kernels import load_blocks, patch  # noqa: E402
 from smt_kernels.distributed import save_blocks_distributed, shard_model, wrap_ddp  # noqa: E402
 from smt_kernels.select import PROJECTIONS  # noqa: E402
@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "per layer, FSDP2's hooks stay eager)",
     )
     p.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones (table)")
+    p.add_argument(
+        "--sync-debug",
+        type=int,
+        default=0,
+        help="run this many steps after the timed (and profiled) ones in torch.cuda's sync debug mode and list where "
+        "the host waited for the GPU (sync_<tag>_rank<r>.txt)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="cuda (one GPU per rank) or cpu (gloo smoke test)")
     p.add_argument("--tag", default=None, help="name of the output files instead of the mode")
@@ -248,6 +255,10 @@ def train(args) -> int:
         first = args.warmup + args.steps
         table = profile_table(train_step, range(first, first + args.profile), device)
         (out / f"profile_{tag}_rank{rank}.txt").write_text(f"{args.profile} steps after the timed ones\n{table}\n")
+    if args.sync_debug:  # likewise after the timed ones
+        first = args.warmup + args.steps + args.profile
+        report = sync_report(train_step, range(first, first + args.sync_debug), device)
+        (out / f"sync_{tag}_rank{rank}.txt").write_text(report)
     step_s = statistics.median(times)
     host_ms = round(1000 * statistics.median(host_times), 2)
     host_ms_ranks = [host_ms]

@@ -13,6 +13,8 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -204,6 +206,30 @@ def profile_table(step: Callable[[int], object], steps: range, device: torch.dev
         synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort, row_limit=row_limit)
+
+
+def sync_report(step: Callable[[int], object], steps: range, device: torch.device) -> str:
+    """The host-device synchronisations during ``step(i)`` for i in ``steps``, caught with
+    ``torch.cuda.set_sync_debug_mode("warn")``: one line per Python place that triggered one (the innermost
+    Python frame of the call), most frequent first, with its count. A step whose host time equals its GPU time either
+    issues work that slowly or waits in one of these."""
+    if device.type != "cuda":
+        return "sync debug mode needs CUDA\n"
+    counts: Counter[str] = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in steps:
+                step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        text = str(w.message)
+        if "synchroniz" in text:
+            counts[f"{w.filename}:{w.lineno}: {text.splitlines()[0][:100]}"] += 1
+    lines = [f"{n:6d}  {where}" for where, n in counts.most_common()]
+    return f"{sum(counts.values())} synchronising calls in {len(steps)} steps\n" + "\n".join(lines) + "\n"
 
 
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:

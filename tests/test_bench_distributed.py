@@ -23,7 +23,8 @@ def _run(cmd: list[str], out, extra: tuple[str, ...] = ()) -> None:
 @pytest.mark.timeout(600)
 def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    _run([sys.executable, "-m", "benchmarks.bench_distributed", "--mode", "single", "--profile", "1"], tmp_path)
+    single_args = ["--mode", "single", "--profile", "1", "--sync-debug", "1"]
+    _run([sys.executable, "-m", "benchmarks.bench_distributed", *single_args], tmp_path)
     # the non-default paths: DDP through wrap_ddp, FSDP2 with explicit prefetch and embeddings in their own units
     extra = {"ddp": ["--ddp-buffers", "off"], "fsdp2": ["--prefetch", "1", "--shard-embeddings", "1"]}
     for mode in ("ddp", "fsdp2"):
@@ -40,6 +41,11 @@ def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
     profile = (tmp_path / "profile_single_rank0.txt").read_text()
     # SMT's autograd nodes: one per layer call, or two under gradient checkpointing (ops.split_layer)
     assert "_SparseBlockLinearFunction" in profile or "_SavedColumnsFunction" in profile
+    assert (tmp_path / "sync_single_rank0.txt").read_text() == "sync debug mode needs CUDA\n"
+    for mode in ("single", "ddp", "fsdp2"):  # the host's issue time per step, no longer than the step
+        run = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert len(run["host_ms_per_rank"]) == run["world"] and run["host_ms"] == run["host_ms_per_rank"][0]
+        assert all(0 < h <= run["step_ms_max"] for h in run["host_ms_per_rank"])
     for entry in report.values():
         assert entry["probe_max_abs_diff"] < 1e-5
     # the blocks trained: the loss of the last step differs from the first
