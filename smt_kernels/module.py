@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from smt_kernels.kernels.backend import extract_blocks, resolve_backend, scatter_blocks, triton_runs_on
-from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements, layout_of_buffer
+from smt_kernels.layout import (
+    BlockLayout,
+    BlocksLike,
+    covered_elements,
+    indices_changed,
+    indices_stamp,
+    layout_of_buffer,
+)
 from smt_kernels.ops import (
     SUPPORTED_DTYPES,
     apply_sparse_block_linear,
@@ -114,7 +121,7 @@ class SparseBlockLinear(nn.Module):
         # the indices are the ones validated (tensor identity and version counter)
         self.layout = layout
         self.backend = resolve_backend(self.weight.device, strict=False)
-        self._indices_seen = (self.block_indices, self.block_indices._version)
+        self._indices_seen = indices_stamp(self.block_indices)
         check_parameters(self.weight, self.block_weight, self.bias, self.block_indices, self.block_size)
 
     def _refresh_layout(self) -> None:
@@ -141,8 +148,7 @@ class SparseBlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
-            seen, version = self._indices_seen
-            if self.block_indices is not seen or seen._version != version:
+            if indices_changed(getattr(self, "_indices_seen", None), self.block_indices):
                 self._refresh_layout()
             check_input(x, self.weight)
             if self.backend == "triton" and x.device.type != "cuda" and not triton_runs_on(x.device):

@@ -151,7 +151,7 @@ def test_program_hit_flags_match_brute_force(case):
     n, k, b, blocks, qblocks = HIT_CASES[case]
     idx = BlockLayout.build(blocks, n, k, b).indices
     bmap = block_slot_map(idx, (n, k), b)
-    flags = program_hit_flags(bmap, (n, k), b, qblocks)
+    flags = program_hit_flags(bmap, (n, k), b, qblocks=qblocks)
     assert flags.dtype == torch.uint8 and flags.shape == (num_programs(n * k, qblocks),)
     assert torch.equal(flags, brute_force_hits(bmap, (n, k), b, qblocks or QBLOCKS))
 
@@ -164,7 +164,7 @@ def test_program_hit_flags_random_layouts():
         rows, cols = -(-n // b), -(-k // b)
         picked = torch.randperm(rows * cols, generator=g)[: int(torch.randint(0, 6, (1,), generator=g))]
         bmap = block_slot_map(torch.stack([picked // cols, picked % cols], 1), (n, k), b)
-        flags = program_hit_flags(bmap, (n, k), b, qblocks)
+        flags = program_hit_flags(bmap, (n, k), b, qblocks=qblocks)
         assert torch.equal(flags, brute_force_hits(bmap, (n, k), b, qblocks)), (n, k, b, qblocks, picked)
 
 
@@ -215,8 +215,14 @@ def test_kernel_with_hit_flags_equals_kernel_without(case, qblocks, monkeypatch,
 def test_hit_flags_of_another_launch_are_refused():
     q, bw, idx, bmap, b = setup("runs_clipped_rows", torch.float32, True)
     wrong = program_hit_flags(bmap, q.shape, b, qblocks=2)
-    with pytest.raises(ValueError, match=r"program_hits has shape \(70,\), expected \(3,\)"):
+    with pytest.raises(ValueError, match=r"shape \(3,\) .* got torch.uint8 \(70,\)"):
         dequantize_overlay(q, torch.empty(q.shape, device=DEVICE), bw, idx, bmap, b, wrong)
+    right = program_hit_flags(bmap, q.shape, b)
+    # flags read at stride 1 or as bytes: a strided view or another dtype would drop blocks silently
+    strided = torch.stack([right, torch.zeros_like(right)], 1)[:, 0]
+    for bad, what in ((strided, r"strides \(2,\)"), (right.to(torch.int32), "torch.int32")):
+        with pytest.raises(ValueError, match=what):
+            dequantize_overlay(q, torch.empty(q.shape, device=DEVICE), bw, idx, bmap, b, bad)
     # without blocks the flags are not read
     out = dequantize_overlay(q, torch.empty(q.shape, device=DEVICE), None, None, None, 0, wrong)
     assert torch.equal(out, dequantize_nf4(q, torch.float32))

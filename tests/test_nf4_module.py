@@ -334,3 +334,39 @@ def test_bad_written_block_indices_are_refused_before_any_kernel_runs():
     layer.block_indices = torch.zeros(3, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="int64"):
         layer(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True, ids=lambda p: "-".join(p))
+def test_more_block_indices_than_blocks_are_refused(backend):
+    """Two positions for one trained block: the map would send the kernels past block_weight's end (garbage on a
+    GPU, NaN or a repeated block elsewhere); refused naming the shapes, as the 16-bit layer does."""
+    _, device = backend
+    _, layer = make("edge_corner", torch.float32, device)
+    layer.block_indices = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3]], device=device)
+    with pytest.raises(ValueError, match=r"block_weight must have shape \(4, 16, 16\), got \(3, 16, 16\)"):
+        layer(torch.randn(2, layer.in_features, device=device))
+
+
+def test_layers_built_and_run_under_inference_mode():
+    """Inference tensors have no version counter: the layers remember the indices tensor alone then."""
+    from smt_kernels import SparseBlockLinear
+
+    with torch.inference_mode():
+        lin = nn.Linear(64, 48)
+        x = torch.randn(2, 64)
+        nf4 = NF4SparseBlockLinear.from_nf4_linear(NF4Linear.from_linear(lin), [(0, 0), (2, 3)], 16)
+        dense = SparseBlockLinear.from_linear(lin, [(0, 0), (2, 3)], 16)
+        assert torch.equal(nf4(x), NF4Linear.from_linear(lin)(x))
+        assert torch.allclose(dense(x), lin(x))
+        nf4.block_indices = torch.tensor([[1, 1], [0, 2]])  # another (inference) tensor: seen
+        nf4(x)
+        assert nf4.block_map[1, 1].item() == 0 and nf4.block_map[0, 0].item() == -1
+
+
+def test_a_layer_without_an_indices_stamp_derives_its_index_again():
+    """A layer pickled before the stamp existed (no ``_indices_seen``, no ``program_hits``) rebuilds both."""
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    want = layer(torch.ones(1, layer.in_features))
+    del layer._indices_seen, layer._buffers["program_hits"]
+    assert torch.equal(layer(torch.ones(1, layer.in_features)), want)
+    assert layer.program_hits.dtype == torch.uint8

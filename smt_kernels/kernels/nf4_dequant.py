@@ -204,10 +204,16 @@ def dequantize_overlay(
     bmap = block_map if has_blocks else placeholder
     grid = (num_programs(numel, QBLOCKS),)
     has_hits = has_blocks and program_hits is not None
-    if has_hits and program_hits.shape != grid:
+    if has_hits and (
+        program_hits.shape != grid
+        or program_hits.dtype != torch.uint8
+        or program_hits.device != out.device
+        or program_hits.stride() != (1,)
+    ):
         raise ValueError(
-            f"program_hits has shape {tuple(program_hits.shape)}, expected {grid}: one flag per program of "
-            f"{QBLOCKS} absmax blocks (program_hit_flags with the kernel's QBLOCKS)"
+            f"program_hits must be a contiguous uint8 tensor of shape {grid} on {out.device} (one flag per program "
+            f"of {QBLOCKS} absmax blocks: program_hit_flags with the kernel's QBLOCKS), got {program_hits.dtype} "
+            f"{tuple(program_hits.shape)} with strides {program_hits.stride()} on {program_hits.device}"
         )
     if table is None:
         table = nf4_code(out.device)

@@ -49,14 +49,16 @@ def block_slot_map(block_indices: torch.Tensor, shape: tuple[int, int], block_si
 
 
 def program_hit_flags(
-    block_map: torch.Tensor, shape: tuple[int, int], block_size: int, qblocks: int | None = None
+    block_map: torch.Tensor, shape: tuple[int, int], block_size: int, *, qblocks: int | None = None
 ) -> torch.Tensor:
     """uint8 (P,): 1 where program p of the dequantize-and-overlay launch meets a trained block, else 0.
 
     Program p covers the row-major elements [p·S, min((p+1)·S, N·K)) of the (N, K) weight, S = 64·qblocks
-    (default: the kernel's ``QBLOCKS``), P = ceil(N·K / S); block_map int32 (ceil(N/b), ceil(K/b)) is
-    ``block_slot_map``'s. Such a range is a tail of its first row, whole rows, and a head of its last row; each part
-    is tested against prefix counts of the map, so the cost is O(P + N + map) on block_map's device, not O(N·K).
+    (default: the kernel's ``QBLOCKS``, the only span the kernel takes: flags of another span can have the same
+    length, so pass ``qblocks`` only to sweep the kernel's configuration), P = ceil(N·K / S); block_map int32
+    (ceil(N/b), ceil(K/b)) is ``block_slot_map``'s. Such a range is a tail of its first row, whole rows, and a head
+    of its last row; each part is tested against prefix counts of the map, so the cost is O(P + N + map) on
+    block_map's device, not O(N·K).
     """
     from smt_kernels.kernels.nf4_dequant import QBLOCKS, num_programs
 

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from smt_kernels.kernels import torch_blocks
-from smt_kernels.layout import BlockLayout, BlocksLike, covered_elements, layout_of_buffer
+from smt_kernels.layout import (
+    BlockLayout,
+    BlocksLike,
+    covered_elements,
+    indices_changed,
+    indices_stamp,
+    layout_of_buffer,
+)
+from smt_kernels.ops import check_block_weight_shape
 from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, program_hit_flags
 from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weight, quantize_nf4
 from smt_kernels.quant.ops import nf4_block_linear, nf4_weight_grad_linear
@@ -325,7 +333,7 @@ class NF4SparseBlockLinear(NF4Linear):
         )
         # the indices these were derived from (tensor and version): a write to block_indices, or another tensor
         # assigned to it, is seen at the next eager forward and everything is derived again (``_refresh_layout``)
-        self._indices_seen = (self.block_indices, self.block_indices._version)
+        self._indices_seen = indices_stamp(self.block_indices)
 
     def _refresh_layout(self) -> None:
         """Validate ``block_indices`` after it was written or replaced; derive the column index, slot map and
@@ -341,10 +349,12 @@ class NF4SparseBlockLinear(NF4Linear):
         return int(self.block_indices.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            seen, version = self._indices_seen
-            if self.block_indices is not seen or seen._version != version:
-                self._refresh_layout()
+        if not torch.compiler.is_compiling() and indices_changed(
+            getattr(self, "_indices_seen", None), self.block_indices
+        ):
+            self._refresh_layout()
+        # the kernels index block_weight as (n, b, b) by the map's slots: another n would read past its end
+        check_block_weight_shape(self.block_weight, self.block_indices.shape[0], self.block_size)
         return nf4_block_linear(
             x,
             self.nf4,
