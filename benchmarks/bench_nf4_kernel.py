@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         bw = torch.randn(len(blocks), args.block_size, args.block_size, device=device, dtype=torch.bfloat16)
         bmap = block_slot_map(idx, (n, k), args.block_size)
         # built once per layout in the layer; here once per program span
-        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qb) for qb, _ in [*configs, (32, 4)]}
+        flags = {qb: program_hit_flags(bmap, (n, k), args.block_size, qblocks=qb) for qb, _ in [*configs, (32, 4)]}
         for with_blocks in (False, True):
             b_w, b_m = (bw, bmap) if with_blocks else (None, None)
             ref = torch.empty(n, k, device=device, dtype=torch.bfloat16)

@@ -325,12 +325,12 @@ class NF4SparseBlockLinear(NF4Linear):
         device = self.weight_packed.device
         self.register_buffer("col_blocks", layout.col_blocks.to(device), persistent=False)
         self.register_buffer("col_slot", layout.col_slot.to(device), persistent=False)
-        block_map = block_slot_map(self.block_indices, self.nf4.shape, layout.block_size)
+        # the layer's shape: self.nf4 would view the codes (a sharded DTensor under FSDP2) only to give it
+        shape = (self.out_features, self.in_features)
+        block_map = block_slot_map(self.block_indices, shape, layout.block_size)
         self.register_buffer("block_map", block_map, persistent=False)
         # which programs of the Triton overlay meet a block: the rest skip the map (stale flags would drop blocks)
-        self.register_buffer(
-            "program_hits", program_hit_flags(block_map, self.nf4.shape, layout.block_size), persistent=False
-        )
+        self.register_buffer("program_hits", program_hit_flags(block_map, shape, layout.block_size), persistent=False)
         # the indices these were derived from (tensor and version): a write to block_indices, or another tensor
         # assigned to it, is seen at the next eager forward and everything is derived again (``_refresh_layout``)
         self._indices_seen = indices_stamp(self.block_indices)
