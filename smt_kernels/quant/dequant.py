@@ -64,14 +64,15 @@ def program_hit_flags(
 
     n, k = shape
     numel = n * k
-    span = 64 * (qblocks or QBLOCKS)
+    qblocks = qblocks or QBLOCKS
+    span = 64 * qblocks
     device = block_map.device
     trained = (block_map >= 0).to(torch.int32)
     # col_count[R, c]: trained blocks among block-columns < c of block-row R; row_count[r]: rows < r with any
     col_count = torch.nn.functional.pad(trained.cumsum(1), (1, 0))
     row_any = trained.amax(1).repeat_interleave(block_size)[:n]
     row_count = torch.nn.functional.pad(row_any.cumsum(0), (1, 0))
-    start = torch.arange(num_programs(numel, span // 64), device=device, dtype=torch.int64) * span
+    start = torch.arange(num_programs(numel, qblocks), device=device, dtype=torch.int64) * span
     last = (start + span).clamp(max=numel) - 1
     r0, c0 = start // k, start % k
     r1, c1 = last // k, last % k
