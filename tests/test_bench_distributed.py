@@ -45,7 +45,8 @@ def test_single_ddp_fsdp2_agree_and_blocks_reproduce(tmp_path):
     for mode in ("single", "ddp", "fsdp2"):  # the host's issue time per step, no longer than the step
         run = json.loads((tmp_path / f"{mode}.json").read_text())
         assert len(run["host_ms_per_rank"]) == run["world"] and run["host_ms"] == run["host_ms_per_rank"][0]
-        assert all(0 < h <= run["step_ms_max"] for h in run["host_ms_per_rank"])
+        assert len(run["step_ms_max_per_rank"]) == run["world"]
+        assert all(0 < h <= m for h, m in zip(run["host_ms_per_rank"], run["step_ms_max_per_rank"], strict=True))
     for entry in report.values():
         assert entry["probe_max_abs_diff"] < 1e-5
     # the blocks trained: the loss of the last step differs from the first
