@@ -38,7 +38,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from smt_kernels.config import SMTConfig
-from smt_kernels.fingerprint import base_fingerprint, compare_fingerprints
+from smt_kernels.fingerprint import FINGERPRINT_SCHEME, base_fingerprint, compare_fingerprints
 from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.layout import BlockLayout, check_block_size, num_blocks_along
 from smt_kernels.patch import CONFIG_ATTR, _patch, plan_patch, require_patched
@@ -47,7 +47,7 @@ from smt_kernels.quant.module import NF4Linear, NF4SparseBlockLinear
 logger = logging.getLogger(__name__)
 
 FORMAT = "smt_kernels.blocks"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 META_FILE = "smt_blocks.json"
 V1_BLOCKS_FILE = "smt_blocks.safetensors"
 _BLOCKS_NAME = re.compile(r"smt_blocks\.([0-9a-f]{16})\.safetensors")
@@ -58,7 +58,10 @@ _MANIFEST_KEYS = {
     1: {"format", "version", "safetensors_sha256", *_LAYOUT_KEYS},
     2: {"format", "version", "blocks_file", "safetensors_sha256", *_LAYOUT_KEYS},
     3: {"format", "version", "blocks_file", "safetensors_sha256", "smt_config", *_LAYOUT_KEYS},
+    4: {"format", "version", "blocks_file", "safetensors_sha256", "smt_config", *_LAYOUT_KEYS},
 }
+# the fingerprint sampling scheme (smt_kernels.fingerprint) of each format version: 4 samples every b×b tile
+_FINGERPRINT_SCHEME = {1: 1, 2: 1, 3: 1, 4: FINGERPRINT_SCHEME}
 _CONFIG_KEY = "smt_config"
 _CONFIG_FIELDS = {f.name for f in fields(SMTConfig)}
 _MODULE_KEYS = {"shape", "dtype", "blocks"}
@@ -79,7 +82,7 @@ class _Manifest:
     layout: dict[str, Any]  # block_size, num_blocks, modules, fingerprint as in the JSON
     blocks_file: str
     sha256: str
-    config: SMTConfig | None = None  # version 3; None when the model was patched without one
+    config: SMTConfig | None = None  # version 3 on; None when the model was patched without one
 
     @property
     def block_size(self) -> int:
@@ -92,6 +95,10 @@ class _Manifest:
     @property
     def selection(self) -> dict[str, list[list[int]]]:
         return {n: v["blocks"] for n, v in self.modules.items()}
+
+    @property
+    def fingerprint_scheme(self) -> int:
+        return _FINGERPRINT_SCHEME[self.version]
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -146,6 +153,18 @@ def _dump_meta(meta: Mapping[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """The safetensors bytes with the header's metadata in sorted key order: safetensors writes it in a random
+    order, so the same blocks would get another checksum (and file name) on every save."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+    text = json.dumps({**ordered, **header}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data stays 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
 def _remove_stale(path: Path, keep: str) -> None:
     """Blocks files of earlier saves and temporary files of interrupted ones (one writer per directory)."""
     for entry in path.iterdir():
@@ -186,14 +205,16 @@ def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
         "modules": modules,
         "fingerprint": base_fingerprint(model, selection, block_size),
     }
-    data = save_safetensors(
-        tensors,
-        metadata={
-            "format": FORMAT,
-            "version": str(FORMAT_VERSION),
-            "layout": json.dumps(layout),
-            _CONFIG_KEY: json.dumps(config),
-        },
+    data = _canonical_header(
+        save_safetensors(
+            tensors,
+            metadata={
+                "format": FORMAT,
+                "version": str(FORMAT_VERSION),
+                "layout": json.dumps(layout),
+                _CONFIG_KEY: json.dumps(config),
+            },
+        )
     )
     sha = hashlib.sha256(data).hexdigest()
     blocks_file = f"smt_blocks.{sha[:16]}.safetensors"
@@ -468,17 +489,36 @@ def _read_saved(path: Path) -> tuple[_Manifest, dict[str, torch.Tensor]]:
 
 
 class SavedBlocks(tuple):
-    """What ``read_blocks`` returns: the pair ``(block_size, blocks)`` (unpack it as before) with the saved
-    ``SMTConfig`` as ``.config`` (None for files saved without one, and for format versions 1 and 2)."""
+    """What ``read_blocks`` returns: the pair ``(block_size, blocks)`` (unpack it as before) with what else the
+    file says: ``.config`` (the saved ``SMTConfig``; None for files saved without one, and for format versions 1
+    and 2), ``.shapes`` ({module: (out_features, in_features)} of the weights the blocks were trained in),
+    ``.fingerprint`` (the base-weight digests) and ``.fingerprint_scheme`` (how they were sampled)."""
 
     config: SMTConfig | None
+    shapes: dict[str, tuple[int, int]]
+    fingerprint: dict[str, str]
+    fingerprint_scheme: int
 
     def __new__(
-        cls, block_size: int, blocks: dict[str, tuple[torch.Tensor, torch.Tensor]], config: SMTConfig | None
+        cls,
+        block_size: int,
+        blocks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        config: SMTConfig | None,
+        shapes: dict[str, tuple[int, int]] | None = None,
+        fingerprint: dict[str, str] | None = None,
+        fingerprint_scheme: int = FINGERPRINT_SCHEME,
     ) -> SavedBlocks:
         self = super().__new__(cls, (block_size, blocks))
         self.config = config
+        self.shapes = dict(shapes or {})
+        self.fingerprint = dict(fingerprint or {})
+        self.fingerprint_scheme = fingerprint_scheme
         return self
+
+    def __reduce__(self):
+        # a tuple subclass with a __new__ of its own: pickle and copy need its arguments, not the tuple's items
+        args = (self[0], self[1], self.config, self.shapes, self.fingerprint, self.fingerprint_scheme)
+        return (SavedBlocks, args)
 
     @property
     def block_size(self) -> int:
@@ -491,15 +531,23 @@ class SavedBlocks(tuple):
 
 def read_blocks(path: str | os.PathLike) -> SavedBlocks:
     """(block_size, {module: (block_indices int64 (n, 2), block_weight (n, b, b))}) of a ``save_blocks``
-    directory, with the saved ``SMTConfig`` as ``.config``, without a model, after every check that
-    ``load_blocks`` makes of the files themselves."""
+    directory, with the saved ``SMTConfig``, weight shapes and fingerprint as attributes (``SavedBlocks``),
+    without a model, after every check that ``load_blocks`` makes of the files themselves."""
     path = Path(path)
     manifest, tensors = _read_saved(path)
     blocks = {
         name: (torch.tensor(v["blocks"], dtype=torch.int64).reshape(-1, 2), tensors[f"{name}.block_weight"])
         for name, v in manifest.modules.items()
     }
-    return SavedBlocks(manifest.block_size, blocks, manifest.config)
+    shapes = {name: (v["shape"][0], v["shape"][1]) for name, v in manifest.modules.items()}
+    return SavedBlocks(
+        manifest.block_size,
+        blocks,
+        manifest.config,
+        shapes,
+        manifest.layout["fingerprint"],
+        manifest.fingerprint_scheme,
+    )
 
 
 def _check_patched_like(cfg, mods, manifest: _Manifest, path: Path) -> None:
@@ -590,7 +638,8 @@ def load_blocks(model: nn.Module, path: str | os.PathLike, strict: bool = True) 
         mods = None
     if strict:
         compare_fingerprints(
-            manifest.layout["fingerprint"], base_fingerprint(model, manifest.selection, manifest.block_size)
+            manifest.layout["fingerprint"],
+            base_fingerprint(model, manifest.selection, manifest.block_size, manifest.fingerprint_scheme),
         )
 
     if mods is None:

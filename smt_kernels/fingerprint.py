@@ -7,8 +7,10 @@ samples a fixed set of elements per tensor, so it is cheap on an 8B model and th
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,9 +23,16 @@ from smt_kernels.patch import PATCHED_TYPES, canonical_selection
 # checkpoint quantized on the CPU. Left out of new fingerprints and ignored in saved ones.
 DEVICE_ROUNDED = (".weight_absmax_scale", ".weight_absmax_offset")
 
-# elements sampled per tensor: enough that another checkpoint (or another fine-tune of the same one) differs
-# somewhere in the sample, cheap enough for an 8B model in seconds
+# elements sampled per tensor (at least): enough that another checkpoint differs somewhere in the sample, cheap
+# enough for an 8B model in seconds
 FINGERPRINT_SAMPLES = 4096
+# scheme 2: a 2-D tensor is sampled in every b×b tile (b = the block size), at least this many elements per tile,
+# so that another fine-tune of the same checkpoint that changed whole blocks anywhere (a merged SMT run) differs
+# in the sample; scheme 1's evenly spaced positions fell on the diagonal of square weights (4096×4096: 16 of 256
+# blocks sampled)
+SAMPLES_PER_TILE = 4
+FINGERPRINT_SCHEME = 2  # what save_blocks writes (block files of format version 4)
+FINGERPRINT_SCHEMES = (1, 2)
 
 
 def block_mask(blocks: Sequence[Sequence[int]], shape: tuple[int, int], block_size: int) -> torch.Tensor:
@@ -35,17 +44,111 @@ def block_mask(blocks: Sequence[Sequence[int]], shape: tuple[int, int], block_si
     return grid
 
 
+def _coprime_step(n: int) -> int:
+    # a step near n / golden ratio with gcd 1: i·step mod n visits distinct, well spread positions
+    step = max(1, round(n * 0.6180339887498949))
+    while math.gcd(step, n) != 1:
+        step += 1
+    return step
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    # splitmix64's finaliser: fixed pseudo-random uint64 values, the same on every machine (uint64 arithmetic wraps)
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _tile_positions(shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """Flat positions of scheme 2 in a 2-D ``shape``: per b×b tile (row-major order of the tiles) k elements at
+    fixed pseudo-random places inside the tile (clipped edge tiles included); int64 (tiles, k)."""
+    rows, cols = shape
+    b = block_size
+    grid_r, grid_c = num_blocks_along(rows, b), num_blocks_along(cols, b)
+    tiles = grid_r * grid_c
+    k = min(b * b, max(SAMPLES_PER_TILE, -(-FINGERPRINT_SAMPLES // tiles)))
+    t = np.arange(tiles, dtype=np.uint64)[:, None]
+    draw = _mix64(t * np.uint64(k) + np.arange(k, dtype=np.uint64)[None, :])
+    t = t.astype(np.int64)
+    tile_r, tile_c = t // grid_c, t % grid_c
+    height = np.minimum(rows - tile_r * b, b)
+    width = np.minimum(cols - tile_c * b, b)
+    offset = (draw % (height * width).astype(np.uint64)).astype(np.int64)
+    flat = (tile_r * b + offset // width) * cols + tile_c * b + offset % width
+    return torch.from_numpy(flat)
+
+
+def sample_positions(
+    shape: tuple[int, ...], blocks: Sequence[Sequence[int]] | None, block_size: int, scheme: int = FINGERPRINT_SCHEME
+) -> torch.Tensor:
+    """The flat positions (int64, CPU) a fingerprint samples in a tensor of ``shape``, without those inside
+    ``blocks`` (the selected b×b blocks of a 2-D weight, or None).
+
+    Tensors of at most ``FINGERPRINT_SAMPLES`` elements: every element. Larger ones, scheme 1 (format versions
+    1-3): ``FINGERPRINT_SAMPLES`` evenly spaced positions. Scheme 2: a 2-D tensor at ``SAMPLES_PER_TILE`` or more
+    positions in every b×b tile; any other tensor at max(``FINGERPRINT_SAMPLES``, numel / 4096) positions
+    i·step mod numel with step coprime to numel.
+    """
+    if scheme not in FINGERPRINT_SCHEMES:
+        raise ValueError(f"unknown fingerprint scheme {scheme!r}; this smt_kernels knows {list(FINGERPRINT_SCHEMES)}")
+    n = math.prod(shape)
+    two_d = len(shape) == 2
+    if n <= FINGERPRINT_SAMPLES:
+        pos = torch.arange(n, dtype=torch.int64)
+    elif scheme == 1:  # evenly spaced, first and last included; integer maths, no float rounding
+        pos = torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64) * (n - 1) // (FINGERPRINT_SAMPLES - 1)
+    elif two_d:
+        pos = _tile_positions((shape[0], shape[1]), block_size)
+        if blocks:  # whole tiles of trained blocks are left out (the tiles are the blocks)
+            pos = pos[~block_mask(blocks, (shape[0], shape[1]), block_size).reshape(-1)]
+        return pos.reshape(-1)
+    else:
+        count = max(FINGERPRINT_SAMPLES, n // 4096)
+        pos = torch.arange(count, dtype=torch.int64) * _coprime_step(n) % n
+    if blocks and two_d:
+        grid = block_mask(blocks, (shape[0], shape[1]), block_size)
+        rows, cols = pos // shape[1], pos % shape[1]
+        pos = pos[~grid[rows // block_size, cols // block_size]]
+    return pos
+
+
+def values_digest(key: str, shape: tuple[int, ...], dtype: torch.dtype, values: torch.Tensor) -> str:
+    """32 hex digits: SHA-256 of ``key``, ``shape``, ``dtype`` and the sampled ``values`` (CPU, in ``dtype``)."""
+    h = hashlib.sha256(f"{key}|{tuple(shape)}|{dtype}|".encode())
+    h.update(values.contiguous().view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def tensor_digest(
+    key: str,
+    tensor: torch.Tensor,
+    blocks: Sequence[Sequence[int]] | None,
+    block_size: int,
+    scheme: int = FINGERPRINT_SCHEME,
+) -> str:
+    """``values_digest`` of ``tensor`` at its ``sample_positions``."""
+    flat = tensor.detach().reshape(-1)
+    pos = sample_positions(tuple(tensor.shape), blocks, block_size, scheme)
+    return values_digest(key, tuple(tensor.shape), tensor.dtype, flat[pos.to(flat.device)].cpu())
+
+
 @torch.no_grad()
 def base_fingerprint(
-    model: nn.Module, selection: Mapping[str, Sequence[Sequence[int]]], block_size: int
+    model: nn.Module,
+    selection: Mapping[str, Sequence[Sequence[int]]],
+    block_size: int,
+    scheme: int = FINGERPRINT_SCHEME,
 ) -> dict[str, str]:
     """{state_dict key: digest} of every base tensor (but the ``DEVICE_ROUNDED`` NF4 statistics), the same for a
     patched and an unpatched model.
 
-    Each digest is a SHA-256 of the name, shape, dtype and ``FINGERPRINT_SAMPLES`` elements at fixed evenly
-    spaced positions (all elements of small tensors). Positions inside the selected blocks of a selected
-    weight are left out: training rewrites them in place, so only the weights outside the blocks identify
-    the base model. ``block_weight``/``block_indices`` of patched layers are not base tensors and are skipped.
+    Each digest is ``tensor_digest``: the name, shape, dtype and the elements at ``sample_positions``. Positions
+    inside the selected blocks of a selected weight are left out: training rewrites them in place, so only the
+    weights outside the blocks identify the base model. ``block_weight``/``block_indices`` of patched layers are
+    not base tensors and are skipped. ``scheme`` 1 is what block files of format versions 1-3 hold.
     """
     sel = canonical_selection(selection)
     skip = set()
@@ -56,20 +159,9 @@ def base_fingerprint(
     for key, t in model.state_dict().items():
         if key in skip or key.endswith(DEVICE_ROUNDED):
             continue
-        flat = t.detach().reshape(-1)
-        n = flat.numel()
-        pos = torch.arange(min(n, FINGERPRINT_SAMPLES), dtype=torch.int64)
-        if n > FINGERPRINT_SAMPLES:  # evenly spaced, first and last included; integer maths, no float rounding
-            pos = pos * (n - 1) // (FINGERPRINT_SAMPLES - 1)
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        if module in sel and t.dim() == 2:
-            grid = block_mask(sel[module], tuple(t.shape), block_size)
-            rows, cols = pos // t.shape[1], pos % t.shape[1]
-            pos = pos[~grid[rows // block_size, cols // block_size]]
-        vals = flat[pos.to(flat.device)].cpu().contiguous()
-        h = hashlib.sha256(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(vals.view(torch.uint8).numpy().tobytes() if vals.numel() else b"")
-        out[key] = h.hexdigest()[:32]
+        blocks = sel[module] if module in sel and t.dim() == 2 else None
+        out[key] = tensor_digest(key, t, blocks, block_size, scheme)
     return out
 
 

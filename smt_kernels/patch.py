@@ -480,7 +480,8 @@ def merge(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
     for any HF model); "keep" leaves them 4-bit. It does not matter for a 16-bit model.
     The ``requires_grad`` flags from before ``patch`` are restored (parameters that did not exist then, such as
     a dequantized weight, are left trainable, as a new ``nn.Linear``'s are), and forward/backward hooks move
-    back onto the ``nn.Linear``. Returns the same model object.
+    back onto the ``nn.Linear``. Returns the same model object. If a layer fails to merge (out of memory), every
+    layer merged so far is put back and the model is left patched as it was.
 
     Merging into a 4-bit base is lossy in the base only (its NF4 rounding); for the original 16-bit base with the
     trained blocks, fold them into the original checkpoint (``fold_blocks_into_checkpoint``).
@@ -492,9 +493,20 @@ def merge(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
     flags = cfg.get("requires_grad", {})
     if frozen == "dequantize":
         mods = {n: m for n, m in modules.items() if n in mods or isinstance(m, NF4Linear)}
-    for name, m in mods.items():
-        parent_name, _, attr = name.rpartition(".")
-        _replace(modules[parent_name] if parent_name else model, attr, m, m.to_linear())
+    swapped: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+    try:
+        for name, m in mods.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            new = m.to_linear()
+            _replace(parent, attr, m, new)
+            swapped.append((parent, attr, m, new))
+    except BaseException:
+        # out of memory while dequantizing, say: the model goes back to its patched state, blocks intact (the old
+        # layers are still held here, so this costs nothing)
+        for parent, attr, old, new in reversed(swapped):
+            _replace(parent, attr, new, old)
+        raise
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, True))
     delattr(model, CONFIG_ATTR)

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,7 +22,7 @@ from tiny_models import ARCHS, SELECTION, B, assert_unchanged, block_weights, ma
 
 from smt_kernels import SMTConfig, SparseBlockLinear, block_files, load_blocks, merge, patch, save_blocks
 from smt_kernels.block_files import META_FILE, V1_BLOCKS_FILE, BlockFileError, BlockFileTypeError, read_blocks
-from smt_kernels.fingerprint import base_fingerprint
+from smt_kernels.fingerprint import base_fingerprint, sample_positions
 
 Q = "model.layers.0.self_attn.q_proj"
 ERRORS = (ValueError, TypeError, FileNotFoundError)  # BlockFileError is a ValueError
@@ -95,7 +96,7 @@ def test_save_and_load_blocks_round_trip(arch, tmp_path):
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert sorted(os.listdir(tmp_path)) == sorted([META_FILE, meta["blocks_file"]])
     assert meta["blocks_file"] == f"smt_blocks.{meta['safetensors_sha256'][:16]}.safetensors"
-    assert meta["block_size"] == B and meta["num_blocks"] == 6 and meta["version"] == 3
+    assert meta["block_size"] == B and meta["num_blocks"] == 6 and meta["version"] == 4
     assert meta["modules"][Q] == {"shape": [80, 80], "dtype": "float32", "blocks": [[0, 0], [2, 2]]}
     # only the blocks are stored: 6 blocks of 32×32 fp32 plus a header that holds the layout and fingerprint
     assert blocks_file(tmp_path).stat().st_size < 6 * 32 * 32 * 4 + 8000
@@ -135,10 +136,74 @@ def test_fingerprint_ignores_the_selected_blocks_only():
     assert base_fingerprint(model, SELECTION, B) == fp
     patch(model, SELECTION, block_size=B, verbose=False)
     assert base_fingerprint(model, SELECTION, B) == fp  # the same keys and digests once patched
-    with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.weight[0, 40] += 1.0  # outside: block (0, 1) is not selected
+    with torch.no_grad():  # outside: block (0, 1) is not selected (the fingerprint samples every block)
+        model.model.layers[0].self_attn.q_proj.weight[0:B, B : 2 * B] += 1.0
     changed = {k for k, v in base_fingerprint(model, SELECTION, B).items() if v != fp[k]}
     assert changed == {"model.layers.0.self_attn.q_proj.weight"}
+
+
+@pytest.mark.parametrize("shape,block_size", [((4096, 4096), 256), ((4096, 14336), 256), ((96, 200), 32)])
+def test_fingerprint_samples_every_block(shape, block_size):
+    pos = sample_positions(shape, None, block_size)
+    grid = torch.zeros(-(-shape[0] // block_size), -(-shape[1] // block_size), dtype=torch.bool)
+    grid[pos // shape[1] // block_size, pos % shape[1] // block_size] = True
+    assert grid.all() and pos.min() >= 0 and pos.max() < shape[0] * shape[1]
+    # trained blocks are left out whole, and nothing else
+    skip = [(0, 0), (1, 2)]
+    kept = sample_positions(shape, skip, block_size)
+    rows, cols = kept // shape[1] // block_size, kept % shape[1] // block_size
+    assert not any(((rows == r) & (cols == c)).any() for r, c in skip)
+    assert kept.numel() == pos.numel() - 2 * (pos.numel() // grid.numel())
+
+
+def test_fingerprint_sees_another_fine_tune_of_the_same_base_anywhere():
+    """Any one changed 64-block of a 1024×1024 weight changes its digest (a merged SMT fine-tune of the same
+    checkpoint is another base); the evenly spaced positions of format versions 1-3 missed 3 blocks in 4."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1024, 1024, bias=False)
+    want = {1: base_fingerprint(layer, {}, 64, scheme=1), 2: base_fingerprint(layer, {}, 64)}
+    seen = {1: 0, 2: 0}
+    blocks = [(r, c) for r in range(16) for c in range(16)]
+    for r, c in random.Random(0).sample(blocks, 24):
+        changed = copy.deepcopy(layer)
+        with torch.no_grad():
+            changed.weight[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64] += 0.01
+        for scheme in (1, 2):
+            seen[scheme] += base_fingerprint(changed, {}, 64, scheme=scheme) != want[scheme]
+    assert seen[2] == 24 and seen[1] < 12
+
+
+def test_version_3_directories_load_with_their_evenly_spaced_fingerprint(saved):
+    old_fingerprint = base_fingerprint(trained(), SELECTION, B, scheme=1)
+
+    def to_version_3(metadata):
+        metadata["version"] = "3"
+        metadata["layout"] = json.dumps({**json.loads(metadata["layout"]), "fingerprint": old_fingerprint})
+
+    rewrite_blocks(saved, metadata_fn=to_version_3)
+    edit_json(saved, lambda meta: meta.update(version=3, fingerprint=old_fingerprint))
+    assert read_blocks(saved).fingerprint_scheme == 1
+    assert_loaded(load_blocks(tiny(), saved), block_weights(trained()))
+    other = tiny()
+    with torch.no_grad():
+        other.model.norm.weight += 1.0
+    with pytest.raises(ValueError, match="different base model"):
+        load_blocks(other, saved)
+    # the same digests read as the new scheme do not match: the version decides the scheme
+    edit_json(saved, lambda meta: meta.update(version=4))
+    rewrite_blocks(saved, metadata_fn=lambda metadata: metadata.update(version="4"))
+    with pytest.raises(ValueError, match="different base model"):
+        load_blocks(tiny(), saved)
+
+
+def test_read_blocks_result_pickles_and_copies(saved):
+    got = read_blocks(saved)
+    for twin in (copy.deepcopy(got), pickle.loads(pickle.dumps(got))):
+        assert twin.block_size == got.block_size and twin.config == got.config
+        assert twin.shapes == got.shapes and twin.fingerprint == got.fingerprint
+        assert twin.fingerprint_scheme == got.fingerprint_scheme == 2
+        assert all(torch.equal(twin.blocks[n][1], w) for n, (_, w) in got.blocks.items())
+    assert got.shapes[Q] == tuple(trained().model.layers[0].self_attn.q_proj.weight.shape)
 
 
 def test_save_blocks_needs_a_patched_model(tmp_path):
@@ -237,7 +302,7 @@ def _bad_load_cases():
         ("bit flip", tiny, flip, BlockFileError, "corrupt or truncated"),
         ("cut JSON", tiny, cut_json, BlockFileError, "not valid JSON"),
         ("no safetensors", tiny, drop_blocks, FileNotFoundError, r"no smt_blocks\.[0-9a-f]{16}\.safetensors in"),
-        ("version", tiny, version, BlockFileError, r"format version 99; this smt_kernels reads versions \[1, 2, 3\]"),
+        ("version", tiny, version, BlockFileError, r"format version 99; this smt_kernels reads versions \[1, 2, 3, 4"),
         (
             "tensor shape",
             tiny,
@@ -537,13 +602,13 @@ def write_version_1(model, path):
         "num_blocks": meta["num_blocks"],
         "modules": meta["modules"],
         "safetensors_sha256": hashlib.sha256(data).hexdigest(),
-        "fingerprint": meta["fingerprint"],
+        "fingerprint": base_fingerprint(model, SELECTION, B, scheme=1),  # versions 1-3 sample evenly
     }
     (path / META_FILE).write_text(json.dumps(v1))
     return path
 
 
-def test_version_1_directories_still_load_and_resave_as_version_2(tmp_path, caplog):
+def test_version_1_directories_still_load_and_resave_as_version_4(tmp_path, caplog):
     model = trained()
     path = write_version_1(model, tmp_path / "v1")
     with caplog.at_level("WARNING", logger="smt_kernels.block_files"):
@@ -552,19 +617,22 @@ def test_version_1_directories_still_load_and_resave_as_version_2(tmp_path, capl
     assert_loaded(loaded, block_weights(model))
     save_blocks(loaded, path)  # upgrades in place; the version-1 blocks file goes once the new manifest is in
     meta = json.loads((path / META_FILE).read_text())
-    assert meta["version"] == 3 and sorted(os.listdir(path)) == sorted([META_FILE, meta["blocks_file"]])
+    assert meta["version"] == 4 and sorted(os.listdir(path)) == sorted([META_FILE, meta["blocks_file"]])
     assert_loaded(load_blocks(tiny(), path), block_weights(model))
 
 
 def test_version_2_directories_load_without_a_config(saved, caplog):
     """A directory as smt_kernels wrote it before the config was saved (format version 2)."""
 
+    old_fingerprint = base_fingerprint(trained(), SELECTION, B, scheme=1)
+
     def to_version_2(metadata):
         metadata["version"] = "2"
         del metadata["smt_config"]
+        metadata["layout"] = json.dumps({**json.loads(metadata["layout"]), "fingerprint": old_fingerprint})
 
     rewrite_blocks(saved, metadata_fn=to_version_2)
-    edit_json(saved, lambda meta: (meta.update(version=2), meta.pop("smt_config")))
+    edit_json(saved, lambda meta: (meta.update(version=2, fingerprint=old_fingerprint), meta.pop("smt_config")))
     with caplog.at_level("WARNING", logger="smt_kernels.block_files"):
         loaded = load_blocks(tiny(), saved)
         assert read_blocks(saved).config is None
@@ -732,3 +800,13 @@ def test_fuzz_load_blocks_errors_cleanly_or_loads_exactly_the_save(saved, tmp_pa
             outcomes["loaded"] += 1
         shutil.rmtree(path)
     assert outcomes["error"] > 200, outcomes
+
+
+def test_the_same_blocks_give_the_same_file(tmp_path):
+    """The blocks file's bytes (and so its name) depend only on what is saved: safetensors writes the metadata in a
+    random order, which save_blocks puts in a fixed one."""
+    model = trained()
+    names = {save_blocks(model, tmp_path / f"save{i}") and blocks_file(tmp_path / f"save{i}").name for i in range(4)}
+    assert len(names) == 1
+    assert (tmp_path / "save0" / META_FILE).read_bytes() == (tmp_path / "save3" / META_FILE).read_bytes()
+    assert_loaded(load_blocks(tiny(), tmp_path / "save0"), block_weights(model))

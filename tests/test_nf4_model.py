@@ -392,3 +392,104 @@ def test_load_checkpoint_bitsandbytes_quantized(tmp_path):
         assert torch.equal(got[key], want[key]), key
     with torch.no_grad():
         assert torch.equal(loaded(**batch()).logits, reference(**batch()).logits)
+
+
+def _bf16_blocks(tmp_path, model, name="blocks"):
+    """``model`` patched with SELECTION, its blocks changed, saved; returns the blocks directory."""
+    import smt_kernels
+
+    smt_kernels.patch(model, SELECTION, block_size=B, verbose=False)
+    with torch.no_grad():
+        for m in smt_kernels.patched_modules(model).values():
+            m.block_weight.add_(1.0)
+    return smt_kernels.save_blocks(model, tmp_path / name)
+
+
+def test_fold_checks_the_base_the_blocks_were_trained_on(sharded, tmp_path):
+    """Blocks of another checkpoint of the same architecture are refused before anything is written; blocks
+    trained in fp32 from this bf16 checkpoint, or on its 4-bit quantization, are its own."""
+    directory, _ = sharded
+    other = tmp_path / "other_ckpt"
+    tiny(torch.bfloat16, seed=5).save_pretrained(other, max_shard_size="100KB")
+    blocks = _bf16_blocks(tmp_path, tiny(torch.bfloat16, seed=3))
+    with pytest.raises(ValueError, match=r"different base model .* tensors differ") as err:
+        fold_blocks_into_checkpoint(blocks, other, tmp_path / "out")
+    assert "strict=False" in str(err.value) and not (tmp_path / "out").exists()
+    fold_blocks_into_checkpoint(blocks, other, tmp_path / "out", strict=False)  # asked for: folded
+    fp32 = _bf16_blocks(tmp_path, LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32), "fp32")
+    fold_blocks_into_checkpoint(fp32, directory, tmp_path / "from_fp32")
+    nf4 = load_nf4_pretrained(directory, device="cpu", compute_dtype=torch.bfloat16)
+    patch_nf4(nf4, SELECTION, B)
+    import smt_kernels
+
+    smt_kernels.save_blocks(nf4, tmp_path / "nf4")
+    fold_blocks_into_checkpoint(tmp_path / "nf4", directory, tmp_path / "from_nf4")  # norms and embeddings match
+    with pytest.raises(ValueError, match="different base model"):
+        fold_blocks_into_checkpoint(tmp_path / "nf4", other, tmp_path / "nf4_other")
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        fold_blocks_into_checkpoint(blocks, directory, tmp_path / "x", strict="yes")
+
+
+def test_fold_refuses_a_checkpoint_of_other_weight_shapes(tmp_path):
+    """Blocks trained in 80-wide weights (edge blocks clipped at 80) fold into no 96-wide checkpoint, even where
+    the block indices fit it: the clipped edge's zero padding would overwrite real weights."""
+    wide = tmp_path / "wide"
+    tiny(torch.bfloat16, seed=3, hidden_size=96).save_pretrained(wide, max_shard_size="100KB")
+    blocks = _bf16_blocks(tmp_path, tiny(torch.bfloat16, seed=3))
+    with pytest.raises(ValueError, match=r"trained in a 80×80 weight, the checkpoint's is 96×96"):
+        fold_blocks_into_checkpoint(blocks, wide, tmp_path / "out", strict=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trained_blocks_of_a_mixed_model_fold_every_patched_layer(sharded, tmp_path):
+    """16-bit targets of a model whose other linears are 4-bit (quantize_base(skip=...)) are folded too."""
+    import smt_kernels
+
+    directory, full = sharded
+    model = quantize_base(LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16), "nf4", skip=("v_proj",))
+    smt_kernels.patch(model, SELECTION, block_size=B, verbose=False)
+    with torch.no_grad():
+        for m in smt_kernels.patched_modules(model).values():
+            m.block_weight.add_(1.0)
+    blocks = trained_blocks(model)
+    assert set(blocks) == set(SELECTION)
+    out = fold_blocks_into_checkpoint(blocks, directory, tmp_path / "folded", block_size=B)
+    folded = {}
+    for shard in ckpt.checkpoint_shards(out):
+        folded.update(load_file(shard))
+    v = "model.layers.0.self_attn.v_proj"
+    assert not torch.equal(folded[f"{v}.weight"], full.state_dict()[f"{v}.weight"])
+    tile = folded[f"{v}.weight"][B : 2 * B, B : 2 * B]  # v_proj is 40×80: block (1, 1) is clipped to 8 rows
+    assert torch.equal(tile, blocks[v][1][0][: tile.shape[0], : tile.shape[1]])
+
+
+def test_a_merge_that_fails_midway_leaves_the_model_patched(monkeypatch):
+    """Out of memory while dequantizing the 6th layer: every layer merged so far goes back, the blocks can still be
+    saved, and a second merge works."""
+    import smt_kernels
+
+    model = quantize_base(tiny(torch.bfloat16, seed=3), "nf4", skip=("v_proj",))
+    smt_kernels.patch(model, SELECTION, block_size=B, verbose=False)
+    with torch.no_grad():
+        for m in smt_kernels.patched_modules(model).values():
+            m.block_weight.add_(1.0)
+    types = {n: type(m) for n, m in model.named_modules()}
+    with torch.no_grad():
+        want = model(**batch()).logits
+    calls, real = [0], NF4Linear.to_linear
+
+    def failing(self):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise torch.OutOfMemoryError("simulated: out of memory while dequantizing")
+        return real(self)
+
+    monkeypatch.setattr(NF4Linear, "to_linear", failing)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        smt_kernels.merge(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types and hasattr(model, "smt_config")
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, want)
+    monkeypatch.setattr(NF4Linear, "to_linear", real)
+    merged = smt_kernels.merge(model)
+    assert not smt_kernels.patched_modules(merged) and not nf4_modules(merged)

@@ -188,6 +188,47 @@ def _tie(model: nn.Module) -> set[str]:
 
 # ------------------------------------------------------------------------------------------------ fold blocks
 
+# dtypes a checkpoint tensor may have been loaded in for training (torch_dtype=...): its sampled values are cast to
+# each before hashing, so a bf16 checkpoint trained in fp32 (or the reverse) still matches
+_LOAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_base(saved, shapes: Mapping[str, tuple[Path, tuple[int, ...]]], checkpoint_dir: Path) -> None:
+    """Raise ValueError unless every fingerprinted tensor the checkpoint holds has the saved digest in some dtype
+    it can be loaded in; at least one must be comparable."""
+    from smt_kernels.fingerprint import DEVICE_ROUNDED, sample_positions, values_digest
+
+    selection = {n: idx.tolist() for n, (idx, _) in saved.blocks.items()}
+    compared, differ = 0, []
+    keys = [k for k in saved.fingerprint if k in shapes and not k.endswith(DEVICE_ROUNDED)]
+    for key in keys:
+        shard, shape = shapes[key]
+        with safe_open(str(shard), framework="pt") as f:
+            tensor = f.get_tensor(key)
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        blocks = selection.get(module) if len(shape) == 2 else None
+        pos = sample_positions(shape, blocks, saved.block_size, saved.fingerprint_scheme)
+        values = tensor.reshape(-1)[pos]
+        del tensor
+        dtypes = dict.fromkeys((values.dtype, *_LOAD_DTYPES)) if values.is_floating_point() else (values.dtype,)
+        compared += 1
+        if not any(values_digest(key, shape, d, values.to(d)) == saved.fingerprint[key] for d in dtypes):
+            differ.append(key)
+    if differ:
+        raise ValueError(
+            f"the blocks were trained on a different base model than the checkpoint in {checkpoint_dir}: "
+            f"{len(differ)} of {compared} compared tensors differ, e.g. {differ[:4]}; nothing was written "
+            "(pass strict=False to fold them anyway)"
+        )
+    if compared == 0:
+        raise ValueError(
+            f"none of the {len(saved.fingerprint)} base tensors the blocks' fingerprint covers is in the checkpoint "
+            f"in {checkpoint_dir} (e.g. {list(saved.fingerprint)[:3]}), so it cannot be checked as their base; "
+            "nothing was written (pass strict=False to fold anyway)"
+        )
+    logger.info("fold_blocks_into_checkpoint: base checked on %d tensors", compared)
+
+
 BlocksLike = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -197,6 +238,7 @@ def fold_blocks_into_checkpoint(
     checkpoint_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     block_size: int | None = None,
+    strict: bool = True,
 ) -> Path:
     """Write a copy of a 16-bit Hugging Face checkpoint with trained SMT blocks written into its weights.
 
@@ -204,21 +246,30 @@ def fold_blocks_into_checkpoint(
     model with only the trained blocks changed, whatever base (bf16 or NF4) they were trained on.
 
     Args:
-        blocks: a directory written by ``save_blocks``, or {module name: (block_indices (n, 2), block_weight
-            (n, b, b))} with ``block_size``.
+        blocks: a directory written by ``save_blocks`` (or ``read_blocks``' result), or {module name:
+            (block_indices (n, 2), block_weight (n, b, b))} with ``block_size`` (``trained_blocks(model)``).
         checkpoint_dir: the original checkpoint (``model.safetensors``, or shards and their index JSON).
         out_dir: where the folded checkpoint goes (created; must not be checkpoint_dir). Every other file of the
             checkpoint (config, tokenizer, index) is copied unchanged.
-    One shard is in memory at a time. Raises ValueError, before writing any shard, if a module of the blocks is
-    not in the checkpoint or its weight shape does not fit the blocks.
+        strict: with blocks from a file, check that the checkpoint is the base they were trained on: the saved
+            fingerprint against the checkpoint's tensors (those of the fingerprint the checkpoint holds: all of
+            them for a 16-bit base; the 16-bit norms and embeddings for a 4-bit one). Reads every such tensor
+            once, one at a time, before the first write.
+    One shard is in memory at a time. Raises ValueError, before writing anything, if a module of the blocks is
+    not in the checkpoint, its weight shape is not the one the blocks were trained in (a file) or does not fit
+    the blocks (a mapping), or (``strict``) the checkpoint is not the blocks' base.
     """
-    if isinstance(blocks, (str, os.PathLike)):
-        from smt_kernels.block_files import read_blocks  # block_files imports this package (through patch)
+    from smt_kernels.block_files import SavedBlocks, read_blocks  # block_files imports this package (patch)
 
-        file_block_size, blocks = read_blocks(blocks)
-        if block_size is not None and block_size != file_block_size:
-            raise ValueError(f"block_size={block_size} but the block file has block_size {file_block_size}")
-        block_size = file_block_size
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    if isinstance(blocks, (str, os.PathLike)):
+        blocks = read_blocks(blocks)
+    saved = blocks if isinstance(blocks, SavedBlocks) else None
+    if saved is not None:
+        if block_size is not None and block_size != saved.block_size:
+            raise ValueError(f"block_size={block_size} but the block file has block_size {saved.block_size}")
+        block_size, blocks = saved.block_size, saved.blocks
     if block_size is None:
         raise ValueError("block_size is needed when blocks are given as a mapping")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -226,20 +277,27 @@ def fold_blocks_into_checkpoint(
         raise ValueError("out_dir must differ from checkpoint_dir (the original checkpoint is kept)")
     shards = checkpoint_shards(checkpoint_dir)
     # plan: which shard holds each weight, and do the blocks fit it (headers only, nothing loaded)
-    where, problems = {}, []
+    where, shapes, problems = {}, {}, []
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
+                shapes[key] = (shard, tuple(f.get_slice(key).get_shape()))
                 if key.endswith(".weight") and key[: -len(".weight")] in blocks:
-                    where[key[: -len(".weight")]] = (shard, tuple(f.get_slice(key).get_shape()))
+                    where[key[: -len(".weight")]] = shapes[key]
     for name, (indices, weight) in blocks.items():
         if name not in where:
             problems.append(f"{name!r}: no {name}.weight in the checkpoint")
             continue
         shape = where[name][1]
+        trained_in = saved.shapes.get(name) if saved is not None else None
         try:
             if len(shape) != 2:
                 raise ValueError(f"the checkpoint's weight has shape {shape}")
+            if trained_in is not None and tuple(trained_in) != shape:
+                raise ValueError(
+                    f"the blocks were trained in a {trained_in[0]}×{trained_in[1]} weight, the checkpoint's is "
+                    f"{shape[0]}×{shape[1]}"
+                )
             BlockLayout.build(indices, shape[0], shape[1], block_size)
         except (TypeError, ValueError) as err:
             problems.append(f"{name!r}: {err}")
@@ -253,6 +311,8 @@ def fold_blocks_into_checkpoint(
             f"the blocks do not fit the checkpoint in {checkpoint_dir}; nothing was written:\n"
             + "\n".join(f"  - {p}" for p in problems[:10])
         )
+    if strict and saved is not None:
+        _check_base(saved, shapes, checkpoint_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_names = {s.name for s in shards}
     for item in checkpoint_dir.iterdir():

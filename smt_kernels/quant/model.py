@@ -149,12 +149,13 @@ def merge_nf4(model: nn.Module, frozen: str = "dequantize") -> nn.Module:
 
 
 def trained_blocks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (block_indices (n, 2), block_weight (n, b, b))} of every NF4SparseBlockLinear, detached on the
-    CPU: what ``fold_blocks_into_checkpoint`` takes (with the block size) without going through a file."""
-    return {
-        n: (m.block_indices.detach().cpu(), m.block_weight.detach().cpu())
-        for n, m in nf4_modules(model, trainable=True).items()
-    }
+    """{module name: (block_indices (n, 2), block_weight (n, b, b))} of every patched layer (4-bit
+    NF4SparseBlockLinear and 16-bit SparseBlockLinear alike), detached on the CPU: what
+    ``fold_blocks_into_checkpoint`` takes (with the block size) without going through a file."""
+    from smt_kernels.patch import patched_modules  # patch imports this package
+
+    mods = patched_modules(model)
+    return {n: (m.block_indices.detach().cpu(), m.block_weight.detach().cpu()) for n, m in mods.items()}
 
 
 @contextlib.contextmanager
