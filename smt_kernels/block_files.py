@@ -1,6 +1,6 @@
 """Block files: ``save_blocks`` writes the trained blocks of a patched model, ``load_blocks`` reads them back.
 
-A blocks directory holds (format version 3):
+A blocks directory holds (format version 4):
 - ``smt_blocks.<h>.safetensors``: one ``"{module}.block_weight"`` (n, b, b) tensor per patched module, and in
   its safetensors metadata the layout (block size, per module its weight shape, dtype and blocks in order), the
   base-weight fingerprint and the ``SMTConfig`` the model was patched with (or null). ``<h>`` is the first 16
@@ -14,7 +14,8 @@ or the new save loadable; files of the previous save are removed only after the 
 Every field is type-checked on load; a bad file raises ``BlockFileError`` (a ``ValueError``) naming the field,
 before the model is touched. Version 2 directories (the same without a config) load with no config; version 1
 directories (``smt_blocks.safetensors`` + ``smt_blocks.json``, the layout in the JSON only) still load, with a
-warning.
+warning. Version 3 is version 4 with the older, evenly spaced fingerprint sampling (``fingerprint`` scheme 1); its
+fingerprints are checked as they were sampled.
 """
 
 from __future__ import annotations
