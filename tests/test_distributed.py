@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smt_kernels import load_blocks, merge, patch, select_blocks
+from smt_kernels import SMTConfig, load_blocks, merge, patch, select_blocks
 from smt_kernels.distributed import (
     merged_state_dict,
     save_blocks_distributed,
@@ -542,6 +542,64 @@ def test_selection_identical_on_every_rank_and_equal_to_single_process(tmp_path)
     for res in ranks:
         assert "between 1 and 2 warm-up batches" in res["mismatch"]
         assert "before wrapping" in res["wrapped"]
+
+
+CONFIG_CASES = {  # settings through config= (or None for "the default") select what the keywords would
+    "config targets": dict(config=SMTConfig(targets=("q_proj", "down_proj"), num_blocks=5, block_size=B)),
+    "config activation": dict(config=SMTConfig(score="activation", num_blocks=5, block_size=B)),
+    "None defaults": dict(num_blocks=5, block_size=B, score=None, targets=None),
+}
+
+
+def _config_and_errors_rank(rank: int, out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build(patched=False)
+    out = {}
+    for case, kw in CONFIG_CASES.items():
+        sel = select_blocks_distributed(model, warmup_batches(local_rows(rank)), progress=False, **kw)
+        out[case] = (dict(sel), sel.scores, sel.num_batches, sel.config)
+    try:
+        select_blocks_distributed(model, warmup_batches(local_rows(rank)), num_batches=0, num_blocks=5, block_size=B)
+    except ValueError as err:
+        out["num_batches"] = str(err)
+    # a failure of rank 0's write reaches every rank, at once (no rank waits for the group's timeout)
+    try:
+        save_blocks_distributed(model, out_dir / "unpatched")  # not patched: refused on every rank
+    except ValueError as err:
+        out["unpatched"] = str(err)
+    (out_dir / "a_file").write_text("")
+    patched = build()
+    for what, call in (
+        ("blocks", lambda: save_blocks_distributed(patched, out_dir / "a_file" / "blocks")),
+        ("merged", lambda: save_merged(patched, out_dir / "a_file" / "merged")),
+    ):
+        try:
+            call()
+        except (OSError, RuntimeError) as err:
+            out[what] = f"{type(err).__name__}: {err}"
+    save_blocks_distributed(patched, out_dir / "blocks")  # the group is still in step: this save works
+    out["saved"] = (out_dir / "blocks" / "smt_blocks.json").is_file()
+    return out
+
+
+def test_selection_settings_from_config_and_errors_on_every_rank(tmp_path):
+    ranks = run_ranks(_config_and_errors_rank, tmp_path / "out", tmp_path / "files")
+    for case, kw in CONFIG_CASES.items():
+        ref = select_blocks(build(patched=False), warmup_batches(), progress=False, **kw)
+        for r, res in enumerate(ranks):
+            blocks, scores, num_batches, config = res[case]
+            assert blocks == dict(ref), f"{case}: rank {r} chose other blocks than one process"
+            assert num_batches == 2 * WORLD and config == ref.config is not None
+            for name in ref.scores:
+                torch.testing.assert_close(scores[name], ref.scores[name], rtol=1e-5, atol=1e-9)
+    for rank, res in enumerate(ranks):
+        assert "num_batches must be >= 1, got 0" in res["num_batches"]
+        assert "needs a model patched" in res["unpatched"]
+        for what in ("blocks", "merged"):
+            assert ("NotADirectoryError" if rank == 0 else "RuntimeError: rank 0 failed: NotADirectoryError") in res[
+                what
+            ], res[what]
+        assert res["saved"]
 
 
 def test_selection_without_process_group_is_select_blocks():

@@ -143,3 +143,31 @@ def test_qlora_two_ranks_equal_one_process(tiny_model_dir, tmp_path, capsys):
     from test_cli_torchrun import one_process_and_two_ranks
 
     one_process_and_two_ranks(tiny_model_dir, "lora", tmp_path, capsys, "--quantize", "nf4")
+
+
+def test_merged_bf16_layers_run_in_the_compute_dtype():
+    """A bf16 compute dtype: merge_adapter and merge_and_unload give bf16 nn.Linear layers (the fp32 sum of base and
+    delta rounded once) that take bf16 inputs outside autocast, and compute what the adapted layer does."""
+    torch.manual_seed(0)
+    n, k, r = 40, 72, 3
+    model = _Block(nn.Linear(k, n, bias=True, dtype=torch.bfloat16))
+    peft = get_nf4_peft_model(model, nf4_lora_config(r=r, lora_alpha=2 * r, target_modules=["q_proj"]))
+    layer = peft.base_model.model.q_proj
+    assert layer.base_layer.compute_dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    w = layer.base_layer.dequantized_weight(torch.float32) + b @ a * 2.0
+    x = torch.randn(2, 5, k, dtype=torch.bfloat16)
+    with torch.no_grad():
+        adapted = peft(x)
+        peft.merge_adapter()
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        assert torch.equal(layer.base_layer.weight, w.to(torch.bfloat16))  # one rounding of the fp32 sum
+        merged = peft(x)
+        peft.unmerge_adapter()
+        plain = peft.merge_and_unload()
+        unloaded = plain(x)
+    assert type(plain.q_proj) is nn.Linear and merged.dtype == unloaded.dtype == adapted.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, unloaded)
+    torch.testing.assert_close(merged.float(), adapted.float(), rtol=2e-2, atol=2e-2)

@@ -3,10 +3,15 @@ Without an initialised process group: world size 1, this process is rank 0, barr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -40,3 +45,26 @@ def barrier() -> None:
     """``dist.barrier()`` when there is more than one rank."""
     if world_size() > 1:
         dist.barrier()
+
+
+def run_on_main(fn: Callable[[], T]) -> T | None:
+    """``fn()`` on rank 0 only (its result there, None on the other ranks), every rank returning once it is done.
+
+    An error on rank 0 is raised there and, as a RuntimeError naming it, on every other rank: no rank reports
+    success for work that failed, or waits at a later collective for a rank that gave up."""
+    if world_size() == 1:
+        return fn()
+    outcome: list[str | None] = [None]
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
+            error = err
+            outcome[0] = f"{type(err).__name__}: {err}"
+    dist.broadcast_object_list(outcome, src=0, device=collective_device())
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {outcome[0]}")
+    return result

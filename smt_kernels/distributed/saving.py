@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from smt_kernels.distributed.ranks import barrier, is_main_process, is_sharded, unwrap
+from smt_kernels.distributed.ranks import is_main_process, is_sharded, run_on_main, unwrap
 from smt_kernels.kernels.backend import scatter_blocks
 from smt_kernels.module import SparseBlockLinear
-from smt_kernels.patch import CONFIG_ATTR, patched_modules, save_blocks
+from smt_kernels.patch import CONFIG_ATTR, patched_modules, require_patched, save_blocks
 from smt_kernels.quant.dequant import dequantize_overlay_torch
 from smt_kernels.quant.model import nf4_modules
 from smt_kernels.quant.module import _BUFFER_NAMES as NF4_BUFFERS
@@ -79,13 +79,13 @@ def save_blocks_distributed(model: nn.Module, path: str | os.PathLike) -> Path:
     does. The files equal what ``save_blocks`` writes for the same model trained in one process.
     """
     model = unwrap(model)
+    require_patched(model, "save_blocks_distributed")  # on every rank, before any collective
     if is_sharded(model):
         state = _full_state_dict(model)
-        if is_main_process():
-            save_blocks(_GatheredModel(model, state), path)  # type: ignore[arg-type]
-    elif is_main_process():
-        save_blocks(model, path)
-    barrier()  # no rank reads the files before they exist
+        run_on_main(lambda: save_blocks(_GatheredModel(model, state), path))  # type: ignore[arg-type]
+    else:
+        run_on_main(lambda: save_blocks(model, path))
+    # run_on_main returns on every rank once rank 0 wrote the files (or raises everywhere if it could not)
     return Path(path)
 
 
@@ -147,7 +147,5 @@ def save_merged(model: nn.Module, path: str | os.PathLike, **save_pretrained_kwa
     trained blocks folded in; the model being trained is left as it is.
     """
     state = merged_state_dict(model)
-    if is_main_process():
-        unwrap(model).save_pretrained(path, state_dict=state, **save_pretrained_kwargs)
-    barrier()
+    run_on_main(lambda: unwrap(model).save_pretrained(path, state_dict=state, **save_pretrained_kwargs))
     return Path(path)

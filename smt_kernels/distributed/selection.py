@@ -3,6 +3,7 @@ and rank 0's selection is broadcast, so every rank patches exactly the same bloc
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from itertools import islice
@@ -14,7 +15,7 @@ from torch import nn
 
 from smt_kernels.distributed.ranks import collective_device, is_main_process, is_sharded, world_size
 from smt_kernels.quant.module import NF4Linear
-from smt_kernels.select import DEFAULT_TARGETS, GRADIENT_SCORES, Selection, find_target_linears, select_blocks
+from smt_kernels.select import GRADIENT_SCORES, Selection, find_target_linears, select_blocks
 
 
 @contextmanager
@@ -120,6 +121,17 @@ def select_blocks_distributed(
             "select_blocks_distributed needs the plain model (the same on every rank): select the "
             "blocks before wrapping it in DistributedDataParallel or fully_shard"
         )
+    from smt_kernels.config import SMTConfig, resolve_config  # config imports select, as select_blocks does
+
+    bad_count = isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1
+    if num_batches is not None and bad_count:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches!r}")
+    # the settings as select_blocks resolves them (config= or keywords, None meaning the default), on every rank
+    # alike: which targets get their gradients averaged and which branch runs depend on them
+    keywords = {k: kwargs.get(k) for k in ("num_blocks", "ratio", "targets", "score", "strategy")}
+    cfg = resolve_config(kwargs.get("config"), "select_blocks", block_size=kwargs.get("block_size"), **keywords)
+    if cfg is None:
+        cfg = SMTConfig()  # raises: the budget is missing
     if isinstance(batches, Mapping):
         batches = [batches]
     batches = list(islice(batches, num_batches) if num_batches is not None else batches)
@@ -134,15 +146,15 @@ def select_blocks_distributed(
             "give every rank the same number (e.g. num_batches=)"
         )
 
-    score = kwargs.get("score", "abs_mean")
-    if score in GRADIENT_SCORES:
-        targets = find_target_linears(model, kwargs.get("targets", DEFAULT_TARGETS)).values()
+    if cfg.score in GRADIENT_SCORES:
+        targets = find_target_linears(model, cfg.targets).values()
         nf4 = [m for m in targets if isinstance(m, NF4Linear)]
         with (
             _averaged_gradients(m.weight for m in targets if not isinstance(m, NF4Linear)),
             _averaged_nf4_gradients(nf4),
         ):
             local = select_blocks(model, batches, progress=progress, **kwargs)
+        batches_seen = local.num_batches * world  # each rank's distinct batches (with a warm-up, at most N)
     else:
         # a forward hook cannot reduce per-token statistics across ranks: run every rank's batches everywhere
         gathered: list[Any] = [None] * world
@@ -150,11 +162,13 @@ def select_blocks_distributed(
         local = select_blocks(
             model, [b for rank_batches in gathered for b in rank_batches], progress=progress, **kwargs
         )
+        batches_seen = local.num_batches
 
     # the reductions make the scores equal on every rank up to rounding; rank 0's choice settles near ties
     payload = [local.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(payload, src=0, device=collective_device())
     chosen = Selection.from_json(payload[0])
-    chosen.num_batches = most * world
+    chosen.num_batches = batches_seen
     chosen.scores = local.scores
+    chosen.config = local.config  # the same on every rank; patch records it and save_blocks writes it
     return chosen

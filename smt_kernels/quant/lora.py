@@ -72,31 +72,30 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Replace the NF4 base by a plain fp32 ``nn.Linear``: the dequantized weight plus each adapter's delta.
-
-        fp32 whatever the compute dtype: the delta is not rounded into bf16 (on the CPU, where the compute dtype is
-        fp32, the merged layer computes what the adapted one does up to GEMM rounding). ``unmerge`` puts the
-        original 4-bit layer back (exactly: no requantization).
+        """Replace the NF4 base by a plain ``nn.Linear`` in the base's compute dtype: the dequantized weight plus
+        each adapter's delta, summed in fp32 and rounded once (the delta is not rounded into bf16 on its own), so
+        the merged layer takes and returns what the adapted one does (``merge_adapter``, ``merge_and_unload``).
+        ``unmerge`` puts the original 4-bit layer back (exactly: no requantization).
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        w = base.dequantized_weight(torch.float32) if isinstance(base, NF4Linear) else base.weight.data.float()
         for adapter in adapter_names:
-            if adapter not in self.lora_A:
-                continue
-            base = self.get_base_layer()
-            if isinstance(base, NF4Linear):
-                self._nf4_base = (base,)  # a tuple: not registered as a submodule (no second copy in state_dict)
-                w, bias = base.dequantized_weight(torch.float32), base.bias
-                base = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device)
-                base.weight.data.copy_(w)
-                if bias is not None:
-                    base.bias.data.copy_(bias.float())
-                base.requires_grad_(False)
-                self.base_layer = base
-            merged = base.weight.data + self.get_delta_weight(adapter).detach().to(base.weight)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs in the merged weight of adapter {adapter!r}; it seems broken")
-            base.weight.data = merged
-            self.merged_adapters.append(adapter)
+            w = w + self.get_delta_weight(adapter).detach().to(w)
+        if safe_merge and not torch.isfinite(w).all():
+            raise ValueError(f"NaNs or infs in the merged weight of adapters {adapter_names}; they seem broken")
+        if isinstance(base, NF4Linear):
+            self._nf4_base = (base,)  # a tuple: not registered as a submodule (no second copy in state_dict)
+            bias, dtype = base.bias, base.compute_dtype
+            base = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=dtype)
+            if bias is not None:
+                base.bias.data.copy_(bias)
+            base.requires_grad_(False)
+            self.base_layer = base
+        base.weight.data = w.to(base.weight.dtype)
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
         """Put the 4-bit base back (the adapters stay as they are)."""
