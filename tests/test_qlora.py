@@ -145,9 +145,9 @@ def test_qlora_two_ranks_equal_one_process(tiny_model_dir, tmp_path, capsys):
     one_process_and_two_ranks(tiny_model_dir, "lora", tmp_path, capsys, "--quantize", "nf4")
 
 
-def test_merged_bf16_layers_run_in_the_compute_dtype():
-    """A bf16 compute dtype: merge_adapter and merge_and_unload give bf16 nn.Linear layers (the fp32 sum of base and
-    delta rounded once) that take bf16 inputs outside autocast, and compute what the adapted layer does."""
+def test_merged_layers_of_a_bf16_model_are_bf16():
+    """A bf16 model: merge_adapter and merge_and_unload give bf16 nn.Linear layers (the fp32 sum of base and delta
+    rounded once) that take bf16 inputs outside autocast, and compute what the adapted layer does."""
     torch.manual_seed(0)
     n, k, r = 40, 72, 3
     model = _Block(nn.Linear(k, n, bias=True, dtype=torch.bfloat16))

@@ -72,10 +72,11 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Replace the NF4 base by a plain ``nn.Linear`` in the base's compute dtype: the dequantized weight plus
-        each adapter's delta, summed in fp32 and rounded once (the delta is not rounded into bf16 on its own), so
-        the merged layer takes and returns what the adapted one does (``merge_adapter``, ``merge_and_unload``).
-        ``unmerge`` puts the original 4-bit layer back (exactly: no requantization).
+        """Replace the NF4 base by a plain ``nn.Linear`` in the dtype the weight had before quantization (the
+        model's: a bf16 model gets bf16 layers that take its bf16 activations, an fp32 one trained under bf16
+        autocast fp32 layers): the dequantized weight plus each adapter's delta, summed in fp32 and rounded once
+        (the delta is not rounded on its own). ``unmerge`` puts the original 4-bit layer back (exactly: no
+        requantization).
         """
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if not adapter_names:
@@ -88,7 +89,7 @@ class NF4LoraLinear(nn.Module, LoraLayer):
             raise ValueError(f"NaNs or infs in the merged weight of adapters {adapter_names}; they seem broken")
         if isinstance(base, NF4Linear):
             self._nf4_base = (base,)  # a tuple: not registered as a submodule (no second copy in state_dict)
-            bias, dtype = base.bias, base.compute_dtype
+            bias, dtype = base.bias, base.weight_dtype
             base = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=dtype)
             if bias is not None:
                 base.bias.data.copy_(bias)
