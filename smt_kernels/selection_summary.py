@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from smt_kernels.config import SMTConfig
 from smt_kernels.layout import check_block_size
 from smt_kernels.module import SparseBlockLinear
+from smt_kernels.patch import CONFIG_ATTR
 from smt_kernels.quant.module import NF4Linear
 from smt_kernels.select import block_element_counts, find_target_linears
 
@@ -131,9 +133,11 @@ def summarize_selection(
     """Summary of ``selection`` on ``model`` (patched or not; 16-bit, 4-bit NF4 or mixed targets).
 
     The target modules (the denominator of "trainable % of the target weights") are ``targets``, else the
-    selection's own ``targets``, else every linear whose projection name appears in the selection.
+    selection's own ``targets``, else every linear whose projection name appears in the selection. The block size
+    is ``block_size``, else the selection's, else the patched model's (``model.smt_config``), else ``SMTConfig``'s
+    default; ValueError if the given ones disagree.
     """
-    block_size = check_block_size(block_size or getattr(selection, "block_size", None) or 256)
+    block_size = _block_size(model, selection, block_size)
     modules = dict(model.named_modules())
     unknown = [n for n in selection if n not in modules]
     if unknown:
@@ -175,3 +179,17 @@ def summarize_selection(
     # a 4-bit weight lives in buffers: count its out × in elements, as trainable_parameters does
     model_params += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
     return SelectionSummary(block_size=block_size, modules=choices, model_params=model_params)
+
+
+def _block_size(model: nn.Module, selection: object, block_size: int | None) -> int:
+    """The one block size that ``block_size``, the Selection's and the patched model's agree on."""
+    patched = getattr(model, CONFIG_ATTR, None)
+    known = {
+        "block_size": block_size,
+        "the selection's block_size": getattr(selection, "block_size", None),
+        "the patched model's block_size": patched.get("block_size") if isinstance(patched, Mapping) else None,
+    }
+    known = {what: b for what, b in known.items() if b is not None}
+    if len(set(known.values())) > 1:
+        raise ValueError("block sizes disagree: " + ", ".join(f"{what} {b}" for what, b in known.items()))
+    return check_block_size(next(iter(known.values()), SMTConfig.block_size))

@@ -7,11 +7,16 @@ on every machine; the train, eval and dev splits never share a prompt.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL_FRACTION = 0.1  # of a JSONL file's distinct prompts, held out when no size is given
 
 
 class DataError(ValueError):
@@ -507,28 +512,30 @@ def load_jsonl(path: str | Path) -> list[Example]:
 def task_from_jsonl(
     path: str | Path,
     seed: int = 0,
-    eval_fraction: float = 0.1,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
     max_eval: int = 64,
     eval_path: str | Path | None = None,
     system: str | None = None,
     metric: str = "exact",
+    num_eval: int | None = None,
 ) -> Task:
-    """A task from a user's JSONL file; the held-out split is ``eval_path`` or a seeded random slice of it."""
+    """A task from a user's JSONL file, with a held-out split that shares no prompt with the training split.
+
+    Without ``eval_path`` the split is by distinct prompt: ``num_eval`` prompts (default ``eval_fraction`` of
+    them, at most ``max_eval``), chosen with ``seed``, are held out with their first example each; their other
+    lines are not trained on. With ``eval_path`` the held-out examples are its first ``num_eval`` (default all)
+    and training leaves out every example whose prompt is in that file. DataError if nothing is left to train on
+    or more held-out examples are asked for than there are.
+    """
     if metric not in METRICS:
         raise DataError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if num_eval is not None and num_eval < 1:
+        raise DataError(f"num_eval must be >= 1, got {num_eval}")
     examples = load_jsonl(path)
     if eval_path is not None:
-        train, held = examples, load_jsonl(eval_path)
+        train, held = _drop_eval_prompts(path, examples, eval_path, num_eval)
     else:
-        if len(examples) < 2:
-            raise DataError(f"data file {str(path)!r} needs at least 2 examples to hold one out, has 1")
-        if not 0.0 < eval_fraction < 1.0:
-            raise DataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
-        order = list(range(len(examples)))
-        random.Random(f"jsonl:{seed}").shuffle(order)
-        n_eval = min(max_eval, max(1, round(eval_fraction * len(examples))), len(examples) - 1)
-        held = [examples[i] for i in order[:n_eval]]
-        train = [examples[i] for i in order[n_eval:]]
+        train, held = _split_by_prompt(path, examples, seed, eval_fraction, max_eval, num_eval)
     longest = max(len(ex.answer) for ex in held)
     # answers are short in most uses; allow ~1 token per 2 characters plus slack, capped for speed
     return Task(
@@ -539,3 +546,56 @@ def task_from_jsonl(
         max_new_tokens=min(128, max(8, longest // 2 + 8)),
         metric=metric,
     )
+
+
+def _split_by_prompt(
+    path: str | Path, examples: list[Example], seed: int, eval_fraction: float, max_eval: int, num_eval: int | None
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): held-out prompts chosen with the seed, one example each; the rest of their lines dropped."""
+    first: dict[str, Example] = {}
+    for ex in examples:
+        first.setdefault(ex.prompt, ex)
+    prompts = list(first)
+    if len(prompts) < 2:
+        raise DataError(f"data file {str(path)!r} needs at least 2 distinct prompts to hold one out, has 1")
+    if num_eval is None:
+        if not 0.0 < eval_fraction < 1.0:
+            raise DataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
+        num_eval = min(max_eval, max(1, round(eval_fraction * len(prompts))), len(prompts) - 1)
+    elif num_eval >= len(prompts):
+        raise DataError(
+            f"num_eval={num_eval} held-out prompts leave nothing to train on: {str(path)!r} has {len(prompts)} "
+            f"distinct prompts ({len(examples)} examples), so at most {len(prompts) - 1} can be held out"
+        )
+    random.Random(f"jsonl:{seed}").shuffle(prompts)
+    held_prompts = set(prompts[:num_eval])
+    train = [ex for ex in examples if ex.prompt not in held_prompts]
+    dropped = len(examples) - len(train) - num_eval
+    if dropped:
+        log.info("%s: %d more line(s) of the %d held-out prompts are left out of training", path, dropped, num_eval)
+    return train, [first[p] for p in prompts[:num_eval]]
+
+
+def _drop_eval_prompts(
+    path: str | Path, examples: list[Example], eval_path: str | Path, num_eval: int | None
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): the first ``num_eval`` of ``eval_path``; training without any prompt of that file."""
+    whole = load_jsonl(eval_path)
+    if num_eval is not None and num_eval > len(whole):
+        raise DataError(f"num_eval={num_eval} is more than the {len(whole)} examples of {str(eval_path)!r}")
+    eval_prompts = {ex.prompt for ex in whole}
+    train = [ex for ex in examples if ex.prompt not in eval_prompts]
+    if not train:
+        raise DataError(
+            f"every one of the {len(examples)} examples of {str(path)!r} has a prompt that is in the held-out file "
+            f"{str(eval_path)!r} (a copy of the training data?): nothing is left to train on"
+        )
+    if len(train) < len(examples):
+        log.warning(
+            "%s: %d of %d examples have a prompt that is in the held-out file %s; left out of training",
+            path,
+            len(examples) - len(train),
+            len(examples),
+            eval_path,
+        )
+    return train, whole[:num_eval]

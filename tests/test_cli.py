@@ -18,6 +18,13 @@ from smt_kernels.finetune import FinetuneConfig, PromptFormat, collate, lr_at, r
 # --------------------------------------------------------------------------------------------- tasks
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own directory: the default --output-dir (smt-output/, relative to the working
+    directory) of an earlier run would be refused."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("name", sorted(tasks.GENERATORS))
 def test_task_generation_is_deterministic_and_split_is_disjoint(name):
     a = tasks.make_task(name, seed=3, num_train=200, num_eval=30)
@@ -187,10 +194,40 @@ def test_missing_data_file(capsys, tmp_path):
         (["--output-dir", "", "--save-merged"], "--save-merged needs an --output-dir"),
         (["--output-dir", "", "--checkpoint-every", "2"], "--checkpoint-every needs an --output-dir"),
         (["--checkpoint-every", "40"], "no checkpoint would be written"),
+        (["--output-dir", "", "--overwrite"], "--overwrite needs an --output-dir"),
+        (["--overwrite", "--resume", "x"], "--overwrite discards the earlier run in --output-dir and --resume"),
     ],
 )
 def test_bad_options(capsys, argv, needle):
     _fails(capsys, argv, needle)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number, got inf"),
+        (["--select-warmup-lr", "inf", "--select-warmup-steps", "1"], "--select-warmup-lr must be a finite number"),
+        (["--seed", str(2**64)], f"--seed must be <= {2**63 - 1}, got {2**64}"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--warmup-steps", "4"], "--warmup-steps 4 is more than --steps 3"),
+    ],
+)
+def test_bad_numbers_fail_before_the_model_loads(capsys, tiny_model_dir, monkeypatch, argv, needle):
+    """Non-finite floats, a seed torch cannot take, and a warm-up longer than the run: one line, exit 2, no load."""
+    from smt_kernels.finetune import run as run_mod
+
+    monkeypatch.setattr(run_mod, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
+    err = _fails(capsys, ["--model", str(tiny_model_dir), *TINY, *argv], needle)
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_largest_seed_trains(tiny_model_dir, capsys):
+    """--seed 2**63-1 passes the check and every seed derived from it (seed + 1 for selection) works."""
+    assert main(["finetune", "--model", str(tiny_model_dir), *TINY, "--steps", "1", "--seed", str(2**63 - 1),
+                 "--output-dir", "", "--allow-divergence"]) == 0, capsys.readouterr().err  # fmt: skip
 
 
 def test_every_input_error_is_one_line(capsys):
@@ -208,6 +245,45 @@ def test_num_train_with_data(capsys, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
     _fails(capsys, ["--data", str(f), "--num-train", "5"], "--num-train sizes a generated --task")
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "reverse"])  # the default task given explicitly too
+def test_task_with_data(capsys, tmp_path, task):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    _fails(capsys, ["--data", str(f), "--task", task], f"--task {task} generates the data; with --data")
+
+
+def _numbered_jsonl(path, n, start=0):
+    path.write_text("".join(f'{{"prompt": "p{i}", "answer": "a{i}"}}\n' for i in range(start, start + n)))
+    return path
+
+
+def test_num_eval_sizes_every_held_out_split(tmp_path):
+    """--num-eval is exact with --data (not capped at 10 %) and takes the first N of --eval-data."""
+    from smt_kernels.finetune.data import build_task
+
+    data, held = _numbered_jsonl(tmp_path / "d.jsonl", 40), _numbered_jsonl(tmp_path / "e.jsonl", 30, start=100)
+    task = build_task(FinetuneConfig(data=str(data), num_eval=20))
+    assert (len(task.eval), len(task.train)) == (20, 20)
+    assert len(build_task(FinetuneConfig(data=str(data))).eval) == 4  # the default: 10 % of the prompts
+    task = build_task(FinetuneConfig(data=str(data), eval_data=str(held), num_eval=4))
+    assert [e.prompt for e in task.eval] == ["p100", "p101", "p102", "p103"] and len(task.train) == 40
+    assert len(build_task(FinetuneConfig(data=str(data), eval_data=str(held))).eval) == 30
+    assert len(build_task(FinetuneConfig(task="reverse", num_train=8)).eval) == 48  # DEFAULT_NUM_EVAL
+
+
+def test_num_eval_too_large_is_refused(capsys, tmp_path):
+    data, held = _numbered_jsonl(tmp_path / "d.jsonl", 40), _numbered_jsonl(tmp_path / "e.jsonl", 30, start=100)
+    _fails(capsys, ["--data", str(data), "--num-eval", "40"], "num_eval=40", "has 40 distinct prompts", "at most 39")
+    _fails(capsys, ["--data", str(data), "--eval-data", str(held), "--num-eval", "31"], "num_eval=31", "30 examples")
+
+
+def test_eval_data_copy_of_data_is_refused(capsys, tmp_path):
+    data = _numbered_jsonl(tmp_path / "d.jsonl", 10)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(data.read_text())
+    _fails(capsys, ["--data", str(data), "--eval-data", str(copy)], "nothing is left to train on")
 
 
 def test_non_utf8_jsonl(capsys, tmp_path):
@@ -836,6 +912,29 @@ def test_resume_refuses_other_options(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "state.pt").write_bytes(b"not a checkpoint")
     _fails(capsys, [*args, "--resume", str(tmp_path / "junk")], "is not a readable checkpoint")
+
+
+def test_resume_a_checkpoint_that_spelled_out_the_task_defaults(tiny_model_dir, tmp_path, capsys):
+    """Checkpoints written when --task/--num-eval defaulted to "arithmetic"/48 (not None) resume with the defaults,
+    and one that spelled out another task is still refused."""
+    out = tmp_path / "o"
+    tiny = [
+        a
+        for i, a in enumerate(TINY)
+        if a not in ("--task", "--num-eval") and TINY[i - 1] not in ("--task", "--num-eval")
+    ]
+    args = ["--model", str(tiny_model_dir), *tiny, "--output-dir", str(out), "--checkpoint-every", "1"]
+    assert main(["finetune", *args]) == 0, capsys.readouterr().err
+    state_file = out / "checkpoint" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["config"]["task"] is None and state["config"]["num_eval"] is None
+    state["config"].update(task="arithmetic", num_eval=48)
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert main(["finetune", *args, "--resume", str(out / "checkpoint")]) == 0, capsys.readouterr().err
+    state["config"].update(task="reverse")
+    torch.save(state, state_file)
+    _fails(capsys, [*args, "--resume", str(out / "checkpoint")], "the checkpoint was made with --task 'reverse'")
 
 
 def test_quickstart_runs_where_the_user_stands(tmp_path):

@@ -155,3 +155,64 @@ def test_too_few_distinct_prompts_is_named(monkeypatch):
         tasks.DataError, match=r"cannot produce 11 distinct .*num_eval=3 \+ num_dev=2 \+ num_train=6.*found 10"
     ):
         tasks.make_task("digit", num_train=6, num_eval=3, num_dev=2)
+
+
+# --------------------------------------------------------------------------------------------- JSONL splits
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    return path
+
+
+def _repeated_prompts(path):
+    """81 distinct prompts, 40 of them on two lines (once with another answer), shuffled."""
+    import random
+
+    rng = random.Random(1)
+    rows = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 10) for b in range(1, 10)]
+    rows += [(p, a + " (again)") for p, a in rng.sample(rows, 40)]
+    rng.shuffle(rows)
+    return _write(path, rows)
+
+
+@pytest.mark.parametrize("num_eval", [None, 1, 30, 80])
+def test_jsonl_split_keeps_each_prompt_on_one_side(tmp_path, caplog, num_eval):
+    """Repeated prompts: the held-out split shares no prompt with training and has exactly num_eval examples."""
+    path = _repeated_prompts(tmp_path / "d.jsonl")
+    with caplog.at_level("INFO", logger="smt_kernels.tasks"):
+        task = tasks.task_from_jsonl(path, seed=0, num_eval=num_eval, max_eval=48)
+    held = [e.prompt for e in task.eval]
+    assert len(held) == (num_eval or 8)  # default: 10 % of the 81 distinct prompts
+    assert len(set(held)) == len(held) and not set(held) & {e.prompt for e in task.train}
+    dropped = 121 - len(task.train) - len(held)  # the second lines of held-out prompts: trained on by no one
+    assert dropped == sum(1 for e in tasks.load_jsonl(path) if e.prompt in held) - len(held)
+    assert (f"{dropped} more line(s)" in caplog.text) == (dropped > 0)
+    assert task == tasks.task_from_jsonl(path, seed=0, num_eval=num_eval, max_eval=48)
+
+
+def test_jsonl_num_eval_must_leave_a_training_prompt(tmp_path):
+    path = _repeated_prompts(tmp_path / "d.jsonl")
+    with pytest.raises(tasks.DataError, match=r"num_eval=81 .* 81 distinct prompts \(121 examples\), so at most 80"):
+        tasks.task_from_jsonl(path, num_eval=81)
+    one = _write(tmp_path / "one.jsonl", [("a", "b"), ("a", "c")])
+    with pytest.raises(tasks.DataError, match="needs at least 2 distinct prompts"):
+        tasks.task_from_jsonl(one)
+
+
+def test_jsonl_eval_file_prompts_are_not_trained_on(tmp_path, caplog):
+    train = _write(tmp_path / "train.jsonl", [(f"p{i}", "x") for i in range(10)] + [("p3", "y")])
+    held = _write(tmp_path / "eval.jsonl", [("p3", "x"), ("q1", "x"), ("p7", "x"), ("q2", "x")])
+    with caplog.at_level("WARNING", logger="smt_kernels.tasks"):
+        task = tasks.task_from_jsonl(train, eval_path=held)
+    assert [e.prompt for e in task.eval] == ["p3", "q1", "p7", "q2"]
+    assert sorted(e.prompt for e in task.train) == [f"p{i}" for i in range(10) if i not in (3, 7)]
+    assert "3 of 11 examples have a prompt that is in the held-out file" in caplog.text
+    # num_eval: the first N of the file (the whole file's prompts still stay out of training)
+    task = tasks.task_from_jsonl(train, eval_path=held, num_eval=2)
+    assert [e.prompt for e in task.eval] == ["p3", "q1"] and len(task.train) == 8
+    with pytest.raises(tasks.DataError, match="num_eval=5 is more than the 4 examples"):
+        tasks.task_from_jsonl(train, eval_path=held, num_eval=5)
+    copy = _write(tmp_path / "copy.jsonl", [(f"p{i}", "x") for i in range(10)])
+    with pytest.raises(tasks.DataError, match="every one of the 11 examples .* nothing is left to train on"):
+        tasks.task_from_jsonl(train, eval_path=copy)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from smt_kernels.finetune.config import FinetuneConfig, FinetuneError, flag
+from smt_kernels.finetune.config import DEFAULT_NUM_EVAL, DEFAULT_TASK, FinetuneConfig, FinetuneError, flag
 from smt_kernels.finetune.evaluate import EvalResult
 from smt_kernels.select import Selection
 
@@ -35,6 +35,7 @@ FREE_OPTIONS = {
     "device",
     "eval_every",
     "allow_divergence",
+    "overwrite",
 }
 
 
@@ -102,8 +103,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
             f"--resume: {file} has checkpoint version {state.get('version')}; this smt-kernels reads version {VERSION}"
         )
     # an option added since the checkpoint was written has its default there
-    saved = FinetuneConfig().to_dict() | state["config"]
-    now = cfg.to_dict()
+    saved = _effective(FinetuneConfig().to_dict() | state["config"])
+    now = _effective(cfg.to_dict())
     for name in sorted(set(saved) | set(now)):
         if name not in FREE_OPTIONS and saved.get(name) != now.get(name):
             raise FinetuneError(
@@ -118,6 +119,17 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
     return Checkpoint(
         file, training["log"]["step"], training, selection, before, state["data_sha256"], state.get("reselect")
     )
+
+
+def _effective(options: dict[str, Any]) -> dict[str, Any]:
+    """The options with the defaults a generated task resolves to written out: a checkpoint saved when
+    ``--task``/``--num-eval`` defaulted to "arithmetic"/48 and one saved with None mean the same run."""
+    if options.get("data") is None:
+        if options.get("task") is None:
+            options = options | {"task": DEFAULT_TASK}
+        if options.get("num_eval") is None:
+            options = options | {"num_eval": DEFAULT_NUM_EVAL}
+    return options
 
 
 def _shown(value: Any) -> str:

@@ -5,13 +5,14 @@ it, so an option is written once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from smt_kernels.config import SMTConfig
 from smt_kernels.select import GRADIENT_SCORES, PROJECTIONS, SCORES, STRATEGIES
-from smt_kernels.tasks import GENERATORS
+from smt_kernels.tasks import DEFAULT_EVAL_FRACTION, GENERATORS
 
 METHODS = ("smt", "full", "lora", "dora")
 # Adam-normalised updates: the fewer weights a method trains, the larger the step each one can take. Chosen on the
@@ -22,6 +23,9 @@ DEFAULT_TARGETS = PROJECTIONS  # all seven: the quality sweep measured these (do
 ADAPTER_METHODS = ("lora", "dora")  # PEFT adapters: DoRA is LoRA with use_dora=True
 BUDGET_METHODS = ("smt", *ADAPTER_METHODS)  # the methods that train a budget of the target weights
 QUANTIZE = ("nf4",)  # formats of a 4-bit frozen base (smt_kernels.quantize_base)
+DEFAULT_TASK = "arithmetic"
+DEFAULT_NUM_EVAL = 48  # held-out examples of a --task; the most a --data file's default held-out slice takes
+SEED_MAX = 2**63 - 1  # every seed derived from --seed (seed + 1 + step) stays within torch.manual_seed's range
 
 
 class FinetuneError(RuntimeError):
@@ -91,7 +95,9 @@ class FinetuneConfig:
         choices=QUANTIZE,
         default_text="none, a 16-bit base",
     )
-    task: str = option("arithmetic", "generated task", group=WHAT, choices=tuple(sorted(GENERATORS)))
+    task: str | None = option(
+        None, "generated task", group=WHAT, choices=tuple(sorted(GENERATORS)), default_text=DEFAULT_TASK
+    )
     data: str | None = option(
         None,
         'your own data, one {"prompt": ..., "answer": ...} per line (instead of --task)',
@@ -103,7 +109,7 @@ class FinetuneConfig:
         "held-out JSONL (needs --data)",
         group=WHAT,
         metavar="FILE.jsonl",
-        default_text="a seeded slice of --data, up to --num-eval examples",
+        default_text="a seeded slice of --data's distinct prompts (see --num-eval)",
     )
     chat_template: bool = option(
         True, "plain 'prompt\\nAnswer: ' text instead of the tokenizer's chat template", group=WHAT
@@ -205,12 +211,20 @@ class FinetuneConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", group=TRAIN, min=0.0)
     max_length: int = option(96, "tokens per example (prompt + answer)", group=TRAIN, min=8)
     num_train: int = option(1000, "generated training examples (--task only)", group=TRAIN, min=1)
-    num_eval: int = option(48, "held-out examples", group=TRAIN, min=1)
+    num_eval: int | None = option(
+        None,
+        "held-out examples: of a --task; one per held-out prompt of --data (its other lines are not trained on); "
+        "the first N of --eval-data",
+        group=TRAIN,
+        min=1,
+        default_text=f"{DEFAULT_NUM_EVAL} for --task; for --data {DEFAULT_EVAL_FRACTION:.0%} of its distinct "
+        f"prompts, at most {DEFAULT_NUM_EVAL}; all of --eval-data",
+    )
     eval_batch_size: int = option(16, "examples per evaluation batch", group=TRAIN, min=1)
     eval_every: int = option(
         0, "held-out loss every N steps for the loss curve (0: before and after only)", group=TRAIN, min=0
     )
-    seed: int = option(0, "seed of the data, its order and the initialisation", group=TRAIN)
+    seed: int = option(0, "seed of the data, its order and the initialisation", group=TRAIN, min=0, max=SEED_MAX)
     device: str = option("auto", "auto, cpu or cuda[:N] (under torchrun: each rank cuda:LOCAL_RANK)", group=TRAIN)
     allow_divergence: bool = option(
         False,
@@ -236,6 +250,13 @@ class FinetuneConfig:
         metavar="DIR",
     )
     save_merged: bool = option(False, "also save a merged Hugging Face model", group=OUT)
+    overwrite: bool = option(
+        False,
+        "replace the outputs of an earlier run in --output-dir (blocks, adapter, merged model, selection, "
+        "checkpoint; outputs this run does not write are removed, other files are kept); without it such a "
+        "directory is refused",
+        group=OUT,
+    )
     output_json: str | None = option(None, "write the summary and loss curves as JSON", group=OUT, metavar="FILE")
     show_examples: int = option(1, "training examples to log at the start", group=OUT, min=0)
     progress: bool = option(True, "no progress bars", group=OUT)
@@ -253,6 +274,11 @@ class FinetuneConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def task_name(self) -> str:
+        """The generated task (``DEFAULT_TASK`` unless ``task`` is set)."""
+        return self.task if self.task is not None else DEFAULT_TASK
 
     @property
     def warmup(self) -> int:
@@ -303,10 +329,12 @@ def check_config(cfg: FinetuneConfig) -> None:
             continue
         if meta["choices"] and value not in meta["choices"]:
             raise FinetuneError(f"{flag(f.name)}: invalid choice {value!r} (choose from {', '.join(meta['choices'])})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FinetuneError(f"{flag(f.name)} must be a finite number, got {value}")
         if meta["min"] is not None and not value >= meta["min"]:
-            raise FinetuneError(f"{flag(f.name)} must be >= {meta['min']:g}, got {value}")
+            raise FinetuneError(f"{flag(f.name)} must be >= {_number(meta['min'])}, got {value}")
         if meta["max"] is not None and not value <= meta["max"]:
-            raise FinetuneError(f"{flag(f.name)} must be <= {meta['max']:g}, got {value}")
+            raise FinetuneError(f"{flag(f.name)} must be <= {_number(meta['max'])}, got {value}")
         if meta["methods"] and cfg.method not in meta["methods"] and value != field_default(f):
             raise FinetuneError(
                 f"{flag(f.name)} is not used by --method {cfg.method} (only by "
@@ -316,6 +344,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     check_reselect(cfg)
     if cfg.ratio is not None and cfg.ratio == 0.0:
         raise FinetuneError("--ratio must be in (0, 1] (a fraction of the target weights), got 0")
+    if cfg.warmup_steps is not None and cfg.warmup_steps > cfg.steps:
+        raise FinetuneError(f"--warmup-steps {cfg.warmup_steps} is more than --steps {cfg.steps}")
     if cfg.lr is not None and cfg.lr == 0.0:
         raise FinetuneError("--lr must be > 0, got 0")
     if cfg.select_warmup_lr is not None and cfg.select_warmup_lr == 0.0:
@@ -343,12 +373,20 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError("--eval-data needs --data")
     if cfg.data is not None and cfg.num_train != field_default(_FIELDS["num_train"]):
         raise FinetuneError("--num-train sizes a generated --task; with --data every line is used")
+    if cfg.data is not None and cfg.task is not None:
+        raise FinetuneError(f"--task {cfg.task} generates the data; with --data the examples come from the file")
     if cfg.data is not None and cfg.eval_data is not None and same_path(cfg.data, cfg.eval_data):
         raise FinetuneError(
             f"--eval-data {cfg.eval_data!r} is the --data file: held-out examples must not be trained on"
         )
     if cfg.save_merged and not cfg.output_dir:
         raise FinetuneError("--save-merged needs an --output-dir")
+    if cfg.overwrite and not cfg.output_dir:
+        raise FinetuneError("--overwrite needs an --output-dir")
+    if cfg.overwrite and cfg.resume:
+        raise FinetuneError(
+            "--overwrite discards the earlier run in --output-dir and --resume continues one; give one of them"
+        )
     if cfg.checkpoint_every and not cfg.output_dir:
         raise FinetuneError("--checkpoint-every needs an --output-dir (checkpoints go to OUTPUT_DIR/checkpoint)")
     if cfg.checkpoint_every and cfg.checkpoint_every >= cfg.steps:
@@ -356,6 +394,10 @@ def check_config(cfg: FinetuneConfig) -> None:
             f"--checkpoint-every {cfg.checkpoint_every} is not below --steps {cfg.steps}: no "
             "checkpoint would be written"
         )
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def check_quantize(cfg: FinetuneConfig) -> None:

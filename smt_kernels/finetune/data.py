@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smt_kernels.finetune.config import FinetuneConfig, FinetuneError
+from smt_kernels.finetune.config import DEFAULT_NUM_EVAL, FinetuneConfig, FinetuneError
 from smt_kernels.tasks import DataError, Example, Task, make_task, task_from_jsonl
 
 IGNORE = -100  # label of prompt and padding positions: cross-entropy skips them
@@ -20,8 +20,11 @@ def build_task(cfg: FinetuneConfig) -> Task:
     """The generated ``cfg.task`` or the ``cfg.data`` JSONL, with its held-out split; FinetuneError if unusable."""
     try:
         if cfg.data is not None:
-            return task_from_jsonl(cfg.data, seed=cfg.seed, max_eval=cfg.num_eval, eval_path=cfg.eval_data)
-        return make_task(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_eval=cfg.num_eval)
+            return task_from_jsonl(
+                cfg.data, seed=cfg.seed, num_eval=cfg.num_eval, max_eval=DEFAULT_NUM_EVAL, eval_path=cfg.eval_data
+            )
+        num_eval = cfg.num_eval if cfg.num_eval is not None else DEFAULT_NUM_EVAL
+        return make_task(cfg.task_name, seed=cfg.seed, num_train=cfg.num_train, num_eval=num_eval)
     except DataError as err:
         raise FinetuneError(str(err)) from None
 

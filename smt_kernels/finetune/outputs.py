@@ -1,15 +1,18 @@
-"""Outputs: their names, the checks that they can be written and clobber no input (before any work), the save."""
+"""Outputs: their names, the up-front checks (writable, clobbering no input, no earlier run's), the save."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from torch import nn
 
 import smt_kernels
+from smt_kernels.finetune.checkpoint import STATE_FILE
 from smt_kernels.finetune.config import ADAPTER_METHODS, FinetuneConfig, FinetuneError, same_path
 from smt_kernels.quant import merge_nf4
 from smt_kernels.select import Selection
@@ -18,6 +21,8 @@ SELECTION_FILE = "selection.json"
 LORA_DIR = "lora_adapter"
 MERGED_DIR = "merged"
 CHECKPOINT_DIR = "checkpoint"
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(cfg: FinetuneConfig) -> Path | None:
@@ -37,6 +42,8 @@ def check_outputs(cfg: FinetuneConfig, model_dir: Path | None = None) -> None:
         for name, given in inputs.items():
             if given and Path(given).resolve().parent == out.resolve() and _owned(Path(given).name):
                 raise FinetuneError(f"{name} {given!r} is a file --output-dir {cfg.output_dir!r} writes over")
+        if not cfg.resume and not cfg.overwrite:
+            _check_no_earlier_run(cfg.output_dir)
     if cfg.output_json:
         js = Path(cfg.output_json)
         if js.is_dir():
@@ -54,6 +61,62 @@ def check_outputs(cfg: FinetuneConfig, model_dir: Path | None = None) -> None:
 def _owned(name: str) -> bool:
     # what this command writes directly in OUTPUT_DIR (save_blocks' files all start with "smt_blocks")
     return name in {SELECTION_FILE, LORA_DIR, MERGED_DIR, CHECKPOINT_DIR} or name.startswith("smt_blocks")
+
+
+def _earlier_outputs(out: Path) -> list[Path]:
+    """The entries of ``out`` this command writes (``_owned``), sorted; none if ``out`` is not a directory."""
+    return sorted(p for p in out.iterdir() if _owned(p.name)) if out.is_dir() else []
+
+
+def _check_no_earlier_run(output_dir: str) -> None:
+    """FinetuneError if ``output_dir`` holds a checkpoint or outputs of an earlier run (no --resume/--overwrite)."""
+    out = Path(output_dir)
+    state = out / CHECKPOINT_DIR / STATE_FILE
+    if state.is_file():
+        raise FinetuneError(
+            f"--output-dir {output_dir!r} holds the resumable checkpoint {str(state)!r} of an earlier run: "
+            f"--resume {state.parent} continues it, --overwrite discards it"
+        )
+    earlier = _earlier_outputs(out)
+    if earlier:
+        raise FinetuneError(
+            f"--output-dir {output_dir!r} holds the outputs of an earlier run ({', '.join(p.name for p in earlier)}): "
+            "--overwrite replaces them, or choose another --output-dir"
+        )
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def discard_checkpoint(cfg: FinetuneConfig) -> None:
+    """``--overwrite``: remove an earlier run's OUTPUT_DIR/checkpoint before this run starts (rank 0 only)."""
+    if cfg.overwrite and cfg.output_dir and (directory := Path(cfg.output_dir) / CHECKPOINT_DIR).exists():
+        _remove(directory)
+        log.info("--overwrite: removed the earlier run's checkpoint %s", directory)
+
+
+def _remove_earlier_outputs(cfg: FinetuneConfig, out: Path) -> None:
+    """``--overwrite``, just before saving: remove the earlier outputs save_outputs does not replace in place.
+
+    Kept: this run's checkpoint (the earlier one was discarded at the start) and, for SMT, the block files and
+    selection that ``save_blocks`` and the save replace atomically. ``merged/`` and ``lora_adapter/`` are
+    removed even when written again, so no file of the earlier save (e.g. a shard) stays in them.
+    """
+    kept = {CHECKPOINT_DIR} | ({SELECTION_FILE} if cfg.method == "smt" else set())
+    removed = [
+        p
+        for p in _earlier_outputs(out)
+        if p.name not in kept and not (cfg.method == "smt" and p.name.startswith("smt_blocks"))
+    ]
+    for path in removed:
+        _remove(path)
+    if removed:
+        log.info("--overwrite: removed the earlier outputs %s from %s", ", ".join(p.name for p in removed), out)
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
@@ -76,6 +139,8 @@ def _check_writable_dir(path: Path, what: str) -> None:
 def save_outputs(model: nn.Module, tokenizer, cfg: FinetuneConfig, selection: Selection | None) -> dict[str, str]:
     """Write what the method trained (SMT blocks / PEFT adapter) and, with ``save_merged``, a plain HF model."""
     out = Path(cfg.output_dir)
+    if cfg.overwrite:
+        _remove_earlier_outputs(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[str, str] = {}
     if cfg.method == "smt":

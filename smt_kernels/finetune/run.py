@@ -25,7 +25,7 @@ from smt_kernels.finetune.model import (
     quantize_model,
     resolve_model_source,
 )
-from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, save_outputs
+from smt_kernels.finetune.outputs import check_outputs, checkpoint_dir, discard_checkpoint, save_outputs
 from smt_kernels.finetune.parallel import Ranks, check_world, data_parallel
 from smt_kernels.finetune.report import FinetuneResult, peak_memory
 from smt_kernels.finetune.reselect import Reselector, apply_folded, patch_union
@@ -120,6 +120,8 @@ def _check_and_load(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, 
     if resume is not None and resume.data_sha256 != data_sha:
         raise FinetuneError(f"--resume: the checkpoint was trained on other data (fingerprint {resume.data_sha256}, "
                             f"this run's {data_sha})")  # fmt: skip
+    if ranks.main:  # every check passed: --overwrite discards an earlier checkpoint before this run writes one
+        discard_checkpoint(cfg)
     if model is None:
         log.info("loading model %s ...", cfg.model or DEFAULT_MODEL_NAME)
         model, tokenizer = load_model(cfg.model, cfg.gguf_file)
