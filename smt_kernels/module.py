@@ -124,12 +124,16 @@ class SparseBlockLinear(nn.Module):
         self._indices_seen = indices_stamp(self.block_indices)
         check_parameters(self.weight, self.block_weight, self.bias, self.block_indices, self.block_size)
 
+    @torch.inference_mode(False)
     def _refresh_layout(self) -> None:
-        """Validate ``block_indices`` after it was written or replaced, and derive the column index again."""
+        """Validate ``block_indices`` after it was written or replaced, and derive the column index again.
+
+        Outside inference mode even when called from it (an eval forward, ``load_state_dict``): the derived
+        buffers serve the training steps that follow, and inference tensors cannot be saved for backward."""
         idx = self.block_indices
         layout = layout_of_buffer(idx, self.out_features, self.in_features, self.block_size, self.weight.device)
-        if not idx.is_contiguous():
-            self.block_indices = idx = idx.contiguous()
+        if not idx.is_contiguous() or idx.is_inference():
+            self.block_indices = idx = idx.clone(memory_format=torch.contiguous_format)
         self.col_blocks = layout.col_blocks.to(idx.device)
         self.col_slot = layout.col_slot.to(idx.device)
         self._adopt_layout(layout)
@@ -140,6 +144,12 @@ class SparseBlockLinear(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if hasattr(self, "layout"):
             self.backend = resolve_backend(self.weight.device, strict=False)
+            for name, t in (("weight", self.weight), ("block_weight", self.block_weight)):
+                if t.dtype not in SUPPORTED_DTYPES:  # .double(), .to(torch.float64): the layer could never run
+                    raise TypeError(
+                        f"SparseBlockLinear {name} became {t.dtype}; it supports float32, float16 and bfloat16 "
+                        "(convert it back, e.g. with .float())"
+                    )
         return out
 
     @property
@@ -217,11 +227,17 @@ def _check_loaded_blocks(layer: SparseBlockLinear, state_dict, prefix, *unused) 
     incoming = state_dict.get(prefix + "block_indices")
     if isinstance(incoming, torch.Tensor) and incoming.shape == layer.block_indices.shape:
         BlockLayout.build(incoming.cpu(), layer.out_features, layer.in_features, layer.block_size)
+    # a new dense weight without blocks (strict=False, e.g. another base): the blocks are then read from it,
+    # or the next forward would write the old blocks over the loaded weight
+    layer._blocks_from_loaded_weight = prefix + "weight" in state_dict and prefix + "block_weight" not in state_dict
 
 
 def _rebuild_column_index(layer: SparseBlockLinear, incompatible_keys) -> None:
     # a loaded state may carry other blocks (the same number of them): derive the column index again
     layer._refresh_layout()
+    if layer.__dict__.pop("_blocks_from_loaded_weight", False):
+        with torch.no_grad():
+            layer.block_weight.copy_(extract_blocks(layer.weight.detach(), layer.block_indices, layer.block_size))
 
 
 def _write_blocks_into_weight(layer: SparseBlockLinear, prefix, keep_vars) -> None:

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from smt_kernels import custom_ops
 from smt_kernels.kernels.backend import kernels, resolve_backend
@@ -62,6 +63,7 @@ class _SavedColumnsFunction(torch.autograd.Function):
         return x2d.new_zeros(()).expand(x2d.shape[0], out_features)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_relay):
         x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
         grad_blocks = custom_ops.block_weight_grad(
@@ -87,6 +89,7 @@ class _DenseOnWrittenWeightFunction(torch.autograd.Function):
         return F.linear(x, w, None if bias is None else bias.to(compute_dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -177,6 +180,7 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
         need_x, need_blocks = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
@@ -229,6 +233,16 @@ def check_parameters(weight, block_weight, bias, block_indices, block_size) -> N
             f"bias must have shape ({weight.shape[0]},) on {weight.device}, got {tuple(bias.shape)} on {bias.device}"
         )
     check_block_weight_shape(block_weight, block_indices.shape[0], block_size)
+    _check_index("block_indices", block_indices, 2, weight.device)
+
+
+def _check_index(name: str, t: torch.Tensor, dim: int, device: torch.device) -> None:
+    # the Triton kernels read index tensors as flat int64 arrays: another dtype, stride or device reads garbage
+    if t.dtype != torch.int64 or t.dim() != dim or not t.is_contiguous() or t.device != device:
+        raise ValueError(
+            f"{name} must be a contiguous {dim}-D int64 tensor on {device}, got {t.dtype} of shape "
+            f"{tuple(t.shape)} and strides {t.stride()} on {t.device}"
+        )
 
 
 def check_block_weight_shape(block_weight: torch.Tensor, n: int, block_size: int) -> None:
@@ -324,6 +338,8 @@ def sparse_block_linear(
     """
     check_input(x, weight)
     check_parameters(weight, block_weight, bias, block_indices, block_size)
+    _check_index("col_blocks", col_blocks, 1, weight.device)
+    _check_index("col_slot", col_slot, 1, weight.device)
     return apply_sparse_block_linear(
         x, weight, block_weight, block_indices, col_blocks, col_slot, block_size, bias, resolve_backend(x.device)
     )

@@ -453,3 +453,70 @@ def test_cuda_graph_replays_match_eager_across_optimizer_steps():
         for e, g in zip(*outs, strict=True):
             torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(graphed.block_weight, eager.block_weight, rtol=2e-2, atol=2e-2)
+
+
+def test_double_backward_is_refused_not_wrong():
+    """dX = dY·W does not carry W's dependence on the blocks: a second derivative (a gradient penalty) would be
+    silently wrong, so create_graph=True raises when it is differentiated again, as once_differentiable says."""
+    layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0), (1, 1)], block_size=16)
+    x = torch.randn(3, 48, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.pow(2).sum().backward()
+
+
+def test_index_rebuilt_under_inference_mode_still_trains():
+    """A write to block_indices seen by an eval forward under inference_mode, or load_state_dict there: the derived
+    buffers are normal tensors, so training goes on (inference tensors cannot be saved for backward)."""
+    layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0), (1, 1)], block_size=16)
+    with torch.no_grad():
+        layer.block_indices.copy_(torch.tensor([[2, 2], [0, 1]]))
+    with torch.inference_mode():
+        layer(torch.randn(2, 48))
+    assert not layer.col_blocks.is_inference() and not layer.col_slot.is_inference()
+    layer(torch.randn(2, 48, requires_grad=True)).sum().backward()
+    other = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(2, 2), (0, 1)], block_size=16)
+    with torch.inference_mode():
+        layer.load_state_dict(other.state_dict())
+    x = torch.randn(2, 48, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer(x), other(x))
+
+
+def test_index_tensors_of_the_functional_op_are_checked():
+    """The Triton kernels read the index tensors as flat int64 arrays: a transposed (non-contiguous) one used to
+    give wrong outputs there and right ones on the torch backend."""
+    layer = SparseBlockLinear.from_linear(nn.Linear(64, 48), [(0, 2), (1, 3)], block_size=16)
+    args = [torch.randn(3, 64), layer.weight, layer.block_weight]
+    transposed = torch.tensor([[0, 1], [2, 3]]).t()
+    assert torch.equal(transposed, layer.block_indices) and not transposed.is_contiguous()
+    with pytest.raises(
+        ValueError, match=r"block_indices must be a contiguous 2-D int64 tensor on cpu.*strides \(1, 2\)"
+    ):
+        sparse_block_linear(*args, transposed, layer.col_blocks, layer.col_slot, 16)
+    with pytest.raises(ValueError, match="col_slot must be a contiguous 1-D int64 tensor"):
+        sparse_block_linear(*args, layer.block_indices, layer.col_blocks, layer.col_slot.int(), 16)
+    sparse_block_linear(*args, layer.block_indices, layer.col_blocks, layer.col_slot, 16)
+
+
+def test_a_loaded_weight_without_blocks_brings_its_own_blocks():
+    """load_state_dict(strict=False) of a plain nn.Linear's state (another base): the blocks are read from it, so the
+    layer computes what the loaded linear computes (before, the next forward wrote the old blocks over it)."""
+    layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0), (1, 1)], block_size=16)
+    new = nn.Linear(48, 40)
+    layer.load_state_dict(new.state_dict(), strict=False)
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(layer(x), new(x), rtol=0, atol=0)
+    # a full state (blocks included) still loads its blocks, not the weight's
+    trained = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0), (1, 1)], block_size=16)
+    with torch.no_grad():
+        trained.block_weight.add_(1.0)
+    layer.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(layer(x), trained(x), rtol=0, atol=0)
+
+
+def test_converting_to_an_unsupported_dtype_names_the_layer():
+    layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0)], block_size=16)
+    with pytest.raises(TypeError, match="SparseBlockLinear weight became torch.float64; it supports float32"):
+        layer.double()
+    layer.float()(torch.randn(2, 48))  # converted back: runs

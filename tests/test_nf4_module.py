@@ -370,3 +370,33 @@ def test_a_layer_without_an_indices_stamp_derives_its_index_again():
     del layer._indices_seen, layer._buffers["program_hits"]
     assert torch.equal(layer(torch.ones(1, layer.in_features)), want)
     assert layer.program_hits.dtype == torch.uint8
+
+
+def test_double_backward_is_refused_not_wrong():
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.pow(2).sum().backward()
+
+
+def test_index_rebuilt_under_inference_mode_still_trains():
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    with torch.no_grad():
+        layer.block_indices.copy_(torch.tensor([[1, 1], [0, 2], [3, 5]]))
+    with torch.inference_mode():
+        layer(torch.randn(2, layer.in_features))
+    assert not any(t.is_inference() for t in (layer.col_blocks, layer.col_slot, layer.block_map, layer.program_hits))
+    layer(torch.randn(2, layer.in_features, requires_grad=True)).sum().backward()
+    assert layer.block_weight.grad is not None
+
+
+def test_loaded_codes_without_blocks_bring_their_own_blocks():
+    """load_state_dict(strict=False) of a frozen NF4Linear's state (another 4-bit base): the blocks are read from
+    its codes, so the layer computes what that base computes."""
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    torch.manual_seed(7)
+    new = NF4Linear.from_linear(nn.Linear(layer.in_features, layer.out_features))
+    layer.load_state_dict(new.state_dict(), strict=False)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), new(x), rtol=0, atol=0)

@@ -313,13 +313,16 @@ class NF4SparseBlockLinear(NF4Linear):
         self.register_buffer("block_indices", layout.indices.to(device))
         # derived from block_indices (not saved); rebuilt after load_state_dict
         self._derive_index(layout)
-        # fp32 dequantization rounded once to the block dtype: the overlay then reproduces the base exactly
-        w = torch.empty(self.nf4.shape, device=device, dtype=torch.float32)
-        dequantize_overlay_torch(self.nf4, w)
-        self.block_weight = nn.Parameter(
-            torch_blocks.extract_blocks(w, self.block_indices, layout.block_size).to(dtype).contiguous()
-        )
+        self.block_weight = nn.Parameter(self._base_blocks(dtype))
+        self.register_load_state_dict_pre_hook(_note_codes_without_blocks)
         self.register_load_state_dict_post_hook(_rebuild_index)
+
+    def _base_blocks(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base's values at ``block_indices`` as a new (n, b, b) tensor: an fp32 dequantization rounded once to
+        ``dtype``, so the overlay then reproduces the base exactly."""
+        w = torch.empty(self.nf4.shape, device=self.weight_packed.device, dtype=torch.float32)
+        dequantize_overlay_torch(self.nf4, w)
+        return torch_blocks.extract_blocks(w, self.block_indices, self.block_size).to(dtype).contiguous()
 
     def _derive_index(self, layout: BlockLayout) -> None:
         device = self.weight_packed.device
@@ -335,13 +338,14 @@ class NF4SparseBlockLinear(NF4Linear):
         # assigned to it, is seen at the next eager forward and everything is derived again (``_refresh_layout``)
         self._indices_seen = indices_stamp(self.block_indices)
 
+    @torch.inference_mode(False)
     def _refresh_layout(self) -> None:
         """Validate ``block_indices`` after it was written or replaced; derive the column index, slot map and
-        program flags again."""
+        program flags again (outside inference mode even when called from it: they serve training too)."""
         idx = self.block_indices
         layout = layout_of_buffer(idx, self.out_features, self.in_features, self.block_size, self.weight_packed.device)
-        if not idx.is_contiguous():
-            self.block_indices = idx.contiguous()
+        if not idx.is_contiguous() or idx.is_inference():
+            self.block_indices = idx.clone(memory_format=torch.contiguous_format)
         self._derive_index(layout)
 
     @property
@@ -422,5 +426,15 @@ def _codes_load_hook(module: NF4Linear, state_dict, prefix: str, *args) -> None:
             state_dict[prefix + name] = _bit_view(t, p.dtype)
 
 
+def _note_codes_without_blocks(layer: NF4SparseBlockLinear, state_dict, prefix: str, *args) -> None:
+    # new 4-bit codes without blocks (strict=False, e.g. another base): the blocks are then read from them, or the
+    # next forward would overlay the old blocks on the loaded base
+    loads_codes = prefix + "weight_packed" in state_dict
+    layer._blocks_from_loaded_codes = loads_codes and prefix + "block_weight" not in state_dict
+
+
 def _rebuild_index(layer: NF4SparseBlockLinear, incompatible_keys) -> None:
     layer._refresh_layout()
+    if layer.__dict__.pop("_blocks_from_loaded_codes", False):
+        with torch.no_grad():
+            layer.block_weight.copy_(layer._base_blocks(layer.block_weight.dtype))

@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from smt_kernels import custom_ops
 from smt_kernels.kernels.backend import resolve_backend
@@ -77,6 +78,7 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x_cols, block_weight, block_indices, block_map, program_hits, col_slot = ctx.saved_tensors
         grad_x = grad_blocks = None
@@ -120,6 +122,7 @@ class _NF4DenseFunction(torch.autograd.Function):
         return F.linear(x, w, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -217,6 +220,7 @@ class _NF4WeightGradFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])
