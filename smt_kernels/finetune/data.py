@@ -38,6 +38,7 @@ class TokenizedTask:
     train: list[Encoded]
     eval_batches: list[dict[str, torch.Tensor]]
     pad_id: int
+    max_new_tokens: int  # greedy generation's bound at evaluation: room for every held-out answer and its end
 
     @classmethod
     def build(cls, task: Task, tokenizer, cfg: FinetuneConfig) -> TokenizedTask:
@@ -45,7 +46,11 @@ class TokenizedTask:
         held = [fmt.encode(ex, cfg.max_length) for ex in task.eval]
         size, pad = cfg.eval_batch_size, tokenizer.pad_token_id
         batches = [collate(held[i : i + size], pad) for i in range(0, len(held), size)]
-        return cls(task, fmt, [fmt.encode(ex, cfg.max_length) for ex in task.train], batches, pad)
+        # the task's own bound guesses tokens from characters; digits and lists take about one token each, so a
+        # perfect answer could be cut short and scored wrong: never less than the longest answer's tokens
+        longest = max((len(e.answer_ids) for e in held), default=0)
+        train = [fmt.encode(ex, cfg.max_length) for ex in task.train]
+        return cls(task, fmt, train, batches, pad, max(task.max_new_tokens, longest))
 
     def stream(self, batch_size: int, seed: int) -> BatchStream:
         return BatchStream(self.train, batch_size, self.pad_id, seed)

@@ -156,7 +156,9 @@ def select_smt(
             )
     except (ValueError, TypeError) as err:
         raise FinetuneError(f"SMT selection failed: {err}") from None
-    selection.num_batches = len(select_batches)  # global batches (under torchrun: not each rank's share)
+    # global batches (under torchrun: not each rank's share); a warm-up of N steps uses the first N of them
+    warmup = cfg.select_warmup.get("warmup_steps", 0)
+    selection.num_batches = min(len(select_batches), warmup) if warmup else len(select_batches)
     return selection, time.perf_counter() - t0
 
 

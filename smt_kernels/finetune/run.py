@@ -72,7 +72,7 @@ def _run(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer, 
     job = _check_and_load(cfg, ranks, model, tokenizer)
     task = job.data.task
     evaluate_ = partial(
-        evaluate, tokenizer=job.tokenizer, fmt=job.data.fmt, examples=task.eval, max_new_tokens=task.max_new_tokens,
+        evaluate, tokenizer=job.tokenizer, fmt=job.data.fmt, examples=task.eval, max_new_tokens=job.data.max_new_tokens,
         device=job.device, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, progress=cfg.progress,
         metric=task.metric,
     )  # fmt: skip
@@ -86,6 +86,8 @@ def _run(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer, 
     trainable = trainable_parameters(prepared.model)[0]
     _log_trainable(prepared, trainable, job.total_params)
     train_log, reselector = _train(cfg, job, ranks, prepared, before)
+    if reselector is not None:  # the report describes the last selection, as num_blocks and the per-kind counts do
+        trainable = trainable_parameters(prepared.model)[0]
     loss_after = ranks.on_main(lambda: eval_loss(prepared.model, job.data.eval_batches, job.device))
     check_converged(train_log, before.loss, loss_after, cfg)
     peak = peak_memory(job.device)

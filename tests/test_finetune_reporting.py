@@ -1,0 +1,100 @@
+"""What a fine-tuning run reports about itself: the evaluation's generation bound, the trainable count after
+re-selection, the selection's batch count with a warm-up."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_cli import _char_tokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import smt_kernels.finetune.reselect as reselect_mod
+from smt_kernels.finetune import FinetuneConfig, run_finetune
+from smt_kernels.finetune.data import TokenizedTask
+from smt_kernels.layout import covered_elements
+from smt_kernels.tasks import Example, Task
+
+
+def _model_dir(path, hidden=72, inter=112):
+    """A tiny Llama whose 72-wide weights leave 32-blocks clipped at the edge, with the character tokenizer."""
+    torch.manual_seed(0)
+    tok = _char_tokenizer(chat=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cfg(model_dir, **change) -> FinetuneConfig:
+    opts = dict(
+        model=str(model_dir),
+        task="reverse",
+        steps=4,
+        batch_size=4,
+        num_train=24,
+        num_eval=4,
+        eval_batch_size=4,
+        block_size=32,
+        select_batches=2,
+        max_length=160,
+        ratio=0.1,
+        progress=False,
+        show_examples=0,
+        lr=1e-2,
+        allow_divergence=True,
+        output_dir=None,
+    )
+    return FinetuneConfig(**(opts | change))
+
+
+def test_generation_bound_leaves_room_for_every_held_out_answer(tmp_path):
+    """A task whose character-based bound is too small for its answers' tokens (one per character here): the
+    evaluation's bound is the longest held-out answer's token count, end marker included."""
+    tok = AutoTokenizer.from_pretrained(_model_dir(tmp_path / "m"))
+    answers = ["1 9 18 38 55 84 88", "3 4"]
+    task = Task("lists", [Example("p", "a")], [Example(f"q{i}", a) for i, a in enumerate(answers)], max_new_tokens=8)
+    data = TokenizedTask.build(task, tok, _cfg(tmp_path / "m"))
+    longest = max(len(data.fmt.encode(ex, 160).answer_ids) for ex in task.eval)
+    assert longest > len(answers[0]) > task.max_new_tokens and data.max_new_tokens == longest
+
+
+def test_trainable_count_after_reselection_describes_the_last_selection(tmp_path, monkeypatch):
+    model_dir = _model_dir(tmp_path / "m")
+    seen = {}
+    real = reselect_mod.Reselector.reselect
+
+    def spy(self, step):
+        real(self, step)
+        seen["last"] = {n: list(p) for n, p in self.prepared.selection.items()}
+
+    monkeypatch.setattr(reselect_mod.Reselector, "reselect", spy)
+    cfg = _cfg(model_dir, reselect_at=(2,), strategy="global", num_blocks=6, ratio=None)
+    result = run_finetune(cfg)
+    modules = dict(LlamaForCausalLM.from_pretrained(model_dir).named_modules())
+    covered = sum(
+        covered_elements(torch.tensor(p), modules[n].out_features, modules[n].in_features, 32)
+        for n, p in seen["last"].items()
+        if p
+    )
+    assert result.reselections and result.trainable_params == covered
+
+
+def test_selection_counts_the_batches_a_warmup_used(tmp_path):
+    out = tmp_path / "o"
+    cfg = _cfg(_model_dir(tmp_path / "m"), steps=2, select_batches=4, select_warmup_steps=2, output_dir=str(out))
+    run_finetune(cfg)
+    saved = json.loads((out / "selection.json").read_text())
+    assert saved["num_batches"] == 2 and saved["warmup_steps"] == 2
