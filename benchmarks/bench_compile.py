@@ -120,14 +120,19 @@ def measure_model(model: nn.Module, preset: Preset, mode: str, device, args) -> 
     embed = model.get_input_embeddings()
     # the frozen floor still back-propagates through every layer: its input embeddings require grad. They are
     # looked up outside the compiled model for every method (transformers' enable_input_require_grads hook
-    # breaks the graph)
+    # breaks the graph). The floor thereby also computes layer 0's q/k/v input gradients, which SMT and LoRA
+    # skip: three GEMMs of the whole backward, in their favour.
     floor = not trainable
+    # full fine-tuning trains the embedding table: its lookup is part of the graph (before, it ran under no_grad
+    # and the table got no gradient and no update)
+    train_embed = embed.weight.requires_grad
 
     def step(i: int) -> None:
         ids = batches[i % len(batches)]
-        with torch.no_grad():
+        with torch.set_grad_enabled(train_embed):
             embeds = embed(ids)
-        embeds.requires_grad_(floor)
+        if not train_embed:
+            embeds.requires_grad_(floor)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.autocast):
             loss = run(inputs_embeds=embeds, labels=ids).loss
         loss.backward()

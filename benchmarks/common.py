@@ -6,6 +6,7 @@ import contextlib
 import csv
 import datetime as _dt
 import gc
+import hashlib
 import importlib.metadata
 import math
 import shlex
@@ -23,7 +24,19 @@ import torch
 from smt_kernels import finetune
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ENV_FIELDS = ["run_id", "date", "device", "gpu", "torch", "triton", "transformers", "peft", "commit", "command"]
+ENV_FIELDS = [
+    "run_id",
+    "date",
+    "device",
+    "gpu",
+    "torch",
+    "triton",
+    "transformers",
+    "peft",
+    "commit",
+    "code_sha256",
+    "command",
+]
 
 
 # ---------------------------------------------------------------- environment
@@ -53,6 +66,16 @@ def _git_commit() -> str:
         return ""
 
 
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the package's and the benchmarks' source files: identifies the code that ran
+    where ``commit`` cannot (a device copy's .git can be absent or stale: "+dirty" only says files differ)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted((root / "smt_kernels").rglob("*.py")) + sorted((root / "benchmarks").glob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def env_info(device: torch.device, module: str, argv: Sequence[str] | None = None) -> dict[str, str]:
     """The columns every CSV row carries: when, where, with which versions, and the command that made it."""
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -68,6 +91,7 @@ def env_info(device: torch.device, module: str, argv: Sequence[str] | None = Non
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "commit": _git_commit(),
+        "code_sha256": code_fingerprint(),
         "command": "python " + shlex.join(argv),
     }
 

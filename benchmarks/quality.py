@@ -413,7 +413,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else ("cpu" if args.device == "auto" else args.device)
     )
     env = env_info(device, "benchmarks.quality", argv)
-    env["code_sha256"] = code_fingerprint()  # identifies the code even where the copy has no .git
     csv_path, ex_path = out / "quality.csv", out / "examples.csv"
     fields = ensure_header(csv_path, FIELDS + list(env))
     ensure_header(ex_path, EXAMPLE_FIELDS)
@@ -642,15 +641,6 @@ def best_lr_labels(csv_path: Path) -> dict[tuple[str, str], list[str]]:
         return (-statistics.mean(a for a, _ in runs), statistics.mean(loss for _, loss in runs))
 
     return {key: [lab for lab, _ in sorted(by_label.items(), key=rank)] for key, by_label in scores.items()}
-
-
-def code_fingerprint() -> str:
-    """SHA-256 (16 hex digits) of the package's and this script's source files."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted((root / "smt_kernels").rglob("*.py")) + [Path(__file__).resolve()]:
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def merge_runs(dirs: list[Path], out: Path) -> int:

@@ -230,3 +230,25 @@ def test_compile_benchmark_cpu_eager(tmp_path):
     host = [r for r in rows if r["section"] == "host"]
     assert {r["layer"] for r in host} == {"nn.Linear frozen", "nn.Linear trainable", "SparseBlockLinear"}
     assert all(float(r["host_us"]) > 0 for r in host)
+
+
+def test_bench_compile_full_fine_tuning_trains_the_embedding_table():
+    """The input embedding of the `full` method gets its gradient and AdamW update in every step (its lookup ran
+    under no_grad before: the row understated full fine-tuning's step time)."""
+    import types
+
+    from benchmarks import bench_compile
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    preset = bench_compile.PRESETS["tiny"]
+    model = bench_compile.prepare("full", preset, cpu, 0)
+    emb = model.get_input_embeddings().weight
+    assert emb.requires_grad and emb is not model.get_output_embeddings().weight
+    arrivals = []
+    emb.register_post_accumulate_grad_hook(lambda p: arrivals.append(1))
+    before = emb.detach().clone()
+    res = bench_compile.measure_model(
+        model, preset, "eager", cpu, types.SimpleNamespace(seed=0, warmup=1, target_s=0.01, steps=2)
+    )
+    assert len(arrivals) >= res["iters"] + 1 and not torch.equal(before, emb.detach())
