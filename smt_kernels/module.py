@@ -141,14 +141,18 @@ class SparseBlockLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # a move to another device may change the backend; the moved indices are new tensors, so the next eager
         # forward validates them once (and anything written to them before the move)
+        before = {n: t.dtype for n, t in self.named_parameters(recurse=False)}
         out = super()._apply(fn, *args, **kwargs)
         if hasattr(self, "layout"):
             self.backend = resolve_backend(self.weight.device, strict=False)
             for name, t in (("weight", self.weight), ("block_weight", self.block_weight)):
                 if t.dtype not in SUPPORTED_DTYPES:  # .double(), .to(torch.float64): the layer could never run
+                    refused = t.dtype
+                    for n, p in self.named_parameters(recurse=False):  # put the layer back as it was
+                        p.data = p.data.to(before[n])
                     raise TypeError(
-                        f"SparseBlockLinear {name} became {t.dtype}; it supports float32, float16 and bfloat16 "
-                        "(convert it back, e.g. with .float())"
+                        f"SparseBlockLinear supports float32, float16 and bfloat16; converting its {name} to "
+                        f"{refused} was refused (the layer stays {before[name]})"
                     )
         return out
 
