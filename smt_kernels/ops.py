@@ -12,7 +12,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from smt_kernels import custom_ops
 from smt_kernels.kernels.backend import kernels, resolve_backend
@@ -39,6 +38,22 @@ def saved_tensors_are_hooked() -> bool:
         return _TOP_SAVED_TENSORS_HOOKS() is not None
 
 
+def refuse_second_order() -> None:
+    """Raise when a backward that gives trainable blocks their gradient runs with ``create_graph=True``.
+
+    Its results are not differentiable as the math says: dX = dY·W is computed on a weight that holds the blocks
+    without their autograd history, and the block gradient from a detached copy of the input columns, so a second
+    derivative through them (a gradient penalty, a Hessian-vector product) would come out silently wrong (None or
+    zero through ``torch.autograd.grad``). A frozen layer's dX is exact and stays differentiable. Traced backward
+    graphs (``torch.compile``) are left alone."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "SMT layers with trainable blocks do not support second derivatives (create_graph=True): the input "
+            "gradient does not carry its dependence on the blocks, nor the block gradient its dependence on the "
+            "input. Take the gradient without create_graph, or merge the layers (smt_kernels.merge) first"
+        )
+
+
 class _SavedColumnsFunction(torch.autograd.Function):
     """First of the two autograd nodes of a layer whose saved tensors are hooked (see ``split_layer``).
 
@@ -63,8 +78,8 @@ class _SavedColumnsFunction(torch.autograd.Function):
         return x2d.new_zeros(()).expand(x2d.shape[0], out_features)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_relay):
+        refuse_second_order()
         x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
         grad_blocks = custom_ops.block_weight_grad(
             grad_relay, x_cols, block_indices, col_slot, ctx.block_size, block_weight.dtype, ctx.backend
@@ -89,8 +104,8 @@ class _DenseOnWrittenWeightFunction(torch.autograd.Function):
         return F.linear(x, w, None if bias is None else bias.to(compute_dtype))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        refuse_second_order()  # this node exists only where blocks train (split_layer)
         grad_x = None
         if ctx.needs_input_grad[0]:
             weight = ctx.weight
@@ -180,10 +195,11 @@ class _SparseBlockLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         x_cols, block_weight, block_indices, col_slot = ctx.saved_tensors
         need_x, need_blocks = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if need_blocks:
+            refuse_second_order()
         grad_x = grad_blocks = None
         # the blocks are written into the weight again before dX = dY·W: a sharding engine (FSDP2) may have
         # re-materialised the weight from shards that never saw them; fused into the block-gradient launch

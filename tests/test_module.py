@@ -455,14 +455,33 @@ def test_cuda_graph_replays_match_eager_across_optimizer_steps():
     torch.testing.assert_close(graphed.block_weight, eager.block_weight, rtol=2e-2, atol=2e-2)
 
 
-def test_double_backward_is_refused_not_wrong():
-    """dX = dY·W does not carry W's dependence on the blocks: a second derivative (a gradient penalty) would be
-    silently wrong, so create_graph=True raises when it is differentiated again, as once_differentiable says."""
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_second_derivatives_are_refused_not_wrong(checkpointed):
+    """dX = dY·W does not carry W's dependence on the blocks, nor the block gradient its dependence on x: a gradient
+    penalty or a Hessian-vector product would be silently wrong (None or zero through autograd.grad), so a backward
+    with create_graph=True raises, on both autograd paths (one node; two under checkpointing). With the blocks
+    frozen dX is exact and stays differentiable."""
+    from torch.utils.checkpoint import checkpoint
+
     layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0), (1, 1)], block_size=16)
     x = torch.randn(3, 48, requires_grad=True)
-    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.pow(2).sum().backward()
+
+    def loss():
+        y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        return y.pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="do not support second derivatives"):
+        torch.autograd.grad(loss(), [x, layer.block_weight], create_graph=True)
+    with pytest.raises(RuntimeError, match="do not support second derivatives"):
+        torch.autograd.grad(loss(), layer.block_weight, create_graph=True)
+    layer.block_weight.requires_grad_(False)
+    (gx,) = torch.autograd.grad(loss(), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    w = layer.merged_weight().double()
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad((x64 @ w.T + layer.bias.double()).pow(2).sum(), x64, create_graph=True)
+    (h64,) = torch.autograd.grad(g64.pow(2).sum(), x64)
+    torch.testing.assert_close(hx.double(), h64, rtol=1e-5, atol=1e-5)
 
 
 def test_index_rebuilt_under_inference_mode_still_trains():

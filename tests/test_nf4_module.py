@@ -372,12 +372,20 @@ def test_a_layer_without_an_indices_stamp_derives_its_index_again():
     assert layer.program_hits.dtype == torch.uint8
 
 
-def test_double_backward_is_refused_not_wrong():
-    _, layer = make("edge_corner", torch.float32, "cpu")
+def test_second_derivatives_are_refused_with_blocks_and_exact_without():
+    """The 4-bit layer with trainable blocks refuses create_graph=True (its second derivatives would be wrong); a
+    frozen NF4Linear (QLoRA's base) keeps an exact Hessian-vector product over its input."""
+    base, layer = make("edge_corner", torch.float32, "cpu")
     x = torch.randn(3, layer.in_features, requires_grad=True)
-    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="do not support second derivatives"):
+        torch.autograd.grad(layer(x).pow(2).sum(), [x, layer.block_weight], create_graph=True)
+    v = torch.randn_like(x)
+    _, hv = torch.autograd.functional.hvp(lambda t: base(t).pow(2).sum(), x.detach(), v)
+    w = base.dequantized_weight(torch.float64)
+    _, hv64 = torch.autograd.functional.hvp(
+        lambda t: (t @ w.T + base.bias.double()).pow(2).sum(), x.detach().double(), v.double()
+    )
+    assert rel_err(hv, hv64) < TOLERANCE[torch.float32]
 
 
 def test_index_rebuilt_under_inference_mode_still_trains():

@@ -17,11 +17,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from smt_kernels import custom_ops
 from smt_kernels.kernels.backend import resolve_backend
-from smt_kernels.ops import saved_columns_relay, split_layer
+from smt_kernels.ops import refuse_second_order, saved_columns_relay, split_layer
 from smt_kernels.quant import custom_ops as nf4_ops
 from smt_kernels.quant.nf4 import SUPPORTED_DTYPES, NF4Weight
 
@@ -78,9 +77,10 @@ class _NF4BlockLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         x_cols, block_weight, block_indices, block_map, program_hits, col_slot = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            refuse_second_order()  # a frozen NF4Linear (no trainable blocks) stays differentiable
         grad_x = grad_blocks = None
         has_blocks = block_weight is not None and block_weight.shape[0] > 0
         if ctx.needs_input_grad[1]:
@@ -122,8 +122,8 @@ class _NF4DenseFunction(torch.autograd.Function):
         return F.linear(x, w, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        refuse_second_order()  # this node exists only where blocks train (split_layer)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(ctx, grad_out, ctx.block_weight, ctx.block_indices, ctx.block_map, ctx.program_hits)
@@ -220,7 +220,6 @@ class _NF4WeightGradFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])
