@@ -192,6 +192,11 @@ def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
     config = config.to_dict() if config is not None else None
     tensors, modules = {}, {}
     for name, m in mods.items():
+        if _dtype_name(m.block_weight.dtype) not in _DTYPES:  # load_blocks would refuse the file
+            raise ValueError(
+                f"save_blocks: {name}'s blocks are {m.block_weight.dtype}; block files hold "
+                f"{', '.join(_DTYPES)} (convert the model back first)"
+            )
         tensors[f"{name}.block_weight"] = m.block_weight.detach().to("cpu").contiguous()
         modules[name] = {
             "shape": [m.out_features, m.in_features],

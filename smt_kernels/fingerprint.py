@@ -31,6 +31,9 @@ FINGERPRINT_SAMPLES = 4096
 # in the sample; scheme 1's evenly spaced positions fell on the diagonal of square weights (4096×4096: 16 of 256
 # blocks sampled)
 SAMPLES_PER_TILE = 4
+# ... but one per tile where that many would exceed this per tensor (small block sizes on big weights: b = 16 on a
+# 4096×14336 weight has 229,376 tiles), so a save or load of an 8B model stays a matter of seconds
+MAX_TILE_SAMPLES = 2**18
 FINGERPRINT_SCHEME = 2  # what save_blocks writes (block files of format version 4)
 FINGERPRINT_SCHEMES = (1, 2)
 
@@ -68,7 +71,8 @@ def _tile_positions(shape: tuple[int, int], block_size: int) -> torch.Tensor:
     b = block_size
     grid_r, grid_c = num_blocks_along(rows, b), num_blocks_along(cols, b)
     tiles = grid_r * grid_c
-    k = min(b * b, max(SAMPLES_PER_TILE, -(-FINGERPRINT_SAMPLES // tiles)))
+    per_tile = SAMPLES_PER_TILE if tiles * SAMPLES_PER_TILE <= MAX_TILE_SAMPLES else 1
+    k = min(b * b, max(per_tile, -(-FINGERPRINT_SAMPLES // tiles)))
     t = np.arange(tiles, dtype=np.uint64)[:, None]
     draw = _mix64(t * np.uint64(k) + np.arange(k, dtype=np.uint64)[None, :])
     t = t.astype(np.int64)

@@ -170,6 +170,16 @@ def layout_of_buffer(
     return BlockLayout.build(indices.cpu(), out_features, in_features, block_size)
 
 
+def tensor_stamp(t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """A tensor and its version counter (None for an inference tensor): ``tensor_changed`` tells a later write."""
+    return t, None if t.is_inference() else t._version
+
+
+def tensor_changed(stamp: tuple[torch.Tensor, int | None], t: object) -> bool:
+    """Whether ``t`` is another tensor than the stamped one or was written in place since the stamp."""
+    return t is not stamp[0] or (stamp[1] is not None and t._version != stamp[1])
+
+
 def indices_stamp(indices: torch.Tensor) -> tuple[torch.Tensor, int | None]:
     """What a layer remembers of the ``block_indices`` it derived its index buffers from: the tensor and its version
     counter (None for an inference tensor, which has none: only its replacement is seen then)."""

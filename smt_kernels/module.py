@@ -13,6 +13,8 @@ from smt_kernels.layout import (
     indices_changed,
     indices_stamp,
     layout_of_buffer,
+    tensor_changed,
+    tensor_stamp,
 )
 from smt_kernels.ops import (
     SUPPORTED_DTYPES,
@@ -152,7 +154,8 @@ class SparseBlockLinear(nn.Module):
                         p.data = p.data.to(before[n])
                     raise TypeError(
                         f"SparseBlockLinear supports float32, float16 and bfloat16; converting its {name} to "
-                        f"{refused} was refused (the layer stays {before[name]})"
+                        f"{refused} was refused (this layer stays {before[name]}; modules converted before it keep "
+                        f"the new dtype: .to({before[name]}) puts a model back)"
                     )
         return out
 
@@ -232,14 +235,17 @@ def _check_loaded_blocks(layer: SparseBlockLinear, state_dict, prefix, *unused) 
     if isinstance(incoming, torch.Tensor) and incoming.shape == layer.block_indices.shape:
         BlockLayout.build(incoming.cpu(), layer.out_features, layer.in_features, layer.block_size)
     # a new dense weight without blocks (strict=False, e.g. another base): the blocks are then read from it,
-    # or the next forward would write the old blocks over the loaded weight
-    layer._blocks_from_loaded_weight = prefix + "weight" in state_dict and prefix + "block_weight" not in state_dict
+    # or the next forward would write the old blocks over the loaded weight. Only if the weight is really written
+    # (a refused load, e.g. a size mismatch, still runs the post-hook)
+    loads_weight = prefix + "weight" in state_dict and prefix + "block_weight" not in state_dict
+    layer._weight_before_load = tensor_stamp(layer.weight) if loads_weight else None
 
 
 def _rebuild_column_index(layer: SparseBlockLinear, incompatible_keys) -> None:
     # a loaded state may carry other blocks (the same number of them): derive the column index again
     layer._refresh_layout()
-    if layer.__dict__.pop("_blocks_from_loaded_weight", False):
+    before = layer.__dict__.pop("_weight_before_load", None)
+    if before is not None and tensor_changed(before, layer.weight):
         with torch.no_grad():
             layer.block_weight.copy_(extract_blocks(layer.weight.detach(), layer.block_indices, layer.block_size))
 

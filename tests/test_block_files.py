@@ -810,3 +810,12 @@ def test_the_same_blocks_give_the_same_file(tmp_path):
     assert len(names) == 1
     assert (tmp_path / "save0" / META_FILE).read_bytes() == (tmp_path / "save3" / META_FILE).read_bytes()
     assert_loaded(load_blocks(tiny(), tmp_path / "save0"), block_weights(model))
+
+
+def test_blocks_of_a_dtype_block_files_do_not_hold_are_refused_before_writing(tmp_path):
+    model = trained()
+    block = next(m for m in model.modules() if isinstance(m, SparseBlockLinear)).block_weight
+    block.data = block.data.double()
+    with pytest.raises(ValueError, match="blocks are torch.float64; block files hold float32, float16, bfloat16"):
+        save_blocks(model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

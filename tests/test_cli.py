@@ -937,6 +937,23 @@ def test_resume_a_checkpoint_that_spelled_out_the_task_defaults(tiny_model_dir, 
     _fails(capsys, [*args, "--resume", str(out / "checkpoint")], "the checkpoint was made with --task 'reverse'")
 
 
+def test_resume_of_an_older_data_checkpoint_is_left_to_the_data_check(tmp_path):
+    """A --data checkpoint written when --task/--num-eval defaulted to "arithmetic"/48: the option check does not
+    ask for a --task that --data refuses; the data fingerprint (checked next) decides."""
+    from smt_kernels.finetune.checkpoint import load_checkpoint, save_checkpoint
+    from smt_kernels.finetune.config import FinetuneConfig
+    from smt_kernels.finetune.evaluate import EvalResult
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) + "\n" for i in range(30)))
+    cfg = FinetuneConfig(data=str(data), steps=10)
+    save_checkpoint(tmp_path / "ck", cfg, {"log": {"step": 5}}, None, EvalResult(1.0, 0.0, []), "sha")
+    state = torch.load(tmp_path / "ck" / "state.pt", weights_only=True)
+    state["config"].update(task="arithmetic", num_eval=48)
+    torch.save(state, tmp_path / "ck" / "state.pt")
+    assert load_checkpoint(tmp_path / "ck", cfg).data_sha256 == "sha"
+
+
 def test_quickstart_runs_where_the_user_stands(tmp_path):
     """scripts/quickstart.sh keeps the caller's directory (relative --data/--output-dir work) and forwards args."""
     root = Path(__file__).resolve().parents[1]

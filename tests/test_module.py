@@ -536,7 +536,19 @@ def test_a_loaded_weight_without_blocks_brings_its_own_blocks():
 
 def test_converting_to_an_unsupported_dtype_names_the_layer():
     layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0)], block_size=16)
-    with pytest.raises(TypeError, match="converting its weight to torch.float64 was refused .the layer stays"):
+    with pytest.raises(TypeError, match="its weight to torch.float64 was refused .this layer stays torch.float32"):
         layer.double()
     assert layer.weight.dtype == layer.block_weight.dtype == layer.bias.dtype == torch.float32
     layer(torch.randn(2, 48))  # left as it was: runs
+
+
+def test_a_refused_load_leaves_the_trained_blocks_alone():
+    """A load that fails (a weight of another shape) still runs the post-hook: the blocks are not read from the
+    weight it never wrote."""
+    layer = SparseBlockLinear.from_linear(nn.Linear(48, 40), [(0, 0), (1, 1)], block_size=16)
+    with torch.no_grad():
+        layer.block_weight.add_(1.0)
+    trained = layer.block_weight.detach().clone()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({"weight": torch.zeros(3, 3)}, strict=False)
+    assert torch.equal(layer.block_weight, trained)

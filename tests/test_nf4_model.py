@@ -493,3 +493,22 @@ def test_a_merge_that_fails_midway_leaves_the_model_patched(monkeypatch):
     monkeypatch.setattr(NF4Linear, "to_linear", real)
     merged = smt_kernels.merge(model)
     assert not smt_kernels.patched_modules(merged) and not nf4_modules(merged)
+
+
+def test_an_fp32_checkpoint_loads_as_the_model_loaded_in_the_compute_dtype(tmp_path):
+    """fp32 checkpoint, bf16 run: the 4-bit codes and every other tensor are those of quantize_base on the model
+    from_pretrained loads in bf16 (before, the codes came from the fp32 values and the layers recorded fp32, so a
+    QLoRA merge gave fp32 layers inside a bf16 model), and a merged QLoRA model runs on bf16 inputs."""
+    from smt_kernels.quant.lora import get_nf4_peft_model, nf4_lora_config
+
+    tiny(torch.float32, seed=4).save_pretrained(tmp_path, max_shard_size="100KB")
+    model = load_nf4_pretrained(tmp_path, device="cpu", compute_dtype=torch.bfloat16)
+    want = quantize_base(LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16), "nf4")
+    got, ref = model.state_dict(), want.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert all(m.weight_dtype == torch.bfloat16 for m in nf4_modules(model).values())
+    peft = get_nf4_peft_model(model, nf4_lora_config(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    merged = peft.merge_and_unload()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        merged(**batch())

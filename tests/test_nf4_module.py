@@ -408,3 +408,21 @@ def test_loaded_codes_without_blocks_bring_their_own_blocks():
     layer.load_state_dict(new.state_dict(), strict=False)
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), new(x), rtol=0, atol=0)
+
+
+def test_a_refused_load_leaves_the_trained_blocks_alone():
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    trained = layer.block_weight.detach().clone()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({"weight_packed": torch.zeros(3, 3, dtype=torch.uint8)}, strict=False)
+    assert torch.equal(layer.block_weight, trained)
+
+
+def test_converting_blocks_to_an_unsupported_dtype_is_refused():
+    """.double() on a 4-bit layer with blocks: refused by name and the layer stays as it was (a float64 block file
+    could never be loaded)."""
+    _, layer = make("edge_corner", torch.float32, "cpu")
+    with pytest.raises(TypeError, match="converting its block_weight to torch.float64 was refused"):
+        layer.double()
+    assert layer.block_weight.dtype == layer.bias.dtype == torch.float32
+    layer(torch.randn(2, layer.in_features))

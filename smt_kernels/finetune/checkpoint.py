@@ -123,12 +123,15 @@ def load_checkpoint(path: str | os.PathLike, cfg: FinetuneConfig) -> Checkpoint:
 
 def _effective(options: dict[str, Any]) -> dict[str, Any]:
     """The options with the defaults a generated task resolves to written out: a checkpoint saved when
-    ``--task``/``--num-eval`` defaulted to "arithmetic"/48 and one saved with None mean the same run."""
+    ``--task``/``--num-eval`` defaulted to "arithmetic"/48 and one saved with None mean the same run. With
+    ``--data`` both are left to the data fingerprint, which covers the held-out split."""
     if options.get("data") is None:
         if options.get("task") is None:
             options = options | {"task": DEFAULT_TASK}
         if options.get("num_eval") is None:
             options = options | {"num_eval": DEFAULT_NUM_EVAL}
+    else:  # a --data run: the data fingerprint (checked next) covers the split; older checkpoints spelled these out
+        options = options | {"task": None, "num_eval": None}
     return options
 
 

@@ -91,7 +91,9 @@ def load_nf4_pretrained(
     Tensors are read one at a time from each shard (memory-mapped), moved to ``device`` and, for the linears,
     quantized there; so the 16-bit model is never whole in CPU or GPU memory (peak: the 4-bit model plus one
     16-bit tensor and its quantization temporaries). Every linear except ``lm_head`` and ``skip`` is quantized
-    (the same choice as ``quantize_base``); everything else is kept in ``compute_dtype``.
+    (the same choice as ``quantize_base``); everything else is kept in ``compute_dtype``. A checkpoint wider than
+    ``compute_dtype`` (fp32 for a bf16 run) is read as the model loaded in ``compute_dtype`` holds it, the linears
+    too, before they are quantized.
 
     Args:
         model_class: the transformers class to build (default ``AutoModelForCausalLM``); needs ``accelerate``.
@@ -126,6 +128,10 @@ def load_nf4_pretrained(
                 if key in nf4_weights and not t.is_floating_point():
                     prequantized.setdefault(key, {})[key] = t  # packed bytes; the quant state may follow
                 elif key in nf4_weights:
+                    if t.element_size() > torch.tensor([], dtype=compute_dtype).element_size():
+                        # a wider checkpoint (fp32 for a bf16 run) is read as the model loaded in compute_dtype
+                        # would hold it, like every other tensor: the same codes as quantize_base on that model
+                        t = t.to(compute_dtype)
                     nf4_weights[key].set_nf4(quantize_nf4(t, double_quant=double_quant))
                 elif not t.is_floating_point() and t.dtype == torch.uint8 and key.endswith(".weight"):
                     raise ValueError(

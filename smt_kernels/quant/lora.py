@@ -4,8 +4,8 @@ QLoRA's forward: y = base(x) + B(A(dropout(x)))·scaling, where base(x) uses the
 dequantized to the compute dtype. PEFT wraps ``nn.Linear`` and bitsandbytes' ``Linear4bit`` only, so
 ``NF4LoraLinear`` is registered for ``NF4Linear`` through ``LoraConfig._register_custom_module`` (PEFT's "custom
 models" dispatch): ``nf4_lora_config`` and ``get_nf4_peft_model`` on the way in, ``load_nf4_adapter`` to put a
-saved adapter back on a freshly quantized base. Merging turns the layer into a plain fp32 ``nn.Linear``: the
-dequantized weight plus B·A·scaling.
+saved adapter back on a freshly quantized base. Merging turns the layer into a plain ``nn.Linear`` in the weight's
+dtype before quantization: the dequantized weight plus B·A·scaling, summed in fp32 and rounded once.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from smt_kernels.layout import (
     indices_changed,
     indices_stamp,
     layout_of_buffer,
+    tensor_changed,
+    tensor_stamp,
 )
 from smt_kernels.ops import check_block_weight_shape
 from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, program_hit_flags
@@ -307,6 +309,22 @@ class NF4SparseBlockLinear(NF4Linear):
         layer._install_blocks(layout, dtype)
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # the blocks follow fn as a 16-bit layer's do, but only to a dtype the layer (and a block file) supports
+        before = {n: p.dtype for n, p in self.named_parameters(recurse=False)}
+        super()._apply(fn, recurse)
+        blocks = self._parameters.get("block_weight")
+        if blocks is not None and blocks.dtype not in SUPPORTED_DTYPES:
+            refused = blocks.dtype
+            for n, p in self.named_parameters(recurse=False):  # put the layer back as it was
+                p.data = p.data.to(before[n])
+            raise TypeError(
+                f"NF4SparseBlockLinear supports float32, float16 and bfloat16 blocks; converting its block_weight "
+                f"to {refused} was refused (this layer stays {before['block_weight']}; modules converted before it "
+                f"keep the new dtype: .to({before['block_weight']}) puts a model back)"
+            )
+        return self
+
     def _install_blocks(self, layout: BlockLayout, dtype: torch.dtype) -> None:
         device = self.weight_packed.device
         self.block_size = layout.block_size
@@ -429,12 +447,14 @@ def _codes_load_hook(module: NF4Linear, state_dict, prefix: str, *args) -> None:
 def _note_codes_without_blocks(layer: NF4SparseBlockLinear, state_dict, prefix: str, *args) -> None:
     # new 4-bit codes without blocks (strict=False, e.g. another base): the blocks are then read from them, or the
     # next forward would overlay the old blocks on the loaded base
-    loads_codes = prefix + "weight_packed" in state_dict
-    layer._blocks_from_loaded_codes = loads_codes and prefix + "block_weight" not in state_dict
+    # (only if the codes are really written: a refused load, e.g. a size mismatch, still runs the post-hook)
+    loads_codes = prefix + "weight_packed" in state_dict and prefix + "block_weight" not in state_dict
+    layer._codes_before_load = tensor_stamp(layer.weight_packed) if loads_codes else None
 
 
 def _rebuild_index(layer: NF4SparseBlockLinear, incompatible_keys) -> None:
     layer._refresh_layout()
-    if layer.__dict__.pop("_blocks_from_loaded_codes", False):
+    before = layer.__dict__.pop("_codes_before_load", None)
+    if before is not None and tensor_changed(before, layer.weight_packed):
         with torch.no_grad():
             layer.block_weight.copy_(layer._base_blocks(layer.block_weight.dtype))
