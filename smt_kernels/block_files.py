@@ -235,8 +235,14 @@ def save_blocks(model: nn.Module, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    existed = (path / blocks_file).exists()  # the same blocks saved before: the old manifest may name this file
     _atomic_write(path / blocks_file, data)
-    _atomic_write(path / META_FILE, _dump_meta(manifest).encode())
+    try:
+        _atomic_write(path / META_FILE, _dump_meta(manifest).encode())
+    except BaseException:
+        if not existed:  # no manifest names the new file: do not leave it behind
+            (path / blocks_file).unlink(missing_ok=True)
+        raise
     _remove_stale(path, keep=blocks_file)
     return path
 

@@ -138,6 +138,16 @@ def _show_progress_logs() -> None:
     logger.setLevel(logging.INFO if is_main_rank() else logging.WARNING)  # torchrun: rank 0 tells the story
 
 
+def _hide_progress_logs(level: int) -> None:
+    """Undo ``_show_progress_logs``: its handler removed, the ``smt_kernels`` logger's level as it was."""
+    global _handler
+    logger = logging.getLogger("smt_kernels")
+    if _handler is not None:
+        logger.removeHandler(_handler)
+        _handler = None
+    logger.setLevel(level)
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
     from smt_kernels.finetune.checkpoint import STATE_FILE
     from smt_kernels.finetune.outputs import CHECKPOINT_DIR
@@ -166,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    logger = logging.getLogger("smt_kernels")
+    level = logger.level
     _show_progress_logs()
     try:
         return args.func(args)
@@ -175,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"smt-kernels {args.command}: interrupted{_rank_tag()}{_resume_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:  # called in-process (tests, notebooks): later library logs go where they went before
+        _hide_progress_logs(level)
 
 
 if __name__ == "__main__":

@@ -542,6 +542,7 @@ def _gradient_scores(
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
+        # every check before the first hook: an error after some were registered would leave them on the weights
         seen: dict[int, str] = {}
         for name, m in found.items():
             if name in acc:
@@ -552,6 +553,10 @@ def _gradient_scores(
             seen[id(w)] = name
             if w.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{name}.weight has dtype {w.dtype}; gradient scores need a float weight")
+        for name, m in found.items():
+            if name in acc:
+                continue
+            w = m.weight
             a = acc[name] = _GradientAccumulator(w, score, block_size, accumulate_device)
             w.requires_grad_(True)
             opt = None

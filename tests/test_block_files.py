@@ -819,3 +819,21 @@ def test_blocks_of_a_dtype_block_files_do_not_hold_are_refused_before_writing(tm
     with pytest.raises(ValueError, match="blocks are torch.float64; block files hold float32, float16, bfloat16"):
         save_blocks(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_save_that_fails_at_the_manifest_leaves_no_stray_blocks_file(tmp_path, monkeypatch):
+    model = trained()
+    save_blocks(model, tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    train(model, steps=1, seed=5)
+    real = block_files._atomic_write
+
+    def fail_at_manifest(path, data):
+        if path.name == META_FILE:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(block_files, "_atomic_write", fail_at_manifest)
+    with pytest.raises(OSError, match="No space left"):
+        save_blocks(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == files

@@ -1046,3 +1046,14 @@ def test_resume_refuses_other_data(tiny_model_dir, tmp_path, capsys):
     assert main(["finetune", *args]) == 0, capsys.readouterr().err
     data.write_text("".join(f'{{"prompt": "say {w}", "answer": "{w}{w}"}}\n' for w in "abcdefghijkl"))
     _fails(capsys, [*args, "--resume", str(out / "checkpoint")], "the checkpoint was trained on other data")
+
+
+def test_main_leaves_the_library_logger_as_it_found_it(capsys):
+    """Called in-process (tests, notebooks), main() shows progress on stderr while it runs and then removes its
+    handler and restores the logger's level: later logs do not go to a stale stream."""
+    import logging
+
+    logger = logging.getLogger("smt_kernels")
+    handlers, level = list(logger.handlers), logger.level
+    assert main(["finetune", "--steps", "0"]) == 2
+    assert logger.handlers == handlers and logger.level == level

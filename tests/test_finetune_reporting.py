@@ -98,3 +98,20 @@ def test_selection_counts_the_batches_a_warmup_used(tmp_path):
     run_finetune(cfg)
     saved = json.loads((out / "selection.json").read_text())
     assert saved["num_batches"] == 2 and saved["warmup_steps"] == 2
+
+
+def test_a_run_leaves_the_callers_global_state_alone(tmp_path):
+    """run_finetune seeds torch's global generator for itself and loads without progress bars; afterwards the
+    caller's random state and progress-bar setting are as they were."""
+    from transformers.utils import logging as hf_logging
+
+    model_dir = _model_dir(tmp_path / "m")
+    hf_logging.disable_progress_bar()
+    try:
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        run_finetune(_cfg(model_dir, steps=2))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

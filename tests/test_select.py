@@ -409,3 +409,20 @@ def test_budget_elements_with_clipped_blocks_is_within_one_block():
         assert abs(select_mod.budget_elements(model, ratio=0.2, strategy=strategy, block_size=B) - got) < groups * B * B
     with pytest.raises(ValueError, match="num_blocks=7 but model.layers.0.self_attn.k_proj has only 6 blocks"):
         select_mod.budget_elements(model, num_blocks=7, strategy="per_matrix", block_size=B)
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_a_refused_selection_leaves_no_hooks_on_the_weights(warmup):
+    """A target the scores cannot use (a float64 weight after float32 ones) is refused before any hook is put on
+    a weight: later backward passes keep their gradients and take no stale warm-up step."""
+    model = tiny_model()
+    model.model.layers[1].self_attn.k_proj.double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kw = dict(warmup_steps=warmup, warmup_lr=1e-2) if warmup else {}
+    with pytest.raises(TypeError, match="k_proj.weight has dtype torch.float64"):
+        select_blocks(model, make_batches(), num_blocks=2, block_size=16, progress=False, **kw)
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    model.model.layers[1].self_attn.k_proj.float()
+    model(**make_batches()[0]).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert all(torch.equal(p, before[n].to(p.dtype)) for n, p in model.named_parameters())

@@ -127,6 +127,7 @@ def load_model(model: str | None = None, gguf_file: str | None = None) -> tuple[
 
     path, gguf = resolve_model_source(model, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    bars_were_on = hf_logging.is_progress_bar_enabled()  # the caller's setting is put back afterwards
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -137,7 +138,8 @@ def load_model(model: str | None = None, gguf_file: str | None = None) -> tuple[
             f"could not load a causal LM from {str(path)!r}{f' ({gguf})' if gguf else ''}: {first}"
         ) from None
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if gguf:
         _drop_gguf_quantizer(lm)
     if tokenizer.pad_token_id is None:
