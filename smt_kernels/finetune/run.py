@@ -62,13 +62,10 @@ def run_finetune(
     """
     t_start = time.perf_counter()
     check_config(cfg)
-    # the run seeds torch's global generators from cfg.seed; the caller's random state is theirs again afterwards
-    with torch.random.fork_rng(devices=_cuda_devices()), data_parallel(cfg) as ranks:
+    # the run seeds torch's global generators from cfg.seed; the caller's CPU random state is theirs again
+    # afterwards (CUDA states are not forked: that would touch every visible GPU from every torchrun rank)
+    with torch.random.fork_rng(devices=[]), data_parallel(cfg) as ranks:
         return _run(cfg, ranks, model, tokenizer, before, t_start)
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def _run(cfg: FinetuneConfig, ranks: Ranks, model: nn.Module | None, tokenizer, before: EvalResult | None,
