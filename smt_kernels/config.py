@@ -87,9 +87,12 @@ def _targets(targets: Any) -> tuple[str, ...]:
         raise TypeError(f"SMTConfig: targets must be a list of module names, got {targets!r:.80}")
     if not targets:
         raise ValueError("SMTConfig: targets is empty; name at least one projection, e.g. ('q_proj', 'v_proj')")
-    bad = [t for t in targets if not isinstance(t, str) or not t]
+    bad = [t for t in targets if not isinstance(t, str) or not t.strip()]
     if bad:
         raise TypeError(f"SMTConfig: targets must be non-empty strings, got {bad[:3]!r:.80}")
+    repeated = sorted({t for t in targets if list(targets).count(t) > 1})
+    if repeated:
+        raise ValueError(f"SMTConfig: targets name {repeated} more than once")
     return tuple(targets)
 
 
@@ -105,6 +108,13 @@ def resolve_config(config: SMTConfig | None, where: str, **keywords: Any) -> SMT
         return SMTConfig(**given) if given else None
     if not isinstance(config, SMTConfig):
         raise TypeError(f"{where}: config must be an smt_kernels.SMTConfig, got {type(config).__name__}")
+    known = {f.name for f in fields(SMTConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"{where}: unknown settings {unknown}; SMTConfig has {sorted(known)}")
+    # each keyword is validated as SMTConfig validates it (True is not 1 blocks, 16.0 not block size 16) ...
+    SMTConfig(**{**config.to_dict(), **given, **({"ratio": None} if "num_blocks" in given else {}),
+                 **({"num_blocks": None} if "ratio" in given else {})})  # fmt: skip
     conflicts = []
     for key, value in given.items():
         if key == "targets" and not isinstance(value, str | bytes) and isinstance(value, Sequence):

@@ -7,6 +7,7 @@ the (row_block, col_block) of every block, the sorted list of block-columns that
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ def covered_elements(indices: torch.Tensor, out_features: int, in_features: int,
 
 def _strict_int(value, k: int) -> int:
     # no coercion: 0.5 -> 0, "1" -> 1 or True -> 1 would silently pick another block
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    is_bool_tensor = isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    if isinstance(value, bool) or isinstance(value, (str, bytes)) or is_bool_tensor:
         raise TypeError(f"block {k}: indices must be integers, got {value!r}")
     try:
         return operator.index(value)
@@ -54,7 +56,8 @@ def _as_index_tensor(blocks: BlocksLike) -> torch.Tensor:
     if isinstance(blocks, torch.Tensor):
         if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
             raise TypeError(f"blocks tensor must have an integer dtype, got {blocks.dtype}")
-        t = blocks.detach().to("cpu", torch.int64)
+        # a copy: the layout must not change when the caller later writes to the tensor it was built from
+        t = blocks.detach().to("cpu", torch.int64, copy=True)
     else:
         if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
             raise TypeError(
@@ -67,7 +70,7 @@ def _as_index_tensor(blocks: BlocksLike) -> torch.Tensor:
                 raise TypeError(f"blocks must be (row_block, col_block) pairs of ints; block {k} is {pair!r}")
             values = tuple(pair)
             if len(values) != 2:
-                raise ValueError(f"each block must be a (row_block, col_block) pair, got {pair!r}")
+                raise ValueError(f"block {k}: each block must be a (row_block, col_block) pair, got {pair!r}")
             rows.append(tuple(_strict_int(v, k) for v in values))
         t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
     if t.dim() != 2 or t.shape[1] != 2:
@@ -96,6 +99,9 @@ class BlockLayout:
     def build(cls, blocks: BlocksLike, out_features: int, in_features: int, block_size: int = 256) -> BlockLayout:
         """Validate ``blocks`` against the weight shape; raise ValueError/TypeError naming the numbers."""
         check_block_size(block_size)
+        for name, value in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"BlockLayout: {name} must be an int, got {value!r}")
         if out_features <= 0 or in_features <= 0:
             raise ValueError(f"weight shape must be positive, got {out_features}×{in_features}")
         idx = _as_index_tensor(blocks)
@@ -109,7 +115,7 @@ class BlockLayout:
             out_r = (idx[:, 0] >= n_rows).nonzero()
             out_c = (idx[:, 1] >= n_cols).nonzero()
             if out_r.numel() or out_c.numel():
-                k = int(out_r[0]) if out_r.numel() else int(out_c[0])
+                k = min(int(t[0]) for t in (out_r, out_c) if t.numel())  # the first bad block
                 raise ValueError(
                     f"block {k} = {tuple(idx[k].tolist())} is out of range: a {out_features}×{in_features} "
                     f"weight with block_size {block_size} has row blocks 0..{n_rows - 1} and "

@@ -66,12 +66,14 @@ def exact_match(prediction: str, answer: str) -> bool:
     p, a = normalize(prediction), normalize(answer)
     if p == a:
         return True
-    # thousands separators are a formatting choice, not an error
-    number = re.compile(r"^-?[\d,]*\.?\d+$")
-    return bool(number.match(p) and number.match(a)) and p.replace(",", "") == a.replace(",", "")
+    # thousands separators are a formatting choice, not an error (only in groups of three: "1,2,3" is not 123)
+    return bool(_WHOLE_NUMBER.match(p) and _WHOLE_NUMBER.match(a)) and p.replace(",", "") == a.replace(",", "")
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# a number, with commas only as thousands separators ("1,200"); "8,4,0" is three numbers, "1,6" two
+_NUMBER_TEXT = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+_NUMBER = re.compile(_NUMBER_TEXT)
+_WHOLE_NUMBER = re.compile(f"^{_NUMBER_TEXT}$")
 
 
 def final_number(text: str) -> str | None:

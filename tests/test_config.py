@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from smt_kernels import SMTConfig
 from smt_kernels.config import resolve_config
@@ -98,3 +99,49 @@ def test_keywords_agree_with_the_config_or_are_refused():
         resolve_config(cfg, "f", targets="q_proj")
     with pytest.raises(TypeError, match="config must be an smt_kernels.SMTConfig, got dict"):
         resolve_config(cfg.to_dict(), "f")
+
+
+def test_config_keywords_are_validated_as_the_config_itself_and_unknown_ones_refused():
+    from smt_kernels.config import resolve_config
+
+    config = SMTConfig(num_blocks=1, block_size=16)
+    with pytest.raises(ValueError, match="num_blocks"):
+        resolve_config(config, "select_blocks", num_blocks=True)  # True == 1, but not a block count
+    with pytest.raises((TypeError, ValueError), match="block_size"):
+        resolve_config(config, "select_blocks", block_size=16.0)
+    with pytest.raises(TypeError, match=r"unknown settings \['rank'\]"):
+        resolve_config(config, "select_blocks", rank=8)
+    assert resolve_config(config, "select_blocks", num_blocks=1, block_size=16) is config
+
+
+def test_targets_named_twice_or_blank_are_refused():
+    with pytest.raises(ValueError, match=r"targets name \['q_proj'\] more than once"):
+        SMTConfig(num_blocks=1, targets=["q_proj", "q_proj"])
+    with pytest.raises(TypeError, match="non-empty strings"):
+        SMTConfig(num_blocks=1, targets=["q_proj", " "])
+
+
+def test_a_layout_does_not_change_with_the_tensor_it_was_built_from():
+    from smt_kernels.layout import BlockLayout
+
+    blocks = torch.tensor([[0, 1], [1, 0]])
+    layout = BlockLayout.build(blocks, 32, 32, 16)
+    blocks[0] = torch.tensor([9, 9])
+    assert layout.indices.tolist() == [[0, 1], [1, 0]] and layout.num_trainable() == 512
+
+
+@pytest.mark.parametrize(
+    "blocks,out_features,error,match",
+    [
+        ([(0, 0)], 100.5, TypeError, "out_features must be an int, got 100.5"),
+        ([(0, 0)], True, TypeError, "out_features must be an int"),
+        ([(torch.tensor(True), 0)], 64, TypeError, "block 0: indices must be integers"),
+        ([(0, 0), (0, 1, 2)], 64, ValueError, r"block 1: each block must be a \(row_block, col_block\) pair"),
+        ([(0, 9), (9, 0)], 64, ValueError, r"block 0 = \(0, 9\) is out of range"),
+    ],
+)
+def test_layout_inputs_are_checked_by_name(blocks, out_features, error, match):
+    from smt_kernels.layout import BlockLayout
+
+    with pytest.raises(error, match=match):
+        BlockLayout.build(blocks, out_features, 64, 16)

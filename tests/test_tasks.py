@@ -216,3 +216,20 @@ def test_jsonl_eval_file_prompts_are_not_trained_on(tmp_path, caplog):
     copy = _write(tmp_path / "copy.jsonl", [(f"p{i}", "x") for i in range(10)])
     with pytest.raises(tasks.DataError, match="every one of the 11 examples .* nothing is left to train on"):
         tasks.task_from_jsonl(train, eval_path=copy)
+
+
+@pytest.mark.parametrize(
+    "prediction,answer,metric,right",
+    [
+        ("8,4,0", "8, 4, 0", "final_number", True),  # numbers separated by commas, as the chain task asks
+        ("2 * 8 = 1,6", "2 * 8 = 16", "final_number", False),  # "1,6" is not sixteen
+        ("x = 1,234", "1234", "final_number", True),  # a thousands separator
+        ("1,2,3", "123", "exact", False),
+        ("12,3", "123", "exact", False),
+        ("1,23", "123", "exact", False),
+        ("1,200", "1200", "exact", True),
+        ("-1,234.5", "-1234.5", "exact", True),
+    ],
+)
+def test_commas_count_as_thousands_separators_only_in_groups_of_three(prediction, answer, metric, right):
+    assert tasks.score(prediction, answer, metric) is right
