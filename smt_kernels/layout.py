@@ -189,12 +189,10 @@ def tensor_changed(stamp: tuple[torch.Tensor, int | None], t: object) -> bool:
 def indices_stamp(indices: torch.Tensor) -> tuple[torch.Tensor, int | None]:
     """What a layer remembers of the ``block_indices`` it derived its index buffers from: the tensor and its version
     counter (None for an inference tensor, which has none: only its replacement is seen then)."""
-    return indices, None if indices.is_inference() else indices._version
+    return tensor_stamp(indices)
 
 
 def indices_changed(stamp: tuple[torch.Tensor, int | None] | None, indices: object) -> bool:
     """Whether ``indices`` is another tensor than the stamped one, or was written in place since (a write through
     ``.data`` bumps no version and is not seen). No stamp (a layer pickled before stamps existed): changed."""
-    if stamp is None or indices is not stamp[0]:
-        return True
-    return stamp[1] is not None and indices._version != stamp[1]
+    return stamp is None or tensor_changed(stamp, indices)

@@ -22,6 +22,7 @@ from smt_kernels.ops import (
     check_block_weight_shape,
     check_input,
     check_parameters,
+    undo_unsupported_conversion,
 )
 
 
@@ -147,16 +148,8 @@ class SparseBlockLinear(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if hasattr(self, "layout"):
             self.backend = resolve_backend(self.weight.device, strict=False)
-            for name, t in (("weight", self.weight), ("block_weight", self.block_weight)):
-                if t.dtype not in SUPPORTED_DTYPES:  # .double(), .to(torch.float64): the layer could never run
-                    refused = t.dtype
-                    for n, p in self.named_parameters(recurse=False):  # put the layer back as it was
-                        p.data = p.data.to(before[n])
-                    raise TypeError(
-                        f"SparseBlockLinear supports float32, float16 and bfloat16; converting its {name} to "
-                        f"{refused} was refused (this layer stays {before[name]}; modules converted before it keep "
-                        f"the new dtype: .to({before[name]}) puts a model back)"
-                    )
+            # .double(), .to(torch.float64): the layer could never run
+            undo_unsupported_conversion(self, before, ("weight", "block_weight"))
         return out
 
     @property

@@ -261,6 +261,22 @@ def _check_index(name: str, t: torch.Tensor, dim: int, device: torch.device) -> 
         )
 
 
+def undo_unsupported_conversion(layer: torch.nn.Module, before: dict[str, torch.dtype], names: tuple[str, ...]) -> None:
+    """After ``layer._apply`` (``.to``, ``.double()``, ...): if one of the parameters ``names`` now has a dtype the
+    layer cannot run in, put every parameter of the layer back to its dtype in ``before`` and raise TypeError."""
+    for name in names:
+        refused = layer._parameters[name].dtype
+        if refused in SUPPORTED_DTYPES:
+            continue
+        for n, p in layer.named_parameters(recurse=False):
+            p.data = p.data.to(before[n])
+        raise TypeError(
+            f"{type(layer).__name__} supports float32, float16 and bfloat16; converting its {name} to {refused} was "
+            f"refused (this layer stays {before[name]}; modules converted before it keep the new dtype: "
+            f".to({before[name]}) puts a model back)"
+        )
+
+
 def check_block_weight_shape(block_weight: torch.Tensor, n: int, block_size: int) -> None:
     """block_weight must be (n, b, b); checked on every call (a cheap guard: the kernels index it as contiguous)."""
     # plain int comparisons: comparing torch.Size with a tuple is several times slower

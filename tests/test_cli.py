@@ -364,7 +364,7 @@ def _char_tokenizer(chat: bool):
     return tok
 
 
-def save_tiny_llama(d):
+def save_tiny_llama(d, hidden_size=64, intermediate_size=96):
     """A tiny random Llama (hidden 64, 2 layers, tied embeddings) with the character tokenizer, saved in ``d``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -372,8 +372,8 @@ def save_tiny_llama(d):
     tok = _char_tokenizer(chat=True)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

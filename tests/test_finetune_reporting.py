@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
-from test_cli import _char_tokenizer
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from test_cli import save_tiny_llama
+from test_reselect import _cfg as reselect_cfg
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import smt_kernels.finetune.reselect as reselect_mod
 from smt_kernels.finetune import FinetuneConfig, run_finetune
@@ -16,48 +17,13 @@ from smt_kernels.layout import covered_elements
 from smt_kernels.tasks import Example, Task
 
 
-def _model_dir(path, hidden=72, inter=112):
+def _model_dir(path):
     """A tiny Llama whose 72-wide weights leave 32-blocks clipped at the edge, with the character tokenizer."""
-    torch.manual_seed(0)
-    tok = _char_tokenizer(chat=True)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(path, hidden_size=72, intermediate_size=112)
 
 
 def _cfg(model_dir, **change) -> FinetuneConfig:
-    opts = dict(
-        model=str(model_dir),
-        task="reverse",
-        steps=4,
-        batch_size=4,
-        num_train=24,
-        num_eval=4,
-        eval_batch_size=4,
-        block_size=32,
-        select_batches=2,
-        max_length=160,
-        ratio=0.1,
-        progress=False,
-        show_examples=0,
-        lr=1e-2,
-        allow_divergence=True,
-        output_dir=None,
-    )
-    return FinetuneConfig(**(opts | change))
+    return reselect_cfg(model_dir, **({"block_size": 32} | change))
 
 
 def test_generation_bound_leaves_room_for_every_held_out_answer(tmp_path):

@@ -16,7 +16,7 @@ from smt_kernels.layout import (
     tensor_changed,
     tensor_stamp,
 )
-from smt_kernels.ops import check_block_weight_shape
+from smt_kernels.ops import check_block_weight_shape, undo_unsupported_conversion
 from smt_kernels.quant.dequant import block_slot_map, dequantize_overlay_torch, program_hit_flags
 from smt_kernels.quant.nf4 import ABSMAX_GROUP, BLOCK, SUPPORTED_DTYPES, NF4Weight, quantize_nf4
 from smt_kernels.quant.ops import nf4_block_linear, nf4_weight_grad_linear
@@ -313,16 +313,8 @@ class NF4SparseBlockLinear(NF4Linear):
         # the blocks follow fn as a 16-bit layer's do, but only to a dtype the layer (and a block file) supports
         before = {n: p.dtype for n, p in self.named_parameters(recurse=False)}
         super()._apply(fn, recurse)
-        blocks = self._parameters.get("block_weight")
-        if blocks is not None and blocks.dtype not in SUPPORTED_DTYPES:
-            refused = blocks.dtype
-            for n, p in self.named_parameters(recurse=False):  # put the layer back as it was
-                p.data = p.data.to(before[n])
-            raise TypeError(
-                f"NF4SparseBlockLinear supports float32, float16 and bfloat16 blocks; converting its block_weight "
-                f"to {refused} was refused (this layer stays {before['block_weight']}; modules converted before it "
-                f"keep the new dtype: .to({before['block_weight']}) puts a model back)"
-            )
+        if self._parameters.get("block_weight") is not None:  # not yet while from_nf4_linear builds the layer
+            undo_unsupported_conversion(self, before, ("block_weight",))
         return self
 
     def _install_blocks(self, layout: BlockLayout, dtype: torch.dtype) -> None:
